@@ -26,7 +26,7 @@ class TaskLaunch:
     arguments: list[str]
     task_data: str | None
     environment: dict[str, str] = field(default_factory=dict)
-    """The task's own environment plus the `YD_*` variables the state knows (task, group, instance)."""
+    """The task's own environment plus the `YD_*` variables the state knows."""
 
 
 class NodeBootError(RuntimeError):

@@ -1,0 +1,222 @@
+"""`LocalPlatform`: a YellowDog Platform on loopback for trying things and for tests. It serves
+the REST API that the unmodified `yellowdog-sdk` expects and runs process nodes' tasks locally."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import tempfile
+import threading
+import time
+from datetime import timedelta
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import uvicorn
+from yellowdog_client import PlatformClient
+from yellowdog_client.model import ApiKey, RetryProperties, ServicesSchema
+
+from prefect_raydog.local.api import ApiCalls, create_app
+from prefect_raydog.local.faults import FaultPlan
+from prefect_raydog.local.nodes import NodeRunner
+from prefect_raydog.local.state import PlatformState
+from prefect_raydog.local.templates import TemplateCatalogue
+
+STARTUP_TIMEOUT_S = 30.0
+
+
+class LocalPlatform:
+    """A local YellowDog Platform: `with LocalPlatform() as platform:` gives `platform.url`,
+    `platform.key_id`, `platform.key_secret` and a ready `platform.client`; leaving the block
+    stops every node and the server."""
+
+    def __init__(
+        self,
+        templates: Path | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        network: str = "auto",
+        data_dir: Path | None = None,
+        key_id: str | None = None,
+        key_secret: str | None = None,
+        base_path: str = "",
+    ) -> None:
+        self.host, self.port, self.network = host, port, network
+        self.templates = TemplateCatalogue(templates)
+        self.data_dir = data_dir
+        self.key_id = key_id or f"local-{secrets.token_hex(4)}"
+        self.key_secret = key_secret or secrets.token_urlsafe(24)
+        self.base_path = base_path.rstrip("/")
+        self.faults = FaultPlan()
+        self._api_calls = ApiCalls()
+        self.state: PlatformState | None = None
+        self.runner: NodeRunner | None = None
+        self.url = ""
+        self._client: PlatformClient | None = None
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+        self._temporary_dir: tempfile.TemporaryDirectory[str] | None = None
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    def __enter__(self) -> LocalPlatform:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def start(self) -> LocalPlatform:
+        if self._server is not None:
+            raise RuntimeError("LocalPlatform is already started")
+        reason = self._create_runner()
+        self.state = PlatformState(self.templates, self.runner, reason)
+        self.state.start()
+        try:
+            self._start_server()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _create_runner(self) -> str:
+        """Create the process node runner; return why process nodes are unavailable if not."""
+        try:
+            from prefect_raydog.local.agent import ProcessAgent
+        except ImportError as error:
+            return f"the process agent cannot be imported ({error})"
+        if self.data_dir is None:
+            self._temporary_dir = tempfile.TemporaryDirectory(prefix="yd-local-")
+            self.data_dir = Path(self._temporary_dir.name)
+        try:
+            self.runner = ProcessAgent.create(self.data_dir, self.network)
+        except Exception as error:  # simulated nodes must work whatever stops process nodes
+            return f"{type(error).__name__}: {error}"
+        return ""
+
+    def _start_server(self) -> None:
+        assert self.state is not None
+        app = create_app(
+            self.state, self.faults, self._api_calls, self.key_id, self.key_secret, self.base_path
+        )
+        config = uvicorn.Config(
+            app,
+            host=self.host,
+            port=self.port,
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+            timeout_keep_alive=30,
+        )
+        self._server = uvicorn.Server(config)
+        self.faults.drop_connection = self._drop_connection
+        self._thread = threading.Thread(target=self._serve, name="yd-local-http", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while (
+            not self._server.started and self._thread.is_alive() and (time.monotonic() < deadline)
+        ):
+            time.sleep(0.01)
+        if not self._server.started:
+            raise RuntimeError(f"The local platform could not listen on {self.host}:{self.port}")
+        self.port = self._server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://{self.host}:{self.port}{self.base_path}"
+
+    def _serve(self) -> None:
+        assert self._server is not None
+        asyncio.run(self._server.serve())
+
+    def stop(self) -> None:
+        """Stop the scheduler, every node and the server. Safe to call twice."""
+        if self.state is not None:
+            self.state.stop()
+        if self.runner is not None:
+            self.runner.close()
+            self.runner = None
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(STARTUP_TIMEOUT_S)
+        self._server = self._thread = self._client = None
+        if self._temporary_dir is not None:
+            self._temporary_dir.cleanup()
+            self._temporary_dir = None
+
+    def _drop_connection(self, client: tuple[str, int] | None) -> None:
+        server = self._server
+        if server is None or client is None:
+            return
+        for connection in list(server.server_state.connections):
+            if tuple(getattr(connection, "client", None) or ()) == tuple(client):
+                connection.transport.abort()
+
+    # ---- clients ---------------------------------------------------------------------------
+
+    @property
+    def host_address(self) -> str:
+        """Where node processes reach services that run on this machine."""
+        return self.runner.host_address if self.runner is not None else "127.0.0.1"
+
+    @property
+    def client(self) -> PlatformClient:
+        """A `PlatformClient` with the SDK's default settings (retries included)."""
+        if self._client is None:
+            self._client = PlatformClient.create(
+                ServicesSchema(defaultUrl=self.url), ApiKey(self.key_id, self.key_secret)
+            )
+        return self._client
+
+    def make_client(
+        self, max_attempts: int = 3, initial_interval: float = 10.0, max_interval: float = 60.0
+    ) -> PlatformClient:
+        """A new `PlatformClient` with its own retry settings (intervals in seconds)."""
+        retry = RetryProperties(
+            maxAttempts=max_attempts,
+            initialInterval=timedelta(seconds=initial_interval),
+            maxInterval=timedelta(seconds=max_interval),
+        )
+        schema = ServicesSchema(defaultUrl=self.url, retry=retry)
+        return PlatformClient.create(schema, ApiKey(self.key_id, self.key_secret))
+
+    # ---- the control API, from Python ------------------------------------------------------
+
+    def _state(self) -> PlatformState:
+        if self.state is None:
+            raise RuntimeError("LocalPlatform is not started")
+        return self.state
+
+    def live_entities(self) -> dict[str, list[dict[str, Any]]]:
+        """Every live work requirement, pool, compute requirement, node, instance and node
+        process; empty lists when nothing is live."""
+        return self._state().live_entities()
+
+    def api_calls(self) -> dict[str, int]:
+        """Calls per `"METHOD /route/{template}"` since the start or the last reset."""
+        return self._api_calls.snapshot()
+
+    def reset_api_calls(self) -> None:
+        self._api_calls.reset()
+
+    def task_output(self, task_id: str) -> str:
+        return self._state().task_output(task_id)
+
+    def kill_node(self, node_id: str) -> None:
+        self._state().kill_node(node_id)
+
+    def fail_node_boot(self, count: int = 1, worker_pool_id: str | None = None) -> None:
+        self._state().fail_node_boot(count, worker_pool_id)
+
+    def end_everything(self) -> None:
+        """Cancel every unfinished work requirement and shut down every worker pool."""
+        self._state().end_everything()
+
+    def clear_faults(self) -> None:
+        """Forget every pending fault and boot failure."""
+        self.faults.clear()
+        self._state().clear_boot_failures()

@@ -1,0 +1,57 @@
+"""Shared fixtures: one local YellowDog platform for the session, and a per-test view of it
+that clears injected faults and checks that the test left nothing live behind."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from prefect_raydog.local import LocalPlatform
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+def assert_nothing_left(platform: LocalPlatform, timeout: float = 30.0) -> None:
+    """Wait until the platform holds no live work requirement, worker pool, compute
+    requirement, node, instance or node process. If something stays live, end it all (so later
+    tests start clean) and fail saying what was left."""
+    deadline = time.monotonic() + timeout
+    while True:
+        live = {kind: items for kind, items in platform.live_entities().items() if items}
+        if not live:
+            return
+        if time.monotonic() > deadline:
+            platform.end_everything()
+            pytest.fail(f"Left live on the local platform after {timeout:g} s: {live}")
+        time.sleep(0.05)
+
+
+def wait_for(condition, timeout: float = 10.0, interval: float = 0.02, what: str = ""):
+    """Poll `condition()` until it returns something truthy; return that value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"Timed out after {timeout:g} s waiting for {what or condition}")
+        time.sleep(interval)
+
+
+@pytest.fixture(scope="session")
+def local_platform() -> Iterator[LocalPlatform]:
+    with LocalPlatform() as platform:
+        yield platform
+
+
+@pytest.fixture
+def platform(local_platform: LocalPlatform) -> Iterator[LocalPlatform]:
+    local_platform.reset_api_calls()
+    try:
+        yield local_platform
+    finally:
+        local_platform.clear_faults()
+    assert_nothing_left(local_platform)
