@@ -1,0 +1,277 @@
+"""The local platform's agent: runs each process node's `bash` tasks the way the YellowDog agent
+does, inside the node's own namespaces so that nodes on one machine act like separate machines."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from prefect_raydog.local.network import NodeNetwork, NodeSandbox, open_network
+from prefect_raydog.local.nodes import NodeAddress, NodeBootError, TaskLaunch
+
+TASK_TYPES = {"bash": "/bin/bash"}
+"""The run command of each task type, as in the YellowDog agent's `application.yaml`."""
+
+AGENT_USER = "yd-agent"
+
+ENTER_NODE = r"""
+set -e
+hostname "$1"
+if [ -n "$2" ]; then mount --bind "$2" /etc/hosts; fi
+if [ -n "$5" ]; then mkdir -p "$5" && mount --bind "$4" "$5"; fi
+mount --rbind "$3" /tmp
+cd "$6" && unset OLDPWD
+shift 6
+exec "$@"
+"""
+"""Runs first inside a task's fresh namespaces: sets the hostname, puts the node's hosts file and
+private /tmp in place (keeping the node's own directory visible if it lies under /tmp), then
+becomes the task's command. Any failure ends the task rather than run it unisolated."""
+
+
+@dataclass
+class _Node:
+    sandbox: NodeSandbox
+    root: Path
+    tasks: set[str] = field(default_factory=set)
+
+    @property
+    def home(self) -> Path:
+        return self.root / "home"
+
+    @property
+    def tmp(self) -> Path:
+        return self.root / "tmp"
+
+    @property
+    def agent_data(self) -> Path:
+        return self.root / "agent" / "data"
+
+    @property
+    def hosts_file(self) -> Path:
+        return self.root / "hosts"
+
+
+@dataclass
+class _Task:
+    task_id: str
+    node_id: str
+    directory: Path
+    process: subprocess.Popen[bytes] | None = None
+    aborted: bool = False
+    ended: threading.Event = field(default_factory=threading.Event)
+
+
+class ProcessAgent:
+    """A `NodeRunner` that runs every node's tasks as real processes on this machine."""
+
+    def __init__(self, data_dir: Path, network: NodeNetwork, abort_grace_s: float = 10.0) -> None:
+        self.data_dir = data_dir
+        self.network = network
+        self.host_address = network.host_address
+        self.abort_grace_s = abort_grace_s
+        self._lock = threading.Lock()
+        self._nodes: dict[str, _Node] = {}
+        self._tasks: dict[str, _Task] = {}
+
+    @classmethod
+    def create(cls, data_dir: Path, network: str = "auto",
+               abort_grace_s: float = 10.0) -> ProcessAgent:
+        """An agent for nodes on a `network` ("auto", "bridge" or "loopback"); raises
+        `IsolationUnavailable` saying why when this machine cannot isolate nodes."""
+        return cls(Path(data_dir), open_network(network), abort_grace_s)
+
+    def boot_node(self, node_id: str, hostname: str) -> NodeAddress:
+        with self._lock:
+            if node_id in self._nodes:
+                raise NodeBootError(f"node {node_id} is already booted")
+        root = (self.data_dir / "nodes" / _file_name(node_id)).resolve()
+        node = _Node(sandbox=self.network.add_node(hostname), root=root)
+        try:
+            for directory in (node.home, node.tmp, node.agent_data / "workers"):
+                directory.mkdir(parents=True, exist_ok=True)
+            node.tmp.chmod(0o1777)
+            if not node.sandbox.hosts_file_in_netns:
+                node.hosts_file.write_text(
+                    f"127.0.0.1 localhost\n{node.sandbox.address} {hostname}\n")
+        except OSError as error:
+            self.network.remove_node(node.sandbox)
+            raise NodeBootError(
+                f"cannot create the directories of node {node_id}: {error}") from error
+        with self._lock:
+            self._nodes[node_id] = node
+        address = node.sandbox.address
+        return NodeAddress(private_ip=address, public_ip=address, hostname=hostname)
+
+    def run_task(self, node_id: str, launch: TaskLaunch, on_exit: Callable[[int], None]) -> None:
+        with self._lock:
+            node = self._nodes.get(node_id)
+            if node is None:
+                threading.Thread(target=on_exit, args=(-signal.SIGKILL,), daemon=True).start()
+                return
+            directory = node.agent_data / "workers" / _file_name(launch.task_id)
+            task = _Task(task_id=launch.task_id, node_id=node_id, directory=directory)
+            node.tasks.add(launch.task_id)
+            self._tasks[launch.task_id] = task
+        threading.Thread(target=self._run, args=(node, launch, task, on_exit),
+                         name=f"task {launch.task_id}", daemon=True).start()
+
+    def _run(self, node: _Node, launch: TaskLaunch, task: _Task,
+             on_exit: Callable[[int], None]) -> None:
+        try:
+            code = self._execute(node, launch, task)
+        except OSError as error:
+            code = 127
+            with contextlib.suppress(OSError), (task.directory / "taskoutput.txt").open("a") as out:
+                out.write(f"The agent could not start the task: {error}\n")
+        finally:
+            task.ended.set()
+            with self._lock:
+                node.tasks.discard(launch.task_id)
+        on_exit(code)
+
+    def _execute(self, node: _Node, launch: TaskLaunch, task: _Task) -> int:
+        task.directory.mkdir(parents=True, exist_ok=True)
+        output_path = task.directory / "taskoutput.txt"
+        with output_path.open("ab") as output:
+            run_command = TASK_TYPES.get(launch.task_type)
+            if run_command is None:
+                output.write(f"Task type {launch.task_type!r} is not supported by this node "
+                             f"(supported: {', '.join(TASK_TYPES)})\n".encode())
+                return 127
+            if launch.task_data is not None:
+                (task.directory / "taskdata.txt").write_text(launch.task_data)
+            with self._lock:
+                if task.aborted:
+                    return -signal.SIGTERM
+                task.process = subprocess.Popen(
+                    self._command(node, task, [run_command, *launch.arguments]),
+                    cwd=task.directory, env=self._environment(node, launch),
+                    stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
+                    start_new_session=True)
+            return task.process.wait()
+
+    def _command(self, node: _Node, task: _Task, command: list[str]) -> list[str]:
+        sandbox = node.sandbox
+        hosts = "" if sandbox.hosts_file_in_netns else str(node.hosts_file)
+        root_in_tmp = ""
+        if node.root.is_relative_to("/tmp"):
+            root_in_tmp = str(node.tmp / node.root.relative_to("/tmp"))
+        return [*sandbox.enter, "/bin/bash", "-c", ENTER_NODE, "enter-node", sandbox.hostname,
+                hosts, str(node.tmp), str(node.root), root_in_tmp, str(task.directory), *command]
+
+    def _environment(self, node: _Node, launch: TaskLaunch) -> dict[str, str]:
+        """A fresh machine's agent service environment: nothing of the platform's own."""
+        return {
+            "PATH": os.environ.get("PATH", os.defpath),
+            "HOME": str(node.home), "USER": AGENT_USER, "LOGNAME": AGENT_USER,
+            "LANG": "C.UTF-8",
+            **launch.environment,
+            "YD_AGENT_HOME": str(node.home), "YD_AGENT_DATA": str(node.agent_data),
+        }
+
+    def abort_task(self, task_id: str) -> None:
+        with self._lock:
+            task = self._tasks.get(task_id)
+        if task is not None:
+            self._end(task, signal.SIGTERM)
+
+    def _end(self, task: _Task, signal_number: int) -> None:
+        """Signal the task's process group once with SIGTERM (a second one would cut short its
+        EXIT trap), then SIGKILL it if it outlives the grace; SIGKILL comes at once if asked."""
+        with self._lock:
+            first = not task.aborted
+            task.aborted = True
+            process = task.process
+        if process is None or (signal_number == signal.SIGTERM and not first):
+            return
+        _signal_group(process, signal_number)
+        if signal_number == signal.SIGTERM:
+            threading.Thread(target=self._kill_after_grace, args=(task,), daemon=True).start()
+
+    def _kill_after_grace(self, task: _Task) -> None:
+        if not task.ended.wait(self.abort_grace_s) and task.process is not None:
+            _signal_group(task.process, signal.SIGKILL)
+
+    def stop_node(self, node_id: str, kill: bool = False) -> None:
+        with self._lock:
+            node = self._nodes.pop(node_id, None)
+            if node is None:
+                return
+            tasks = [self._tasks[task_id] for task_id in node.tasks]
+        for task in tasks:
+            self._end(task, signal.SIGKILL if kill else signal.SIGTERM)
+        for task in tasks:
+            task.ended.wait(self.abort_grace_s + 5)
+        self.network.remove_node(node.sandbox)
+        shutil.rmtree(node.tmp, ignore_errors=True)
+
+    def task_output(self, task_id: str) -> str:
+        with self._lock:
+            task = self._tasks.get(task_id)
+        if task is None:
+            return ""
+        try:
+            return (task.directory / "taskoutput.txt").read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def processes(self) -> list[int]:
+        with self._lock:
+            roots = {task.process.pid for task in self._tasks.values()
+                     if task.process is not None and not task.ended.is_set()}
+        return _descendants_and_self(roots)
+
+    def close(self) -> None:
+        with self._lock:
+            node_ids = list(self._nodes)
+        stoppers = [threading.Thread(target=self.stop_node, args=(node_id,), daemon=True)
+                    for node_id in node_ids]
+        for stopper in stoppers:
+            stopper.start()
+        for stopper in stoppers:
+            stopper.join()
+        self.network.close()
+
+
+def _file_name(ydid: str) -> str:
+    return ydid.replace(":", "_").replace("/", "_")
+
+
+def _signal_group(process: subprocess.Popen[bytes], signal_number: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal_number)
+
+
+def _descendants_and_self(roots: set[int]) -> list[int]:
+    """Live (non-zombie) processes in the trees under `roots`, read from /proc."""
+    if not roots:
+        return []
+    children: dict[int, list[int]] = {}
+    live: set[int] = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        state, parent = stat.rsplit(")", 1)[1].split()[:2]
+        pid = int(entry.name)
+        children.setdefault(int(parent), []).append(pid)
+        if state != "Z":
+            live.add(pid)
+    found: list[int] = []
+    pending = [pid for pid in roots if pid in live]
+    while pending:
+        pid = pending.pop()
+        found.append(pid)
+        pending.extend(child for child in children.get(pid, []) if child in live)
+    return sorted(found)

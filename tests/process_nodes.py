@@ -1,0 +1,117 @@
+"""Helpers for tests of the local platform's process nodes: pools of `local/process` nodes and
+work requirements made through the SDK, torn down afterwards, and checks on host namespaces."""
+
+from __future__ import annotations
+
+import subprocess
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import timedelta
+
+import pytest
+from conftest import wait_for
+from yellowdog_client import PlatformClient
+from yellowdog_client.model import (
+    ComputeRequirementTemplateUsage,
+    NodeWorkerTarget,
+    NodeWorkerTargetType,
+    ProvisionedWorkerPoolProperties,
+    RunSpecification,
+    Task,
+    TaskGroup,
+    TaskStatus,
+    WorkerPoolStatus,
+    WorkRequirement,
+)
+
+from prefect_raydog.local import LocalPlatform
+
+ABORT_GRACE_S = 1.0
+
+
+def node_networking(bridge: str) -> list[str]:
+    """The network namespaces and veth links on the host that belong to `bridge`'s nodes."""
+    namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
+    names = [line.split()[0] for line in namespaces.splitlines()]
+    names += [line.split(": ")[1].split("@")[0] for line in links.splitlines()]
+    return [name for name in names if name.startswith((f"{bridge}-", f"{bridge}v"))]
+
+
+def link_exists(name: str) -> bool:
+    return subprocess.run(["ip", "link", "show", name], capture_output=True).returncode == 0
+
+
+class Pools:
+    """Provisions `local/process` pools and work requirements through the SDK; tears down."""
+
+    def __init__(self, platform: LocalPlatform) -> None:
+        self.platform = platform
+        self.client: PlatformClient = platform.make_client(max_attempts=3, initial_interval=0.05)
+        self.namespace = f"ns-{uuid.uuid4().hex[:8]}"
+        self.pool_ids: list[str] = []
+        self.requirement_ids: list[str] = []
+
+    def provision(self, count: int, tag: str) -> str:
+        pool = self.client.worker_pool_client.provision_worker_pool(
+            ComputeRequirementTemplateUsage(
+                templateId="local/process", requirementName=f"pool-{uuid.uuid4().hex[:8]}",
+                requirementNamespace=self.namespace, targetInstanceCount=count),
+            ProvisionedWorkerPoolProperties(
+                createNodeWorkers=NodeWorkerTarget(NodeWorkerTargetType.PER_NODE, 1),
+                workerTag=tag, maxNodes=count))
+        self.pool_ids.append(pool.id)
+        return pool.id
+
+    def wait_idle(self, pool_id: str, timeout: float = 20) -> None:
+        pools = self.client.worker_pool_client
+        wait_for(lambda: pools.get_worker_pool_by_id(pool_id).status == WorkerPoolStatus.IDLE,
+                 timeout, what=f"pool {pool_id} to be idle")
+
+    def run(self, tag: str, scripts: list[str], environment: dict[str, str] | None = None
+            ) -> list[Task]:
+        """One task group for `tag`, one bash task per script; returns the added tasks."""
+        group = TaskGroup(name="g", runSpecification=RunSpecification(
+            taskTypes=["bash"], workerTags=[tag], namespaces=[self.namespace],
+            taskTimeout=timedelta(minutes=10)))
+        requirement = self.client.work_client.add_work_requirement(WorkRequirement(
+            namespace=self.namespace, name=f"wr-{uuid.uuid4().hex[:8]}", taskGroups=[group]))
+        self.requirement_ids.append(requirement.id)
+        tasks = [Task(name=f"t{n}", taskType="bash", arguments=["taskdata.txt"],
+                      taskData=script, environment=environment or {})
+                 for n, script in enumerate(scripts)]
+        return self.client.work_client.add_tasks_to_task_group_by_id(
+            requirement.taskGroups[0].id, tasks)
+
+    def wait_task(self, task_id: str, *statuses: TaskStatus, timeout: float = 20) -> Task:
+        work = self.client.work_client
+        return wait_for(lambda: (task := work.get_task_by_id(task_id)).status in statuses
+                        and task, timeout, what=f"task {task_id} to be {statuses}")
+
+    def close(self) -> None:
+        for requirement_id in self.requirement_ids:
+            work = self.client.work_client
+            if not work.get_work_requirement_by_id(requirement_id).status.finished:
+                work.cancel_work_requirement_by_id(requirement_id, True)
+        for pool_id in self.pool_ids:
+            self.client.worker_pool_client.shutdown_worker_pool_by_id(pool_id)
+
+
+@contextmanager
+def process_pools(platform: LocalPlatform,
+                  abort_grace_s: float = ABORT_GRACE_S) -> Iterator[Pools]:
+    """`Pools` on `platform` with the given abort grace; afterwards every node namespace is gone."""
+    runner = platform.runner
+    if runner is None:
+        pytest.skip(f"process nodes are unavailable: {platform.state.runner_unavailable}")
+    grace, runner.abort_grace_s = runner.abort_grace_s, abort_grace_s
+    bridge = getattr(runner.network, "bridge", None)
+    workspace = Pools(platform)
+    try:
+        yield workspace
+    finally:
+        workspace.close()
+        runner.abort_grace_s = grace
+    if bridge is not None:
+        wait_for(lambda: node_networking(bridge) == [], 30, what="the nodes' namespaces to go")
