@@ -10,7 +10,29 @@ __version__ = "0.1.0"
 # Public names and the module that defines each. Imported lazily so that the Builder and the
 # local platform work without importing Prefect, while `prefect block register -m prefect_raydog`
 # still finds the blocks through attribute access.
-_EXPORTS: dict[str, str] = {}
+_EXPORTS: dict[str, str] = {
+    "RayDogTaskRunner": "prefect_raydog.task_runners",
+    "YellowDogCredentials": "prefect_raydog.blocks",
+    "RayDogClusterConfig": "prefect_raydog.blocks",
+    "RayDogCluster": "prefect_raydog.cluster",
+    "RayDogClusterProxy": "prefect_raydog.cluster",
+    "HeadNodeAddress": "prefect_raydog.cluster",
+    "ShutdownReport": "prefect_raydog.cluster",
+    "sweep": "prefect_raydog.cluster",
+    "create_client": "prefect_raydog.cluster",
+    "wait_for_ray_nodes": "prefect_raydog.cluster",
+    "ClusterSpec": "prefect_raydog.spec",
+    "NodeGroupSpec": "prefect_raydog.spec",
+    "WorkerPoolSpec": "prefect_raydog.spec",
+    "RayDogError": "prefect_raydog.errors",
+    "ClusterBuildError": "prefect_raydog.errors",
+    "ClusterBuildTimeout": "prefect_raydog.errors",
+    "NodeTaskFailed": "prefect_raydog.errors",
+    "ClusterShutdownError": "prefect_raydog.errors",
+    "ClusterStateError": "prefect_raydog.errors",
+    "UnknownWorkerPoolError": "prefect_raydog.errors",
+    "RayTunnels": "prefect_raydog.tunnels",
+}
 
 
 def __getattr__(name: str) -> Any:

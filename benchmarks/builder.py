@@ -1,0 +1,116 @@
+"""Figures of the RayDog Builder on the local platform's simulated nodes: how soon build() returns
+after the head task runs, how long shutdown takes, and how API calls grow with a cluster's size.
+
+    python benchmarks/builder.py --json      # full figures
+    python benchmarks/builder.py --quick     # a smoke run of a few seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from prefect_raydog.cluster import RayDogCluster
+from prefect_raydog.local import LocalPlatform
+from prefect_raydog.spec import ClusterSpec, NodeGroupSpec, WorkerPoolSpec
+
+SIMULATED = "local/simulated"
+
+
+def _spec(name: str, pools: int, nodes: int) -> ClusterSpec:
+    return ClusterSpec(
+        name=name,
+        namespace="benchmark",
+        head=NodeGroupSpec(template_id=SIMULATED, script="sleep infinity"),
+        worker_pools=[
+            WorkerPoolSpec(template_id=SIMULATED, count=nodes, script="sleep infinity")
+            for _ in range(pools)
+        ],
+    )
+
+
+def _wait_until_nothing_live(platform: LocalPlatform, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while any(platform.live_entities().values()):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"still live after {timeout} s: {platform.live_entities()}")
+        time.sleep(0.05)
+
+
+def build_overhead_s(platform: LocalPlatform, repeats: int) -> float:
+    """build() return time minus the moment the platform set the head task EXECUTING."""
+    lags = []
+    for number in range(repeats):
+        cluster = RayDogCluster(_spec(f"overhead-{number}", 1, 1), client=_client(platform))
+        cluster.build()
+        returned = datetime.now(timezone.utc)
+        lags.append((returned - cluster.head_node_started_time).total_seconds())
+        cluster.shut_down()
+        _wait_until_nothing_live(platform)
+    return statistics.median(lags)
+
+
+def shutdown_s(platform: LocalPlatform, pools: int) -> float:
+    cluster = RayDogCluster(_spec(f"shutdown-{pools}", pools, 1), client=_client(platform))
+    cluster.build()
+    started = time.monotonic()
+    cluster.shut_down()
+    elapsed = time.monotonic() - started
+    _wait_until_nothing_live(platform)
+    return elapsed
+
+
+def large_cluster(platform: LocalPlatform, pools: int, nodes: int) -> dict[str, float]:
+    cluster = RayDogCluster(_spec("large", pools, nodes), client=_client(platform))
+    platform.reset_api_calls()
+    started = time.monotonic()
+    cluster.build()
+    build_s = time.monotonic() - started
+    started = time.monotonic()
+    cluster.shut_down()
+    shutdown = time.monotonic() - started
+    calls = sum(platform.api_calls().values())
+    _wait_until_nothing_live(platform, timeout=600)
+    return {"calls": calls, "build_s": build_s, "shutdown_s": shutdown}
+
+
+def _client(platform: LocalPlatform):
+    return platform.make_client(max_attempts=1, initial_interval=0.05, max_interval=0.1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="print one JSON object only")
+    parser.add_argument("--quick", action="store_true", help="a small smoke run")
+    args = parser.parse_args()
+    repeats, pools, nodes = (2, 10, 10) if args.quick else (5, 100, 100)
+    with (
+        tempfile.TemporaryDirectory() as data_dir,
+        LocalPlatform(network="loopback", data_dir=Path(data_dir)) as platform,
+    ):
+        figures = {
+            "build_overhead_s": round(build_overhead_s(platform, repeats), 4),
+            "shutdown_s_1_pool": round(shutdown_s(platform, 1), 4),
+            "shutdown_s_10_pools": round(shutdown_s(platform, 10), 4),
+        }
+        large = large_cluster(platform, pools, nodes)
+        figures |= {
+            f"api_calls_{pools * nodes}_nodes": large["calls"],
+            f"build_s_{pools * nodes}_nodes": round(large["build_s"], 3),
+            f"shutdown_s_{pools * nodes}_nodes": round(large["shutdown_s"], 3),
+        }
+    if not args.json:
+        print(
+            f"RayDog Builder on simulated nodes ({pools} pools x {nodes} nodes):", file=sys.stderr
+        )
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,20 @@
+#!/bin/bash
+# RayDog head node task for a YellowDog node booted from a base Ubuntu image with node-userdata.sh.
+# Variables (task environment): RAYDOG_VENV (Python venv with Ray; default below),
+# OBSERVABILITY_HOST (set by the Builder when the cluster has an observability node),
+# RAY_HEAD_ARGS (extra `ray start` arguments).
+set -euo pipefail
+RAYDOG_VENV="${RAYDOG_VENV:-/opt/yellowdog/agent/venv}"
+source "$RAYDOG_VENV/bin/activate"
+
+# When YellowDog aborts the task (SIGTERM) or it times out, stop Ray cleanly.
+trap "ray stop" EXIT
+
+if [[ -n "${OBSERVABILITY_HOST:-}" ]]; then
+    export RAY_PROMETHEUS_HOST="http://${OBSERVABILITY_HOST}:9090"
+    export RAY_GRAFANA_HOST="http://${OBSERVABILITY_HOST}:3000"
+fi
+
+ray start --head --port=6379 --ray-client-server-port=10001 \
+    --dashboard-host=0.0.0.0 --dashboard-port=8265 --metrics-export-port=8080 \
+    --num-cpus=0 ${RAY_HEAD_ARGS:-} --block

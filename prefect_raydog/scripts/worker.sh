@@ -1,0 +1,13 @@
+#!/bin/bash
+# RayDog worker node task for a YellowDog node booted from a base Ubuntu image with node-userdata.sh.
+# Variables (task environment): RAY_HEAD_IP (set by the Builder), RAYDOG_VENV (Python venv with
+# Ray; default below), RAY_WORKER_ARGS (extra `ray start` arguments, e.g. --resources='{"gpu-pool": 1}').
+set -euo pipefail
+RAYDOG_VENV="${RAYDOG_VENV:-/opt/yellowdog/agent/venv}"
+source "$RAYDOG_VENV/bin/activate"
+
+# When YellowDog aborts the task (SIGTERM) or it times out, stop Ray cleanly.
+trap "ray stop" EXIT
+
+ray start --address="${RAY_HEAD_IP:?RAY_HEAD_IP is set by the RayDog Builder}:6379" \
+    --metrics-export-port=8080 ${RAY_WORKER_ARGS:-} --block

@@ -1,0 +1,102 @@
+"""SSH tunnels from this machine to a RayDog head node's public IP, so that Ray Client (10001) and
+the Ray dashboard (8265) can be reached where only SSH is open."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from pydantic import SecretStr
+from sshtunnel import BaseSSHTunnelForwarderError, SSHTunnelForwarder
+
+logger = logging.getLogger("prefect_raydog.tunnels")
+
+RAY_CLIENT_PORT = 10001
+DASHBOARD_PORT = 8265
+
+
+def _secret(value: str | SecretStr | None) -> str | None:
+    return value.get_secret_value() if isinstance(value, SecretStr) else value
+
+
+class RayTunnels:
+    """Forwards local ports to ports on the head node over one SSH connection.
+
+    By default it forwards Ray Client and the dashboard, each to a free local port (or the given
+    `local_ports`, in the order of `remote_ports`). Use as a context manager, or call
+    `start_tunnels()` / `stop_tunnels()` as in RayDog.
+    """
+
+    def __init__(
+        self,
+        head_ip: str,
+        ssh_user: str,
+        private_key_file: str | Path | None = None,
+        private_key_password: str | SecretStr | None = None,
+        password: str | SecretStr | None = None,
+        *,
+        ssh_port: int = 22,
+        remote_ports: tuple[int, ...] = (RAY_CLIENT_PORT, DASHBOARD_PORT),
+        local_ports: tuple[int, ...] | None = None,
+        remote_host: str = "127.0.0.1",
+    ) -> None:
+        if private_key_file is None and password is None:
+            raise ValueError("RayTunnels needs private_key_file or password to log in")
+        if private_key_file is not None and not Path(private_key_file).is_file():
+            raise ValueError(f"private_key_file {str(private_key_file)!r} is not a readable file")
+        if local_ports is not None and len(local_ports) != len(remote_ports):
+            raise ValueError("local_ports must give one local port per remote port")
+        self.head_ip = head_ip
+        self.remote_ports = remote_ports
+        self._forwarder = SSHTunnelForwarder(
+            (head_ip, ssh_port),
+            ssh_username=ssh_user,
+            ssh_pkey=str(private_key_file) if private_key_file else None,
+            ssh_private_key_password=_secret(private_key_password),
+            ssh_password=_secret(password),
+            remote_bind_addresses=[(remote_host, port) for port in remote_ports],
+            local_bind_addresses=[
+                ("127.0.0.1", port) for port in (local_ports or (0,) * len(remote_ports))
+            ],
+            allow_agent=False,
+            host_pkey_directories=[],
+            set_keepalive=10.0,
+        )
+
+    def __repr__(self) -> str:
+        return f"RayTunnels(head_ip={self.head_ip!r}, remote_ports={self.remote_ports})"
+
+    def start_tunnels(self) -> None:
+        try:
+            self._forwarder.start()
+        except BaseSSHTunnelForwarderError as error:
+            raise ConnectionError(
+                f"Could not open SSH tunnels to {self.head_ip} "
+                f"for ports {self.remote_ports}: {error}"
+            ) from error
+        logger.info("SSH tunnels to %s open: %s", self.head_ip, self.local_ports)
+
+    def stop_tunnels(self) -> None:
+        self._forwarder.stop()
+
+    def __enter__(self) -> RayTunnels:
+        self.start_tunnels()
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.stop_tunnels()
+
+    @property
+    def local_ports(self) -> dict[int, int]:
+        """The local port forwarding to each remote port."""
+        return dict(zip(self.remote_ports, self._forwarder.local_bind_ports, strict=True))
+
+    @property
+    def ray_client_address(self) -> str:
+        """The address to pass to `ray.init()`."""
+        return f"ray://127.0.0.1:{self.local_ports[RAY_CLIENT_PORT]}"
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://127.0.0.1:{self.local_ports[DASHBOARD_PORT]}"

@@ -1,0 +1,152 @@
+"""The RayDog Builder with real processes: a Ray cluster on the local platform's process nodes
+that a driver reaches with Ray Client, and a driver killed with SIGKILL whose cluster is ended by
+the platform-side backstop or by sweep."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+from cluster_helpers import NAMESPACE, assert_nothing_left, fast_client, unique_name
+
+from prefect_raydog.cluster import RayDogCluster, sweep, wait_for_ray_nodes
+from prefect_raydog.spec import ClusterSpec, NodeGroupSpec, WorkerPoolSpec
+
+
+def _connect_ray(address: str):
+    import ray
+
+    for attempt in range(3):
+        try:
+            return ray.init(address, logging_level="WARNING")
+        except ConnectionError:
+            if attempt == 2:
+                raise
+            time.sleep(2)
+
+
+@pytest.mark.ray
+def test_ray_tasks_run_on_the_worker_pools_and_pools_can_be_added_resized_removed(platform):
+    import ray
+
+    spec = ClusterSpec.for_local_platform(
+        unique_name("ray"), NAMESPACE, pool_sizes=[1, 1], workers_to_join=2
+    )
+    with RayDogCluster(spec, client=fast_client(platform)) as cluster:
+        _connect_ray(f"ray://{cluster.head_node_private_ip}:10001")
+        try:
+            wait_for_ray_nodes(3, timeout=120)
+
+            @ray.remote(num_cpus=1)
+            def where() -> str:
+                return ray.util.get_node_ip_address()
+
+            addresses = ray.get([where.remote() for _ in range(50)])
+            assert cluster.head_node_private_ip not in addresses
+            assert len(set(addresses)) == 2
+
+            late = spec.worker_pools[0].model_copy(update={"name": "late", "max_count": 2})
+            pool_id = cluster.add_worker_pool(late)
+            wait_for_ray_nodes(4, timeout=120)
+            cluster.resize_worker_pool("late", 2)
+            wait_for_ray_nodes(5, timeout=120)
+            report = cluster.remove_worker_pool(pool_id)
+            assert pool_id in " ".join(report.ended)
+        finally:
+            ray.shutdown()
+
+
+_DRIVER = textwrap.dedent(
+    """
+    import os, sys, time
+    from datetime import timedelta
+    from prefect_raydog.cluster import RayDogCluster
+    from prefect_raydog.spec import ClusterSpec, NodeGroupSpec, WorkerPoolSpec
+
+    script = "trap 'exit 0' TERM; sleep 600 & wait"
+    group = {"template_id": "local/process", "script": script}
+    spec = ClusterSpec(
+        name=sys.argv[1], namespace=sys.argv[2], tag=sys.argv[3],
+        head=NodeGroupSpec(**group), worker_pools=[WorkerPoolSpec(**group)],
+        cluster_lifetime=timedelta(seconds=float(sys.argv[4])),
+        idle_node_shutdown=timedelta(seconds=1), idle_pool_shutdown=timedelta(seconds=1),
+        workers_to_join=1,
+    )
+    cluster = RayDogCluster(
+        spec, key_id=os.environ["YD_KEY_ID"], key_secret=os.environ["YD_KEY_SECRET"],
+        url=os.environ["YD_URL"],
+    )
+    cluster.build()
+    print("built", flush=True)
+    time.sleep(3600)
+    """
+)
+
+
+def _build_in_a_driver_then_kill_it(platform, tag: str, lifetime_s: float) -> None:
+    env = {
+        **os.environ,
+        "YD_KEY_ID": platform.key_id,
+        "YD_KEY_SECRET": platform.key_secret,
+        "YD_URL": platform.url,
+    }
+    driver = subprocess.Popen(
+        [sys.executable, "-c", _DRIVER, unique_name("killed"), NAMESPACE, tag, str(lifetime_s)],
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert driver.stdout.readline().strip() == "built"
+    finally:
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+    assert platform.live_entities()["processes"]
+
+
+def test_a_killed_driver_s_cluster_is_ended_by_the_platform_backstop(platform):
+    _build_in_a_driver_then_kill_it(platform, "backstop", lifetime_s=3)
+    # Task timeout (cluster lifetime) ends the node tasks, idle node and pool shutdown the rest.
+    assert_nothing_left(platform, timeout=30)
+
+
+def test_sweep_ends_a_killed_driver_s_cluster_at_once(platform):
+    _build_in_a_driver_then_kill_it(platform, "swept", lifetime_s=3600)
+    started = time.monotonic()
+    report = sweep(fast_client(platform), NAMESPACE, "swept")
+    assert len(report.ended) == 1 + 2 * 2
+    assert_nothing_left(platform, timeout=20)
+    assert time.monotonic() - started < 20
+
+
+@pytest.mark.ray
+def test_the_default_yellowdog_scripts_start_a_ray_cluster_with_its_dashboard(platform):
+    import urllib.request
+
+    import ray
+
+    # The package's head.sh and worker.sh (meant for real YellowDog nodes), run unchanged.
+    node = {"template_id": "local/process", "environment": {"RAYDOG_VENV": sys.prefix}}
+    spec = ClusterSpec(
+        name=unique_name("defaults"),
+        namespace=NAMESPACE,
+        head=NodeGroupSpec(**node),
+        worker_pools=[WorkerPoolSpec(**node)],
+        workers_to_join=1,
+    )
+    with RayDogCluster(spec, client=fast_client(platform)) as cluster:
+        _connect_ray(f"ray://{cluster.head_node_private_ip}:10001")
+        try:
+            wait_for_ray_nodes(2, timeout=120)
+            where = ray.remote(lambda: ray.util.get_node_ip_address())
+            assert ray.get(where.remote()) != cluster.head_node_private_ip
+            url = f"http://{cluster.head_node_private_ip}:8265/api/version"
+            with urllib.request.urlopen(url, timeout=10) as answer:
+                assert b"ray_version" in answer.read()
+        finally:
+            ray.shutdown()

@@ -1,0 +1,119 @@
+"""RayTunnels against a real OpenSSH server that the test starts on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import socketserver
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from prefect_raydog.tunnels import RayTunnels
+
+SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
+pytestmark = pytest.mark.skipif(
+    not Path(SSHD).exists() or os.geteuid() != 0,
+    reason="needs OpenSSH's sshd (apt-get install openssh-server) and root to log in as root",
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class _Echo(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        self.request.sendall(b"echo:" + self.request.recv(1024))
+
+
+@pytest.fixture
+def echo_ports():
+    servers = [socketserver.ThreadingTCPServer(("127.0.0.1", 0), _Echo) for _ in range(2)]
+    for server in servers:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield tuple(server.server_address[1] for server in servers)
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def sshd(tmp_path: Path):
+    """An sshd on 127.0.0.1 that accepts a fresh key for root; yields (port, private key path)."""
+    key = tmp_path / "id_ed25519"
+    host_key = tmp_path / "host_ed25519"
+    for path in (key, host_key):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)], check=True)
+    (tmp_path / "authorized_keys").write_text(Path(f"{key}.pub").read_text())
+    port = _free_port()
+    config = tmp_path / "sshd_config"
+    config.write_text(
+        f"ListenAddress 127.0.0.1\nPort {port}\nHostKey {host_key}\n"
+        f"AuthorizedKeysFile {tmp_path}/authorized_keys\nStrictModes no\n"
+        "PermitRootLogin prohibit-password\nPasswordAuthentication no\nAllowTcpForwarding yes\n"
+        f"PidFile {tmp_path}/sshd.pid\nUsePAM no\n"
+    )
+    Path("/run/sshd").mkdir(exist_ok=True)
+    process = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        time.sleep(0.05)
+    try:
+        yield port, key
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def _ask(port: int, message: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(message)
+        return sock.recv(1024)
+
+
+def test_tunnels_forward_each_remote_port_through_ssh_with_a_private_key(sshd, echo_ports):
+    port, key = sshd
+    with RayTunnels(
+        "127.0.0.1", "root", private_key_file=key, ssh_port=port, remote_ports=echo_ports
+    ) as tunnels:
+        local = tunnels.local_ports
+        assert set(local) == set(echo_ports)
+        assert all(local_port not in echo_ports for local_port in local.values())
+        for remote_port, local_port in local.items():
+            assert _ask(local_port, b"hi") == b"echo:hi", remote_port
+
+
+def test_default_tunnels_are_ray_client_and_dashboard(sshd):
+    port, key = sshd
+    tunnels = RayTunnels("127.0.0.1", "root", private_key_file=key, ssh_port=port)
+    assert tunnels.remote_ports == (10001, 8265)
+    tunnels.start_tunnels()
+    try:
+        assert tunnels.ray_client_address.startswith("ray://127.0.0.1:")
+        assert tunnels.dashboard_url.startswith("http://127.0.0.1:")
+    finally:
+        tunnels.stop_tunnels()
+
+
+def test_a_wrong_key_fails_with_a_clear_connection_error(sshd, tmp_path):
+    port, _ = sshd
+    other = tmp_path / "other"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
+    tunnels = RayTunnels("127.0.0.1", "root", private_key_file=other, ssh_port=port)
+    with pytest.raises(ConnectionError, match="Could not open SSH tunnels to 127.0.0.1"):
+        tunnels.start_tunnels()
+
+
+def test_missing_key_file_is_rejected_before_connecting(tmp_path):
+    with pytest.raises(ValueError, match="private_key_file .* is not a readable file"):
+        RayTunnels("127.0.0.1", "root", private_key_file=tmp_path / "absent")
