@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,15 +26,38 @@ ENTER_NODE = r"""
 set -e
 hostname "$1"
 if [ -n "$2" ]; then mount --bind "$2" /etc/hosts; fi
-if [ -n "$5" ]; then mkdir -p "$5" && mount --bind "$4" "$5"; fi
-mount --rbind "$3" /tmp
-cd "$6" && unset OLDPWD
-shift 6
+private_tmp="$3"
+cd "$4" && unset OLDPWD
+shift 4
+while [ "$1" != "--" ]; do
+    mkdir -p "$private_tmp${1#/tmp}" && mount --bind "$1" "$private_tmp${1#/tmp}"
+    shift
+done
+shift
+mount --rbind "$private_tmp" /tmp
 exec "$@"
 """
 """Runs first inside a task's fresh namespaces: sets the hostname, puts the node's hosts file and
-private /tmp in place (keeping the node's own directory visible if it lies under /tmp), then
+private /tmp in place (keeping visible the host paths under /tmp listed before `--`), then
 becomes the task's command. Any failure ends the task rather than run it unisolated."""
+
+
+IMAGE_PATHS = [Path(p) for p in {sys.prefix, sys.base_prefix, *sys.path} if p] + [
+    Path(__file__).resolve().parents[2]]
+"""What a node's machine image holds: the Python and packages the platform itself runs from.
+A node must keep seeing them even when they lie under the /tmp it replaces (a checkout or
+virtual environment under /tmp)."""
+
+
+def _under_tmp(paths: list[Path]) -> list[str]:
+    """The existing paths under /tmp, outermost only, that a node's private /tmp must keep."""
+    inside = sorted({p.resolve() for p in paths if p.resolve().is_relative_to("/tmp")
+                     and p.resolve() != Path("/tmp") and p.exists()})
+    kept: list[Path] = []
+    for path in inside:
+        if not any(path.is_relative_to(outer) for outer in kept):
+            kept.append(path)
+    return [str(p) for p in kept]
 
 
 @dataclass
@@ -161,11 +185,9 @@ class ProcessAgent:
     def _command(self, node: _Node, task: _Task, command: list[str]) -> list[str]:
         sandbox = node.sandbox
         hosts = "" if sandbox.hosts_file_in_netns else str(node.hosts_file)
-        root_in_tmp = ""
-        if node.root.is_relative_to("/tmp"):
-            root_in_tmp = str(node.tmp / node.root.relative_to("/tmp"))
+        keep = _under_tmp([node.root, *IMAGE_PATHS])
         return [*sandbox.enter, "/bin/bash", "-c", ENTER_NODE, "enter-node", sandbox.hostname,
-                hosts, str(node.tmp), str(node.root), root_in_tmp, str(task.directory), *command]
+                hosts, str(node.tmp), str(task.directory), *keep, "--", *command]
 
     def _environment(self, node: _Node, launch: TaskLaunch) -> dict[str, str]:
         """A fresh machine's agent service environment: nothing of the platform's own."""
