@@ -12,6 +12,9 @@ __version__ = "0.1.0"
 # still finds the blocks through attribute access.
 _EXPORTS: dict[str, str] = {
     "RayDogTaskRunner": "prefect_raydog.task_runners",
+    "RayDogFuture": "prefect_raydog.task_runners",
+    "placement": "prefect_raydog.task_runners",
+    "pool_resource": "prefect_raydog.task_runners",
     "YellowDogCredentials": "prefect_raydog.blocks",
     "RayDogClusterConfig": "prefect_raydog.blocks",
     "RayDogCluster": "prefect_raydog.cluster",

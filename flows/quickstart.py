@@ -1,0 +1,37 @@
+"""Quickstart: map a task over a few hundred inputs on a Ray cluster provisioned for the flow run.
+
+With no cluster block named, RayDogTaskRunner uses the `local` preset: a local YellowDog
+platform started on demand, a head node and two worker nodes, all on this machine.
+
+    python flows/quickstart.py
+"""
+
+from __future__ import annotations
+
+import collections
+import socket
+
+from prefect import flow, task
+
+from prefect_raydog import RayDogTaskRunner
+
+
+@task
+def square(x: int) -> tuple[int, str]:
+    import ray
+
+    return x * x, ray.util.get_node_ip_address() or socket.gethostname()
+
+
+@flow(task_runner=RayDogTaskRunner())
+def quickstart(n: int = 300) -> dict[str, int]:
+    results = square.map(range(n)).result()
+    assert [value for value, _ in results] == [x * x for x in range(n)]
+    tasks_per_node = collections.Counter(node for _, node in results)
+    for node, count in sorted(tasks_per_node.items()):
+        print(f"{count:4d} tasks ran on node {node}")
+    return dict(tasks_per_node)
+
+
+if __name__ == "__main__":
+    quickstart()

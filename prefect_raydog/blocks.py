@@ -1,0 +1,229 @@
+"""Prefect blocks for RayDog: YellowDog credentials and the template of a cluster that a flow run
+provisions, both editable in the Prefect UI and validated by the Builder's specification models."""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import sys
+import uuid
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+from prefect.blocks.abstract import CredentialsBlock
+from prefect.blocks.core import Block
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+
+from prefect_raydog.spec import (
+    CLUSTER_NAME_MAX_LENGTH,
+    ClusterSpec,
+    NodeGroupSpec,
+    WorkerPoolSpec,
+    check_name,
+)
+
+if TYPE_CHECKING:
+    from yellowdog_client import PlatformClient
+
+DEFAULT_API_URL = "https://api.yellowdog.ai"
+DOCUMENTATION_URL = "https://github.com/yellowdog/prefect-raydog#readme"
+LOGO_URL = "https://avatars.githubusercontent.com/u/12575853?s=200&v=4"
+LOCAL_TEMPLATE_ID = "local/process"
+# "-" plus 8 hex digits identify one flow run's cluster among others from the same block.
+_RUN_SUFFIX_LENGTH = 9
+
+
+class YellowDogCredentials(CredentialsBlock):
+    """An application key for the YellowDog Platform, and the API it belongs to.
+
+    Empty fields fall back to the environment variables `YD_API_KEY_ID`, `YD_API_KEY_SECRET`
+    and `YD_API_URL`, as RayDog does.
+
+    Example:
+        ```python
+        from prefect_raydog import YellowDogCredentials
+
+        credentials = YellowDogCredentials.load("BLOCK_NAME")
+        client = credentials.get_client()
+        ```
+    """
+
+    _block_type_name = "YellowDog Credentials"
+    _logo_url = LOGO_URL
+    _documentation_url = DOCUMENTATION_URL
+
+    api_key_id: str | None = Field(
+        default=None,
+        title="Application key ID",
+        description="The ID of a YellowDog application key; YD_API_KEY_ID when empty.",
+    )
+    api_key_secret: SecretStr | None = Field(
+        default=None,
+        title="Application key secret",
+        description="The secret of the application key; YD_API_KEY_SECRET when empty.",
+    )
+    api_url: str | None = Field(
+        default=None,
+        title="API URL",
+        description=f"The YellowDog API to use; YD_API_URL, else {DEFAULT_API_URL}, when empty.",
+    )
+
+    def resolved_api_url(self) -> str:
+        """The API URL these credentials use, after the environment fallback."""
+        return self.api_url or os.environ.get("YD_API_URL") or DEFAULT_API_URL
+
+    def resolved_key(self) -> tuple[str, SecretStr]:
+        """The application key ID and secret, after the environment fallback."""
+        key_id = self.api_key_id or os.environ.get("YD_API_KEY_ID")
+        secret = self.api_key_secret or (
+            SecretStr(os.environ["YD_API_KEY_SECRET"]) if os.environ.get("YD_API_KEY_SECRET")
+            else None
+        )
+        missing = [
+            name for name, value in (("api_key_id", key_id), ("api_key_secret", secret))
+            if not value
+        ]
+        if missing:
+            raise ValueError(
+                f"YellowDogCredentials: {' and '.join(missing)} not set and not in the environment "
+                "(YD_API_KEY_ID / YD_API_KEY_SECRET); fill in the block or set the variables."
+            )
+        return key_id, secret
+
+    def get_client(self) -> PlatformClient:
+        """A `yellowdog_client.PlatformClient` authenticated with this key."""
+        from prefect_raydog.cluster import create_client
+
+        key_id, secret = self.resolved_key()
+        return create_client(key_id, secret, self.resolved_api_url())
+
+
+def _spec_field(model: type, name: str, **overrides: Any) -> Any:
+    """The Builder's own field definition, so title, description and limits live in one place."""
+    field = copy.copy(model.model_fields[name])
+    for attribute, value in overrides.items():
+        setattr(field, attribute, value)
+    return field
+
+
+class RayDogClusterConfig(Block):
+    """The template of a Ray cluster on YellowDog that a flow run provisions for its duration:
+    head node, worker pools, lifetimes, and the credentials to provision it with.
+
+    Example:
+        ```python
+        from prefect_raydog import RayDogClusterConfig, RayDogTaskRunner
+
+        config = RayDogClusterConfig.load("BLOCK_NAME")
+
+        @flow(task_runner=RayDogTaskRunner(cluster="BLOCK_NAME"))
+        def my_flow(): ...
+        ```
+    """
+
+    _block_type_name = "RayDog Cluster Config"
+    _logo_url = LOGO_URL
+    _documentation_url = DOCUMENTATION_URL
+
+    credentials: YellowDogCredentials = Field(
+        default_factory=YellowDogCredentials,
+        title="YellowDog credentials",
+        description="The YellowDog application key to provision the cluster with.",
+    )
+    cluster_name_prefix: str = Field(
+        default="raydog",
+        title="Cluster name prefix",
+        description=(
+            "Each flow run's cluster is named this plus a short run ID; lower-case letters, "
+            "digits, '-' and '_'."
+        ),
+    )
+    namespace: str = _spec_field(ClusterSpec, "namespace", default="prefect-raydog")
+    tag: str | None = _spec_field(ClusterSpec, "tag")
+    head: NodeGroupSpec = _spec_field(ClusterSpec, "head")
+    worker_pools: list[WorkerPoolSpec] = _spec_field(ClusterSpec, "worker_pools")
+    observability: NodeGroupSpec | None = _spec_field(ClusterSpec, "observability")
+    cluster_lifetime: timedelta = _spec_field(ClusterSpec, "cluster_lifetime")
+    idle_node_shutdown: timedelta | None = _spec_field(ClusterSpec, "idle_node_shutdown")
+    idle_pool_shutdown: timedelta | None = _spec_field(ClusterSpec, "idle_pool_shutdown")
+    build_timeout: timedelta = _spec_field(ClusterSpec, "build_timeout")
+    workers_to_join: int = _spec_field(ClusterSpec, "workers_to_join")
+    ssh_tunnel: bool = Field(
+        default=False,
+        title="Connect through an SSH tunnel",
+        description="Reach the head node's Ray Client port through SSH to its public IP.",
+    )
+    ssh_username: str = Field(
+        default="yd-agent",
+        title="SSH user name",
+        description="The user to log in as on the head node when tunnelling.",
+    )
+    ssh_private_key: SecretStr | None = Field(
+        default=None,
+        title="SSH private key",
+        description="The private key (PEM text) for the SSH tunnel.",
+    )
+
+    @field_validator("cluster_name_prefix")
+    @classmethod
+    def _prefix_rules(cls, value: str) -> str:
+        return check_name(value, CLUSTER_NAME_MAX_LENGTH - _RUN_SUFFIX_LENGTH)
+
+    @model_validator(mode="after")
+    def _valid_as_a_cluster(self) -> RayDogClusterConfig:
+        self.to_spec(f"{self.cluster_name_prefix}-{'0' * (_RUN_SUFFIX_LENGTH - 1)}")
+        if self.ssh_tunnel and self.ssh_private_key is None:
+            raise ValueError("ssh_private_key: required when ssh_tunnel is on")
+        return self
+
+    def cluster_name(self, run_id: uuid.UUID | None = None) -> str:
+        """A cluster name for one flow run, unique among clusters made from this config."""
+        suffix = (run_id or uuid.uuid4()).hex[: _RUN_SUFFIX_LENGTH - 1]
+        return f"{self.cluster_name_prefix}-{suffix}"
+
+    def to_spec(self, name: str) -> ClusterSpec:
+        """The Builder's specification of this cluster, named `name`."""
+        fields = self.model_dump(include=set(ClusterSpec.model_fields) - {"name"})
+        fields.update(head=self.head, worker_pools=self.worker_pools,
+                      observability=self.observability)
+        try:
+            return ClusterSpec(name=name, **fields)
+        except ValidationError as exc:
+            raise ValueError(_describe(exc)) from None
+
+    @classmethod
+    def local(
+        cls, api_url: str, api_key_id: str, api_key_secret: str, worker_nodes: int = 2,
+        environment: dict[str, str] | None = None,
+    ) -> RayDogClusterConfig:
+        """The `local` preset: a head and one pool of `worker_nodes` on a local platform."""
+        from prefect_raydog.scripts import load
+
+        env = {"RAYDOG_VENV": sys.prefix, **(environment or {})}
+        head = NodeGroupSpec(template_id=LOCAL_TEMPLATE_ID, script=load("local-head"),
+                             environment=env)
+        workers = WorkerPoolSpec(template_id=LOCAL_TEMPLATE_ID, script=load("local-worker"),
+                                 name="workers", count=worker_nodes, environment=env)
+        return cls(
+            credentials=YellowDogCredentials(
+                api_key_id=api_key_id, api_key_secret=SecretStr(api_key_secret), api_url=api_url
+            ),
+            cluster_name_prefix="local",
+            namespace="local",
+            tag="prefect-raydog-local",
+            head=head,
+            worker_pools=[workers],
+            cluster_lifetime=timedelta(hours=1),
+            build_timeout=timedelta(minutes=3),
+            workers_to_join=worker_nodes,
+        )
+
+
+def _describe(exc: ValidationError) -> str:
+    """One line per problem: the field's path and what is wrong with it."""
+    lines = []
+    for error in exc.errors():
+        where = ".".join(str(part) for part in error["loc"]) or "cluster"
+        lines.append(f"{where}: {re.sub(r'^Value error, ', '', error['msg'])}")
+    return "Invalid RayDog cluster config: " + "; ".join(lines)

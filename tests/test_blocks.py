@@ -1,0 +1,138 @@
+"""The YellowDogCredentials and RayDogClusterConfig blocks: UI standards, validation, secrets."""
+
+from __future__ import annotations
+
+import pickle
+from datetime import timedelta
+
+import pytest
+from prefect.blocks.core import Block
+from prefect.testing.standard_test_suites import BlockStandardTestSuite
+from prefect.testing.utilities import prefect_test_harness
+from pydantic import SecretStr
+
+import prefect_raydog.blocks as blocks_module
+from prefect_raydog.blocks import RayDogClusterConfig, YellowDogCredentials
+from prefect_raydog.spec import NodeGroupSpec, WorkerPoolSpec
+from prefect_raydog.task_runners import RayDogTaskRunner
+
+SECRET = "s3cr3t-value-never-shown"
+
+
+def _config(**overrides) -> RayDogClusterConfig:
+    fields = dict(
+        credentials=YellowDogCredentials(api_key_id="key", api_key_secret=SecretStr(SECRET)),
+        namespace="team-a",
+        head=NodeGroupSpec(template_id="yd-demo/rayhead"),
+        worker_pools=[WorkerPoolSpec(template_id="yd-demo/rayworker", name="cpu", count=2)],
+    )
+    return RayDogClusterConfig(**{**fields, **overrides})
+
+
+@pytest.mark.parametrize("block", [YellowDogCredentials, RayDogClusterConfig])
+class TestBlocksMeetPrefectStandards(BlockStandardTestSuite):
+    @pytest.fixture
+    def block(self, block: type[Block]) -> type[Block]:
+        return block
+
+
+def test_blocks_are_attributes_of_the_module_for_block_register():
+    found = {name for name in dir(blocks_module)
+             if isinstance(getattr(blocks_module, name), type)
+             and issubclass(getattr(blocks_module, name), Block)}
+    assert {"YellowDogCredentials", "RayDogClusterConfig"} <= found
+
+
+def test_secret_is_a_password_field_in_the_ui_schema():
+    schema = RayDogClusterConfig.model_json_schema()
+    creds = YellowDogCredentials.model_json_schema()
+    assert {"format": "password", "type": "string", "writeOnly": True} in (
+        creds["properties"]["api_key_secret"]["anyOf"]
+    )
+    assert "credentials.api_key_secret" in schema["secret_fields"]
+    assert "ssh_private_key" in schema["secret_fields"]
+
+
+def test_credentials_fall_back_to_the_environment(monkeypatch):
+    monkeypatch.setenv("YD_API_KEY_ID", "env-id")
+    monkeypatch.setenv("YD_API_KEY_SECRET", "env-secret")
+    monkeypatch.setenv("YD_API_URL", "http://127.0.0.1:9")
+    creds = YellowDogCredentials()
+    key_id, secret = creds.resolved_key()
+    assert (key_id, secret.get_secret_value()) == ("env-id", "env-secret")
+    assert creds.resolved_api_url() == "http://127.0.0.1:9"
+    assert creds.get_client() is not None
+
+
+def test_missing_credentials_name_the_fields(monkeypatch):
+    monkeypatch.delenv("YD_API_KEY_ID", raising=False)
+    monkeypatch.delenv("YD_API_KEY_SECRET", raising=False)
+    with pytest.raises(ValueError, match="api_key_id and api_key_secret"):
+        YellowDogCredentials().get_client()
+
+
+def test_secret_never_appears_in_repr_or_dumps():
+    config = _config()
+    assert SECRET not in repr(config)
+    assert SECRET not in str(config.model_dump())
+    assert SECRET not in config.model_dump_json()
+
+
+def test_config_becomes_a_builder_spec():
+    spec = _config(tag="nightly").to_spec("raydog-1234abcd")
+    assert spec.name == "raydog-1234abcd"
+    assert spec.namespace == "team-a"
+    assert spec.tag == "nightly"
+    assert spec.worker_pools[0].name == "cpu"
+    assert spec.cluster_lifetime == timedelta(hours=1)
+
+
+def test_cluster_names_are_unique_per_run_and_valid():
+    config = _config()
+    first, second = config.cluster_name(), config.cluster_name()
+    assert first != second
+    assert first.startswith("raydog-")
+    config.to_spec(first)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        ({"namespace": "Bad Namespace"}, "namespace"),
+        ({"cluster_name_prefix": "x" * 60}, "cluster_name_prefix"),
+        ({"workers_to_join": 5}, "workers_to_join"),
+        ({"cluster_lifetime": timedelta(0)}, "cluster_lifetime"),
+        ({"ssh_tunnel": True}, "ssh_private_key"),
+    ],
+)
+def test_bad_input_names_the_field(overrides, field):
+    with pytest.raises(ValueError, match=field):
+        _config(**overrides)
+
+
+@pytest.fixture(scope="module")
+def prefect_api():
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def test_saved_config_loads_with_nested_credentials(prefect_api):
+    _config().save("team-a-cluster", overwrite=True)
+    loaded = RayDogClusterConfig.load("team-a-cluster")
+    assert loaded.credentials.api_key_secret.get_secret_value() == SECRET
+    assert loaded.worker_pools[0].count == 2
+
+
+def test_runner_keeps_a_saved_block_by_name_and_never_pickles_its_secret(prefect_api):
+    _config().save("named-cluster", overwrite=True)
+    loaded = RayDogClusterConfig.load("named-cluster")
+    runner = RayDogTaskRunner(cluster=loaded)
+    assert runner.cluster == "named-cluster"
+    assert SECRET.encode() not in pickle.dumps(runner)
+
+
+def test_runner_keeps_an_unsaved_block_out_of_its_pickle():
+    runner = RayDogTaskRunner(cluster=_config())
+    assert runner.cluster.startswith("unsaved:")
+    assert SECRET.encode() not in pickle.dumps(runner)
+    assert runner.duplicate() == runner

@@ -1,0 +1,276 @@
+"""RayDogTaskRunner provisioning a real cluster on the local platform, through the real SDK,
+with a real Prefect API that the nodes reach through the runner's relay."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import threading
+
+import pytest
+import ray
+from conftest import wait_for
+from prefect import flow, get_run_logger, task
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (
+    FlowRunFilter,
+    FlowRunFilterId,
+    LogFilter,
+    LogFilterFlowRunId,
+    TaskRunFilter,
+    TaskRunFilterState,
+    TaskRunFilterStateType,
+)
+from prefect.runtime import flow_run
+from prefect.settings import PREFECT_API_URL
+from prefect.testing.utilities import prefect_test_harness
+
+from prefect_raydog.blocks import RayDogClusterConfig
+from prefect_raydog.task_runners import RayDogTaskRunner, placement
+
+pytestmark = pytest.mark.ray
+BLOCK = "local-test-cluster"
+
+
+@pytest.fixture(scope="module")
+def prefect_api():
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="module")
+def saved_config(prefect_api, local_platform):
+    config = RayDogClusterConfig.local(
+        local_platform.url, local_platform.key_id, local_platform.key_secret
+    )
+    config.save(BLOCK, overwrite=True)
+    return config
+
+
+@pytest.fixture
+def runner(saved_config, platform):
+    return RayDogTaskRunner(cluster=BLOCK, api_relay_address=platform.host_address)
+
+
+@task
+def node_ip(x: int) -> tuple[int, str]:
+    get_run_logger().info("task %d says hello", x)
+    return x + 1, ray.util.get_node_ip_address()
+
+
+def _head_ips() -> set[str]:
+    return {n["NodeManagerAddress"] for n in ray.nodes()
+            if n["Alive"] and not n["Resources"].get("CPU")}
+
+
+def test_mapped_tasks_run_on_worker_nodes_and_logs_reach_the_api(runner):
+    @flow(task_runner=runner)
+    def mapped():
+        results = node_ip.map(range(200)).result()
+        return results, _head_ips(), flow_run.id
+
+    results, head_ips, flow_run_id = mapped()
+    assert [value for value, _ in results] == [x + 1 for x in range(200)]
+    ips = {ip for _, ip in results}
+    assert len(ips) == 2
+    assert not ips & head_ips
+    runs = wait_for(lambda: _all_completed(flow_run_id, 200), timeout=60, what="final states")
+    assert len(runs) == 200
+    logs = wait_for(lambda: _hello_logs(flow_run_id, 200), timeout=30, what="task logs")
+    assert saved_secret() not in "".join(log.message for log in logs)
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts()
+    summary = [a for a in artifacts
+               if a.key == "raydog-cluster" and str(a.flow_run_id) == flow_run_id]
+    assert summary and "node-hours" in summary[0].data
+    assert saved_secret() not in summary[0].data
+
+
+def _all_completed(flow_run_id, count):
+    with get_client(sync_client=True) as client:
+        runs = []
+        while len(runs) % 200 == 0:
+            page = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
+                limit=200, offset=len(runs),
+            )
+            runs += page
+            if not page:
+                break
+    done = [run for run in runs if run.state and run.state.is_final()]
+    return runs if len(done) >= count else None
+
+
+def _hello_logs(flow_run_id, count):
+    with get_client(sync_client=True) as client:
+        logs, offset = [], 0
+        while True:
+            page = client.read_logs(
+                LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])),
+                limit=200, offset=offset,
+            )
+            logs += page
+            offset += len(page)
+            if len(page) < 200:
+                break
+    hello = [log for log in logs if "says hello" in log.message]
+    return logs if len(hello) >= count else None
+
+
+def saved_secret() -> str:
+    return RayDogClusterConfig.load(BLOCK).credentials.api_key_secret.get_secret_value()
+
+
+def test_failing_task_fails_the_flow_and_tears_down(runner):
+    @task
+    def boom():
+        raise RuntimeError("boom on a node")
+
+    @flow(task_runner=runner)
+    def failing():
+        return boom.submit().result()
+
+    with pytest.raises(RuntimeError, match="boom on a node"):
+        failing()
+
+
+@task
+def node_environment() -> dict[str, str]:
+    import os
+
+    return dict(os.environ)
+
+
+def test_subflows_reuse_the_running_cluster_and_the_secret_stays_home(runner, platform):
+    @flow(task_runner=runner)
+    def child():
+        return node_environment.submit().result()
+
+    @flow(task_runner=runner)
+    def parent():
+        return node_ip.submit(1).result(), child()
+
+    (_, ip), environment = parent()
+    work_requirements = platform.api_calls().get("POST /work/requirements", 0)
+    assert work_requirements == 1
+    assert saved_secret() not in str(environment)
+    assert environment.get("PREFECT_API_URL", "").find("127.0.0.1") == -1
+
+
+def test_a_retried_flow_run_reuses_its_cluster(runner, platform):
+    attempts = []
+
+    @flow(task_runner=runner, retries=1)
+    def flaky():
+        value = node_ip.submit(1).result()[0]
+        attempts.append(value)
+        if len(attempts) == 1:
+            raise RuntimeError("first attempt fails")
+        return value
+
+    assert flaky() == 2
+    assert len(attempts) == 2
+    assert platform.api_calls().get("POST /work/requirements", 0) == 1
+
+
+def test_runner_pickles_without_the_secret(runner):
+    assert saved_secret().encode() not in pickle.dumps(runner)
+
+
+def test_placement_sends_tasks_to_the_named_pool(runner):
+    @flow(task_runner=runner)
+    def placed():
+        with placement(worker_pool="workers"):
+            return node_ip.submit(1).result()
+
+    assert placed()[0] == 2
+
+
+def _worker_node_ids(platform) -> list[str]:
+    from yellowdog_client.model import NodeSearch
+
+    pools = [p["id"] for p in platform.live_entities()["workerPools"] if "wrkrs" in p["name"]]
+    nodes = platform.client.worker_pool_client.get_nodes(NodeSearch(workerPoolId=pools[0]))
+    return [node.id for node in nodes.iterate() if str(node.status).endswith("RUNNING")]
+
+
+def test_killed_worker_node_gives_crashed_task_runs_reported_to_the_api(runner, platform):
+    @task
+    def slow(x: int) -> int:
+        import time
+
+        time.sleep(10)
+        return x
+
+    @flow(task_runner=runner)
+    def doomed():
+        futures = slow.map(range(2))
+        states = [future.wait() or future.state for future in futures]
+        return [state.type.value for state in states], [str(f.task_run_id) for f in futures]
+
+    def running_tasks():
+        with get_client(sync_client=True) as client:
+            return client.read_task_runs(task_run_filter=TaskRunFilter(
+                state=TaskRunFilterState(type=TaskRunFilterStateType(any_=["RUNNING"]))
+            ))
+
+    def kill_a_worker_once_tasks_run():
+        wait_for(running_tasks, timeout=120, interval=0.2, what="running tasks")
+        platform.kill_node(_worker_node_ids(platform)[0])
+
+    killer = threading.Thread(target=kill_a_worker_once_tasks_run, daemon=True)
+    killer.start()
+    types, ids = doomed()
+    killer.join()
+    assert "CRASHED" in types
+    crashed = ids[types.index("CRASHED")]
+
+    def reported():
+        with get_client(sync_client=True) as client:
+            return client.read_task_run(crashed).state.type.value == "CRASHED"
+
+    wait_for(reported, timeout=30, what="the Crashed state in the API")
+
+
+SIGNAL_FLOW = """
+import pathlib, sys, time
+from prefect import flow, task
+from prefect_raydog.task_runners import RayDogTaskRunner
+
+@task
+def sleepy(x):
+    time.sleep(120)
+
+@flow(task_runner=RayDogTaskRunner(cluster=sys.argv[1], api_relay_address=sys.argv[2]))
+def long_flow():
+    futures = sleepy.map(range(2))
+    pathlib.Path(sys.argv[3]).write_text("submitted")
+    futures.wait()
+
+long_flow()
+"""
+
+
+@pytest.mark.parametrize("signum", ["SIGTERM", "SIGINT"])
+def test_signal_to_a_running_flow_process_tears_the_cluster_down(
+    runner, platform, tmp_path, signum
+):
+    script, marker = tmp_path / "flow.py", tmp_path / "submitted"
+    script.write_text(SIGNAL_FLOW)
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "RAY_AUTH_MODE": "disabled"}
+    process = subprocess.Popen(
+        [sys.executable, str(script), BLOCK, platform.host_address, str(marker)], env=env
+    )
+    try:
+        wait_for(marker.exists, timeout=180, interval=0.2, what="tasks submitted")
+        assert platform.live_entities()["workRequirements"]
+        process.send_signal(getattr(signal, signum))
+        process.wait(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode != 0
