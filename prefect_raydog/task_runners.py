@@ -71,6 +71,7 @@ ray = lazy_import("ray")
 POOL_RESOURCE_PREFIX = "raydog-pool-"
 _LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1", "0.0.0.0"}
 _CLIENT_CONNECT_ATTEMPTS = 30
+_WAIT_SLICE_S = 1.0
 _PLACEMENT: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
     "raydog_placement", default=None
 )
@@ -130,15 +131,22 @@ class RayDogFuture(PrefectRayFuture):
     def _resolve(self, timeout: float | None) -> bool:
         if self._final_state is not None:
             return True
-        try:
-            outcome = ray.get(self.wrapped_future, timeout=timeout)
-        except ray.exceptions.GetTimeoutError:
-            return False
-        except Exception as exc:
-            self._final_state = run_coro_as_sync(exception_to_crashed_state(exc))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            # Short slices: a blocking ray.get holds off SIGINT/SIGTERM until it returns.
+            remaining = _WAIT_SLICE_S if deadline is None else deadline - time.monotonic()
+            try:
+                outcome = ray.get(self.wrapped_future, timeout=max(0.0, min(remaining,
+                                                                            _WAIT_SLICE_S)))
+            except ray.exceptions.GetTimeoutError:
+                if deadline is not None and time.monotonic() >= deadline:
+                    return False
+                continue
+            except Exception as exc:
+                self._final_state = run_coro_as_sync(exception_to_crashed_state(exc))
+                return True
+            self._final_state = outcome.state
             return True
-        self._final_state = outcome.state
-        return True
 
 
 class _ClusterStats:

@@ -11,7 +11,15 @@ import pytest
 
 from prefect_raydog.local import LocalPlatform
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# Tests send traffic only to loopback and the platform's own namespaces: no usage reports from
+# Prefect's server or Ray, and no token auth left over from an earlier local Ray on this machine.
+for _name, _value in {
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DO_NOT_TRACK": "1",
+}.items():
+    os.environ.setdefault(_name, _value)
 
 
 def assert_nothing_left(platform: LocalPlatform, timeout: float = 30.0) -> None:

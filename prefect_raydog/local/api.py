@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import math
 import threading
 import time
 import zlib
@@ -192,7 +193,8 @@ async def _injected_fault(_request: Request, error: Exception) -> Response:
     assert isinstance(error, _InjectedFault)
     headers = {}
     if error.retry_after_s is not None:
-        headers["Retry-After"] = f"{error.retry_after_s:g}"
+        # HTTP allows only whole seconds here; urllib3 rejects "0.5" instead of retrying.
+        headers["Retry-After"] = str(math.ceil(error.retry_after_s))
     if error.kind is FaultKind.INTERNAL_ERROR:
         body = error_body("InternalServerException", "Injected internal error")
         return JSONResponse(body, 500, headers=headers)

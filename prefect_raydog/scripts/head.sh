@@ -7,6 +7,10 @@ set -euo pipefail
 RAYDOG_VENV="${RAYDOG_VENV:-/opt/yellowdog/agent/venv}"
 source "$RAYDOG_VENV/bin/activate"
 
+# A machine that dies sends no FIN or RST: without a short gRPC keepalive, a task that was running
+# on it stays pending for Ray's default keepalive (5 min + 2 min) before its owner gives up.
+export RAY_grpc_client_keepalive_time_ms=10000 RAY_grpc_client_keepalive_timeout_ms=10000
+
 # When YellowDog aborts the task (SIGTERM) or it times out, stop Ray cleanly.
 trap "ray stop" EXIT
 

@@ -20,6 +20,9 @@ fi
 # after 5 s instead of 60.
 export RAY_AUTH_MODE=disabled GRPC_ENABLE_FORK_SUPPORT=0 RAY_USAGE_STATS_ENABLED=0
 export RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0 RAY_gcs_rpc_server_reconnect_timeout_s=5
+# A machine that dies sends no FIN or RST: without a short gRPC keepalive, a task that was running
+# on it stays pending for Ray's default keepalive (5 min + 2 min) before its owner gives up.
+export RAY_grpc_client_keepalive_time_ms=10000 RAY_grpc_client_keepalive_timeout_ms=10000
 
 # When the agent aborts the task (SIGTERM to its process group), stop this node's Ray.
 trap "ray stop" EXIT
