@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from prefect.blocks.abstract import CredentialsBlock
 from prefect.blocks.core import Block
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from prefect_raydog.spec import (
     CLUSTER_NAME_MAX_LENGTH,
@@ -49,6 +49,8 @@ class YellowDogCredentials(CredentialsBlock):
         ```
     """
 
+    # Inputs stay out of validation errors: they may hold the key secret in plain text.
+    model_config = ConfigDict(hide_input_in_errors=True)
     _block_type_name = "YellowDog Credentials"
     _logo_url = LOGO_URL
     _documentation_url = DOCUMENTATION_URL
@@ -122,6 +124,8 @@ class RayDogClusterConfig(Block):
         ```
     """
 
+    # Inputs stay out of validation errors: they may hold the key secret in plain text.
+    model_config = ConfigDict(hide_input_in_errors=True)
     _block_type_name = "RayDog Cluster Config"
     _logo_url = LOGO_URL
     _documentation_url = DOCUMENTATION_URL

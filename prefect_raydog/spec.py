@@ -41,7 +41,7 @@ def _positive(value: timedelta | None) -> timedelta | None:
 class NodeGroupSpec(BaseModel):
     """The machines and task script of one kind of Ray node (the head or observability node)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
     template_id: str = Field(
         min_length=1,
@@ -159,7 +159,7 @@ class WorkerPoolSpec(NodeGroupSpec):
 class ClusterSpec(BaseModel):
     """One Ray cluster on YellowDog: one work requirement plus one worker pool per node group."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
     name: str = Field(
         title="Cluster name",

@@ -380,14 +380,18 @@ class _Session:
     def _report_crash(self, task: Task, task_run_id: uuid.UUID, exc: Exception) -> None:
         """Tell the API that the task run crashed: its own engine died with its worker."""
         from prefect.client.orchestration import get_client
-        from prefect.exceptions import ObjectNotFound
+        from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
 
         state = run_coro_as_sync(exception_to_crashed_state(exc))
         try:
             with get_client(sync_client=True) as client:
                 try:
                     client.set_task_run_state(task_run_id, state, force=True)
-                except ObjectNotFound:
+                except (ObjectNotFound, PrefectHTTPStatusError) as error:
+                    # The server may not have ingested the dead node's events yet: the sync
+                    # client reports that as a bare 404.
+                    if getattr(getattr(error, "response", None), "status_code", 404) != 404:
+                        raise
                     client.create_task_run(
                         task, flow_run_id=self.flow_run_id, dynamic_key=str(task_run_id),
                         id=task_run_id, state=state,

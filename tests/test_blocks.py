@@ -110,6 +110,15 @@ def test_bad_input_names_the_field(overrides, field):
         _config(**overrides)
 
 
+@pytest.mark.parametrize("overrides", [{"cluster_lifetime": timedelta(0)}, {"ssh_tunnel": True}])
+def test_validation_errors_never_show_a_plain_secret(overrides):
+    fields = {**_config().model_dump(), **overrides}
+    fields["credentials"] = {"api_key_id": "key", "api_key_secret": "plain-secret-value"}
+    with pytest.raises(ValueError) as raised:
+        RayDogClusterConfig(**fields)
+    assert "plain-secret-value" not in str(raised.value)
+
+
 @pytest.fixture(scope="module")
 def prefect_api():
     with prefect_test_harness(server_startup_timeout=120):
