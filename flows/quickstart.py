@@ -9,11 +9,15 @@ platform started on demand, a head node and two worker nodes, all on this machin
 from __future__ import annotations
 
 import collections
+import os
 import socket
 
-from prefect import flow, task
+# The try-out runs offline: keep Prefect's temporary server from reporting usage.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-from prefect_raydog import RayDogTaskRunner
+from prefect import flow, task  # noqa: E402
+
+from prefect_raydog import RayDogTaskRunner  # noqa: E402
 
 
 @task

@@ -27,6 +27,7 @@ import contextvars
 import json
 import logging
 import os
+import signal
 import socket
 import sys
 import threading
@@ -373,7 +374,9 @@ class _Session:
                 self.stats.record(outcome.node_ip)
             elif isinstance(outcome, Exception) and self._reporter is not None:
                 self.stats.crashed += 1
-                self._reporter.submit(self._report_crash, task, task_run_id, outcome)
+                # After teardown the reporter is shut: these are the runs teardown cancelled.
+                with contextlib.suppress(RuntimeError):
+                    self._reporter.submit(self._report_crash, task, task_run_id, outcome)
 
         ref._on_completed(on_completed)
 
@@ -774,7 +777,8 @@ def _connect(address: str, init_kwargs: dict[str, Any], logger: Any) -> None:
         kwargs.setdefault("include_dashboard", False)
     for attempt in range(1, _CLIENT_CONNECT_ATTEMPTS + 1):
         try:
-            ray.init(address, **kwargs)
+            with _signal_handlers_kept():
+                ray.init(address, **kwargs)
             break
         except ConnectionError as exc:
             if attempt == _CLIENT_CONNECT_ATTEMPTS:
@@ -786,6 +790,25 @@ def _connect(address: str, init_kwargs: dict[str, Any], logger: Any) -> None:
     alive = [node for node in ray.nodes() if node.get("Alive")]
     logger.info("Connected to the Ray cluster at %s: %d node(s).", address, len(alive))
 
+
+
+@contextmanager
+def _signal_handlers_kept() -> Iterator[None]:
+    """Keep the flow engine's SIGTERM/SIGINT handlers across `ray.init`.
+
+    On the main thread Ray installs its own, which call `sys.exit`: a worker's cancel signal
+    would then reach the engine as SystemExit instead of its TerminationSignal, and a
+    cancelled run would end Crashed rather than Cancelled."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for signum, handler in saved.items():
+            if handler is not None:
+                signal.signal(signum, handler)
 
 def _inside_ray_worker() -> bool:
     if not ray.is_initialized() or ray.util.client.ray.is_connected():

@@ -1,0 +1,192 @@
+"""How a RayDogTaskRunner's cluster ends outside the happy path: the platform's own backstop after
+the flow process is SIGKILLed, and deployment runs by a process worker, completed or cancelled."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from datetime import timedelta
+
+import pytest
+from conftest import wait_for
+from prefect import flow
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import WorkPoolCreate
+from prefect.deployments import run_deployment
+from prefect.settings import PREFECT_API_URL
+from prefect.states import Cancelling
+from prefect.testing.utilities import prefect_test_harness
+from prefect.workers.process import ProcessWorker
+
+from prefect_raydog.blocks import RayDogClusterConfig
+
+pytestmark = pytest.mark.ray
+BLOCK = "local-lifecycle-cluster"
+SHORT_LIVED_BLOCK = "local-short-lived-cluster"
+SHORT_LIFETIME = timedelta(seconds=40)
+POOL = "lifecycle-process-pool"
+
+
+@pytest.fixture(scope="module")
+def prefect_api():
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="module")
+def saved_configs(prefect_api, local_platform):
+    config = RayDogClusterConfig.local(
+        local_platform.url, local_platform.key_id, local_platform.key_secret
+    )
+    config.save(BLOCK, overwrite=True)
+    short_lived = config.model_copy(update={
+        "cluster_lifetime": SHORT_LIFETIME,
+        "idle_node_shutdown": timedelta(seconds=2),
+        "idle_pool_shutdown": timedelta(seconds=5),
+    })
+    short_lived.save(SHORT_LIVED_BLOCK, overwrite=True)
+
+
+def _prefect_env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(),
+            "RAY_AUTH_MODE": "disabled", **extra}
+
+
+def _live(platform) -> dict[str, list]:
+    return {kind: items for kind, items in platform.live_entities().items() if items}
+
+
+KILLED_FLOW = """
+import pathlib, sys, time
+from prefect import flow, task
+from prefect_raydog.task_runners import RayDogTaskRunner
+
+@task
+def sleepy(x):
+    time.sleep(600)
+
+@flow(task_runner=RayDogTaskRunner(cluster=sys.argv[1], api_relay_address=sys.argv[2]))
+def long_flow():
+    futures = sleepy.map(range(2))
+    pathlib.Path(sys.argv[3]).write_text("submitted")
+    futures.wait()
+
+long_flow()
+"""
+
+
+def test_sigkilled_flow_process_leaves_the_cluster_to_the_platform_backstop(
+    saved_configs, platform, tmp_path
+):
+    script, marker = tmp_path / "flow.py", tmp_path / "submitted"
+    script.write_text(KILLED_FLOW)
+    process = subprocess.Popen(
+        [sys.executable, str(script), SHORT_LIVED_BLOCK, platform.host_address, str(marker)],
+        env=_prefect_env(), start_new_session=True,
+    )
+    try:
+        wait_for(marker.exists, timeout=SHORT_LIFETIME.total_seconds(), interval=0.2,
+                 what="tasks submitted")
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert platform.live_entities()["workRequirements"]
+    wait_for(lambda: not _live(platform), timeout=SHORT_LIFETIME.total_seconds() + 30,
+             interval=0.5, what="the platform to end the orphaned cluster")
+
+
+DEPLOYED_FLOW = """
+import json, pathlib, time
+import ray
+from prefect import flow, task
+from prefect_raydog.task_runners import RayDogTaskRunner
+
+@task
+def node_ip(x: int, sleep: float):
+    time.sleep(sleep)
+    return x + 1, ray.util.get_node_ip_address()
+
+@flow(task_runner=RayDogTaskRunner(cluster={block!r}, api_relay_address={relay!r}))
+def deployed(out: str, count: int = 4, sleep: float = 0.0):
+    futures = node_ip.map(range(count), sleep=sleep)
+    pathlib.Path(out + ".submitted").write_text("submitted")
+    heads = [n["NodeManagerAddress"] for n in ray.nodes()
+             if n["Alive"] and not n["Resources"].get("CPU")]
+    pathlib.Path(out).write_text(json.dumps({{"results": futures.result(), "heads": heads}}))
+"""
+
+
+@pytest.fixture(scope="module")
+def deployment(saved_configs, local_platform, tmp_path_factory):
+    """A deployment of DEPLOYED_FLOW on a process work pool, and a worker serving that pool."""
+    source = tmp_path_factory.mktemp("deployed")
+    (source / "deployed_flow.py").write_text(
+        DEPLOYED_FLOW.format(block=BLOCK, relay=local_platform.host_address)
+    )
+    with get_client(sync_client=True) as client:
+        client.create_work_pool(WorkPoolCreate(
+            name=POOL, type="process",
+            base_job_template=ProcessWorker.get_default_base_job_template(),
+        ))
+    deployed = flow.from_source(source=str(source), entrypoint="deployed_flow.py:deployed")
+    deployed.deploy(name="lifecycle", work_pool_name=POOL, print_next_steps=False)
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "worker", "start", "--pool", POOL, "--type", "process"],
+        env=_prefect_env(PREFECT_WORKER_QUERY_SECONDS="1", PREFECT_WORKER_PREFETCH_SECONDS="0"),
+        cwd=source, start_new_session=True,
+    )
+    try:
+        yield "deployed/lifecycle"
+    finally:
+        os.killpg(worker.pid, signal.SIGTERM)
+        try:
+            worker.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(worker.pid, signal.SIGKILL)
+            worker.wait()
+
+
+def _flow_run_state(flow_run_id: uuid.UUID):
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(flow_run_id).state
+
+
+def test_a_deployment_run_by_a_process_worker_runs_tasks_on_worker_nodes(
+    deployment, platform, tmp_path
+):
+    out = tmp_path / "results.json"
+    flow_run = run_deployment(deployment, parameters={"out": str(out)}, timeout=0)
+    state = wait_for(lambda: (s := _flow_run_state(flow_run.id)) and s.is_final() and s,
+                     timeout=120, interval=0.5, what="the deployment run to finish")
+    assert state.is_completed(), state
+    recorded = json.loads(out.read_text())
+    assert [value for value, _ in recorded["results"]] == [1, 2, 3, 4]
+    ips = {ip for _, ip in recorded["results"]}
+    assert ips and not ips & set(recorded["heads"])
+    wait_for(lambda: not _live(platform), timeout=30, what="the cluster to be torn down")
+
+
+def test_cancelling_a_deployment_run_through_the_api_tears_the_cluster_down(
+    deployment, platform, tmp_path
+):
+    out = tmp_path / "results.json"
+    flow_run = run_deployment(
+        deployment, parameters={"out": str(out), "count": 2, "sleep": 600}, timeout=0
+    )
+    submitted = tmp_path / "results.json.submitted"
+    wait_for(submitted.exists, timeout=120, interval=0.2, what="tasks submitted")
+    assert platform.live_entities()["workRequirements"]
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(flow_run.id, Cancelling(), force=True)
+    state = wait_for(lambda: (s := _flow_run_state(flow_run.id)) and s.is_final() and s,
+                     timeout=60, interval=0.5, what="the cancelled run to finish")
+    wait_for(lambda: not _live(platform), timeout=45, what="the cluster to be torn down")
+    assert not out.exists()
+    assert state.is_cancelled(), f"a cancelled deployment run ended {state.type.value}"
