@@ -24,18 +24,17 @@ from datetime import timedelta
 
 from yellowdog_client import PlatformClient
 from yellowdog_client.model import (
-    ApiKey,
     ComputeRequirementTemplateUsage,
     ProvisionedWorkerPoolProperties,
-    RetryProperties,
     RunSpecification,
-    ServicesSchema,
     Task,
     TaskGroup,
     WorkerPoolSearch,
     WorkerPoolStatus,
     WorkRequirement,
 )
+
+from prefect_raydog.cluster import create_client
 
 START_COMMAND = "from prefect_raydog.cli import app; app()"
 
@@ -68,9 +67,8 @@ def platform_process() -> Iterator[tuple[subprocess.Popen[str], PlatformClient]]
         url = re.search(r"(http://\S+)", printed).group(1)
         key_id = re.search(r"key id:\s+(\S+)", printed).group(1)
         key_secret = re.search(r"key secret:\s+(\S+)", printed).group(1)
-        retry = RetryProperties(maxAttempts=1, initialInterval=timedelta(seconds=0.1))
-        client = PlatformClient.create(
-            ServicesSchema(defaultUrl=url, retry=retry), ApiKey(key_id, key_secret)
+        client = create_client(
+            key_id, key_secret, url, max_attempts=1, initial_retry_interval=timedelta(seconds=0.1)
         )
         yield process, client
     finally:

@@ -104,6 +104,18 @@ def create_client(
     )
 
 
+def _client_or_credentials(
+    owner: str, client: PlatformClient | None, key_id: str | None,
+    key_secret: str | SecretStr | None, url: str,
+) -> PlatformClient:
+    """The client given, or one made from an application key."""
+    if client is not None:
+        return client
+    if not key_id or not key_secret:
+        raise ValueError(f"{owner} needs a PlatformClient or both key_id and key_secret")
+    return create_client(key_id, key_secret, url)
+
+
 class HeadNodeAddress(NamedTuple):
     """The head node's addresses, as RayDog's build() returns them: (private, public)."""
 
@@ -354,14 +366,8 @@ class RayDogCluster:
         url: str = DEFAULT_API_URL,
     ) -> None:
         self._owns_client = client is None
-        if client is None:
-            if not key_id or not key_secret:
-                raise ValueError(
-                    "RayDogCluster needs a PlatformClient or both key_id and key_secret"
-                )
-            client = create_client(key_id, key_secret, url)
         self.spec = spec
-        self.yd_client = client
+        self.yd_client = _client_or_credentials("RayDogCluster", client, key_id, key_secret, url)
         self._lock = threading.RLock()
         self._state: Literal["new", "building", "built", "shut_down"] = "new"
         self._closing = threading.Event()
@@ -972,13 +978,9 @@ class RayDogClusterProxy:
         key_secret: str | SecretStr | None = None,
         url: str = DEFAULT_API_URL,
     ) -> None:
-        if client is None:
-            if not key_id or not key_secret:
-                raise ValueError(
-                    "RayDogClusterProxy needs a PlatformClient or both key_id and key_secret"
-                )
-            client = create_client(key_id, key_secret, url)
-        self.yd_client = client
+        self.yd_client = _client_or_credentials(
+            "RayDogClusterProxy", client, key_id, key_secret, url
+        )
         self._state: dict[str, Any] | None = None
         self._shut_down = False
 

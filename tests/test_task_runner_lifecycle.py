@@ -13,6 +13,7 @@ from datetime import timedelta
 
 import pytest
 from conftest import wait_for
+from flow_scripts import LONG_FLOW
 from prefect import flow
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import WorkPoolCreate
@@ -60,30 +61,11 @@ def _live(platform) -> dict[str, list]:
     return {kind: items for kind, items in platform.live_entities().items() if items}
 
 
-KILLED_FLOW = """
-import pathlib, sys, time
-from prefect import flow, task
-from prefect_raydog.task_runners import RayDogTaskRunner
-
-@task
-def sleepy(x):
-    time.sleep(600)
-
-@flow(task_runner=RayDogTaskRunner(cluster=sys.argv[1], api_relay_address=sys.argv[2]))
-def long_flow():
-    futures = sleepy.map(range(2))
-    pathlib.Path(sys.argv[3]).write_text("submitted")
-    futures.wait()
-
-long_flow()
-"""
-
-
 def test_sigkilled_flow_process_leaves_the_cluster_to_the_platform_backstop(
     saved_configs, platform, tmp_path
 ):
     script, marker = tmp_path / "flow.py", tmp_path / "submitted"
-    script.write_text(KILLED_FLOW)
+    script.write_text(LONG_FLOW)
     process = subprocess.Popen(
         [sys.executable, str(script), SHORT_LIVED_BLOCK, platform.host_address, str(marker)],
         env=_prefect_env(), start_new_session=True,

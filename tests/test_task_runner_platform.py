@@ -13,6 +13,7 @@ import threading
 import pytest
 import ray
 from conftest import wait_for
+from flow_scripts import LONG_FLOW
 from prefect import flow, get_run_logger, task
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
@@ -235,31 +236,12 @@ def test_killed_worker_node_gives_crashed_task_runs_reported_to_the_api(runner, 
     wait_for(reported, timeout=30, what="the Crashed state in the API")
 
 
-SIGNAL_FLOW = """
-import pathlib, sys, time
-from prefect import flow, task
-from prefect_raydog.task_runners import RayDogTaskRunner
-
-@task
-def sleepy(x):
-    time.sleep(120)
-
-@flow(task_runner=RayDogTaskRunner(cluster=sys.argv[1], api_relay_address=sys.argv[2]))
-def long_flow():
-    futures = sleepy.map(range(2))
-    pathlib.Path(sys.argv[3]).write_text("submitted")
-    futures.wait()
-
-long_flow()
-"""
-
-
 @pytest.mark.parametrize("signum", ["SIGTERM", "SIGINT"])
 def test_signal_to_a_running_flow_process_tears_the_cluster_down(
     runner, platform, tmp_path, signum
 ):
     script, marker = tmp_path / "flow.py", tmp_path / "submitted"
-    script.write_text(SIGNAL_FLOW)
+    script.write_text(LONG_FLOW)
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "RAY_AUTH_MODE": "disabled"}
     process = subprocess.Popen(
         [sys.executable, str(script), BLOCK, platform.host_address, str(marker)], env=env

@@ -1,0 +1,21 @@
+"""Flow scripts that tests run in a subprocess of their own, to signal or kill it."""
+
+LONG_FLOW = """
+import pathlib, sys, time
+from prefect import flow, task
+from prefect_raydog.task_runners import RayDogTaskRunner
+
+@task
+def sleepy(x):
+    time.sleep(600)
+
+@flow(task_runner=RayDogTaskRunner(cluster=sys.argv[1], api_relay_address=sys.argv[2]))
+def long_flow():
+    futures = sleepy.map(range(2))
+    pathlib.Path(sys.argv[3]).write_text("submitted")
+    futures.wait()
+
+long_flow()
+"""
+"""Maps two tasks that sleep for ten minutes; writes argv[3] once they are submitted. Its
+arguments: the cluster block's name, the relay address for the Prefect API, the marker file."""
