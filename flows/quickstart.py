@@ -12,8 +12,10 @@ import collections
 import os
 import socket
 
-# The try-out runs offline: keep Prefect's temporary server from reporting usage.
+# The try-out runs offline: keep Prefect's temporary server from reporting usage. On a new
+# machine that server first creates its database, which can outlast Prefect's 20 s start-up wait.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 from prefect import flow, task  # noqa: E402
 

@@ -4,6 +4,7 @@ that clears injected faults and checks that the test left nothing live behind.""
 from __future__ import annotations
 
 import os
+import signal
 import time
 from collections.abc import Iterator
 
@@ -20,6 +21,11 @@ for _name, _value in {
     "DO_NOT_TRACK": "1",
 }.items():
     os.environ.setdefault(_name, _value)
+
+# Launched in the background (`&`, nohup, some CI runners) a process inherits SIGINT as ignored:
+# then `_thread.interrupt_main` does nothing and children started here ignore Ctrl-C too. A
+# Python handler is reset to the default at exec, so children get Ctrl-C back as well.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def assert_nothing_left(platform: LocalPlatform, timeout: float = 30.0) -> None:
