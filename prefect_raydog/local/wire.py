@@ -1,8 +1,9 @@
-"""How the local platform writes and reads YellowDog's JSON: millisecond UTC datetimes with `Z`,
-ISO-8601 durations, `None` left out, and slices of search results."""
+"""How the local platform writes and reads YellowDog's JSON: ids, millisecond UTC datetimes
+with `Z`, ISO-8601 durations, `None` left out, and error bodies."""
 
 from __future__ import annotations
 
+import uuid
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -11,6 +12,12 @@ from pydantic import TypeAdapter
 _DURATION = TypeAdapter(timedelta)
 
 TYPE_PREFIX = "co.yellowdog.platform.model."
+ACCOUNT = "000000"
+
+
+def new_uuid() -> str:
+    """The uuid part of a new `ydid:<kind>:<account>:<uuid>` id."""
+    return str(uuid.uuid4())
 
 
 def now() -> datetime:
