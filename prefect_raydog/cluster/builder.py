@@ -1,0 +1,509 @@
+"""`RayDogCluster`, the Builder's cluster object: it builds one Ray cluster as one YellowDog work
+requirement plus one provisioned worker pool per node group, resizes it and shuts it down."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+from pydantic import SecretStr
+from yellowdog_client import PlatformClient
+from yellowdog_client.model import Task, WorkRequirement
+
+from prefect_raydog.cluster.client import (
+    DEFAULT_API_URL,
+    _client_or_credentials,
+    _Deadline,
+    _is_not_found,
+    _parallel,
+)
+from prefect_raydog.cluster.nodes import (
+    NodeGroup,
+    append_task_group,
+    check_head_still_running,
+    head_group,
+    live_task_ids,
+    node_addresses,
+    node_tasks,
+    observability_group,
+    provision_pool,
+    task_group,
+    wait_for_workers,
+    wait_until_executing,
+    worker_group,
+)
+from prefect_raydog.cluster.saved import saved_state_json
+from prefect_raydog.cluster.teardown import ShutdownReport, _Teardown
+from prefect_raydog.errors import (
+    ClusterBuildError,
+    ClusterShutdownError,
+    ClusterStateError,
+    UnknownWorkerPoolError,
+)
+from prefect_raydog.spec import ClusterSpec, WorkerPoolSpec
+
+logger = logging.getLogger("prefect_raydog.cluster")
+
+_LOST = object()
+
+
+class HeadNodeAddress(NamedTuple):
+    """The head node's addresses, as RayDog's build() returns them: (private, public)."""
+
+    private_ip: str
+    public_ip: str | None
+
+
+class RayDogCluster:
+    """A Ray cluster on YellowDog: a head node, worker pools and an optional observability node.
+
+    Everything RayDog's Builder does, from a validated `ClusterSpec`: `build()` provisions every
+    pool at once and returns the head node's addresses; pools can be added, resized and removed;
+    `shut_down()` ends everything in parallel; a failure anywhere tears down what was created.
+    """
+
+    def __init__(
+        self,
+        spec: ClusterSpec,
+        client: PlatformClient | None = None,
+        *,
+        key_id: str | None = None,
+        key_secret: str | SecretStr | None = None,
+        url: str = DEFAULT_API_URL,
+    ) -> None:
+        self._owns_client = client is None
+        self.spec = spec
+        self.yd_client = _client_or_credentials("RayDogCluster", client, key_id, key_secret, url)
+        self._lock = threading.RLock()
+        self._state: Literal["new", "building", "built", "shut_down"] = "new"
+        self._closing = threading.Event()
+        self._task_counter = 0
+        self._next_pool_number = 1
+        self._work_requirement_attempted = False
+        self._shutdown_report: ShutdownReport | None = None
+        self.work_requirement_id: str | None = None
+        self.head_node_task_id: str | None = None
+        self.head_node_node_id: str | None = None
+        self.head_node_private_ip: str | None = None
+        self.head_node_public_ip: str | None = None
+        self.head_node_started_time: datetime | None = None
+        self.observability_node_private_ip: str | None = None
+        self._environment: dict[str, str] = {}
+        self._step = "starting"
+        self.timings: dict[str, float] = {}
+        self._head = head_group(spec)
+        self._observability = observability_group(spec)
+        self._workers: list[NodeGroup] = []
+        for pool in spec.worker_pools:
+            self._add_worker_group(pool)
+
+    def __repr__(self) -> str:
+        return (
+            f"RayDogCluster(name={self.spec.name!r}, namespace={self.spec.namespace!r}, "
+            f"state={self._state!r}, work_requirement_id={self.work_requirement_id!r})"
+        )
+
+    # ----- groups and names -------------------------------------------------------------------
+
+    def _add_worker_group(self, spec: WorkerPoolSpec) -> NodeGroup:
+        group = worker_group(self.spec.name, self._next_pool_number, spec)
+        if group.internal_name in self.worker_pool_internal_names:
+            raise ValueError(f"worker pool name {group.internal_name!r} is already in use")
+        self._next_pool_number += 1
+        self._workers.append(group)
+        return group
+
+    def _all_groups(self) -> list[NodeGroup]:
+        return [self._head, *([self._observability] if self._observability else []), *self._workers]
+
+    def _worker_group(self, internal_name: str) -> NodeGroup:
+        for group in self._workers:
+            if group.internal_name == internal_name:
+                return group
+        raise UnknownWorkerPoolError(
+            f"Cluster {self.spec.name!r} has no worker pool named {internal_name!r}; "
+            f"its pools are {self.worker_pool_internal_names}"
+        )
+
+    @property
+    def worker_pool_ids(self) -> list[str]:
+        """IDs of the provisioned worker pools of Ray worker nodes (not head or observability)."""
+        return [group.pool_id for group in self._workers if group.pool_id]
+
+    @property
+    def worker_pool_internal_names(self) -> list[str]:
+        """Names of the worker pools within the cluster, in the order they were added."""
+        return [group.internal_name for group in self._workers]
+
+    @property
+    def head_node_worker_pool_id(self) -> str | None:
+        return self._head.pool_id
+
+    @property
+    def observability_node_worker_pool_id(self) -> str | None:
+        return self._observability.pool_id if self._observability else None
+
+    @property
+    def is_built(self) -> bool:
+        return self._state == "built"
+
+    @property
+    def head_address(self) -> HeadNodeAddress | None:
+        if self.head_node_private_ip is None:
+            return None
+        return HeadNodeAddress(self.head_node_private_ip, self.head_node_public_ip)
+
+    def get_worker_pool_internal_name_by_id(self, worker_pool_id: str) -> str:
+        return self._worker_group_by_id(worker_pool_id).internal_name
+
+    def _worker_group_by_id(self, worker_pool_id: str) -> NodeGroup:
+        for group in self._workers:
+            if group.pool_id == worker_pool_id:
+                return group
+        raise UnknownWorkerPoolError(
+            f"Cluster {self.spec.name!r} has no worker pool with ID {worker_pool_id!r}"
+        )
+
+    # ----- build ------------------------------------------------------------------------------
+
+    def build(
+        self, timeout: timedelta | float | None = None, workers_to_join: int | None = None
+    ) -> HeadNodeAddress:
+        """Provision every pool at once, submit the work requirement, start the head node (after
+        the observability node, if any), start the worker nodes, and return the head's addresses.
+
+        Waits until `workers_to_join` worker tasks run (the spec's value when None). Any failure,
+        timeout or interrupt tears down what was created before the error propagates.
+        """
+        with self._lock:
+            if self._state != "new":
+                raise ClusterStateError(
+                    f"Cluster {self.spec.name!r} is {self._state}; build it once"
+                )
+            self._state = "building"
+        if isinstance(timeout, (int, float)):
+            timeout = timedelta(seconds=timeout)
+        deadline = _Deadline(timeout or self.spec.build_timeout)
+        joined = self.spec.workers_to_join if workers_to_join is None else workers_to_join
+        started = time.monotonic()
+        logger.info("Building Ray cluster %s in namespace %s", self.spec.name, self.spec.namespace)
+        with self._teardown_on_failure(f"Building cluster {self.spec.name!r}"):
+            self._step = "provisioning the worker pools"
+            self._provision(self._all_groups())
+            self.timings["pools_provisioned_s"] = time.monotonic() - started
+            self._step = "submitting the work requirement"
+            self._submit_work_requirement()
+            self._step = "starting the observability node"
+            environment = self._start_observability_node(deadline)
+            self._step = "starting the head node"
+            self._start_head_node(environment, deadline)
+            self.timings["head_executing_s"] = time.monotonic() - started
+            self._step = "adding the worker node tasks"
+            _parallel([lambda g=g: self._add_worker_tasks(g, g.spec.count) for g in self._workers])
+            self._step = "waiting for the worker nodes"
+            if joined:
+                self._wait_for_workers(joined, deadline)
+                self.timings["workers_joined_s"] = time.monotonic() - started
+            else:
+                self._check_head_still_running()
+        with self._lock:
+            if self._state == "building":
+                self._state = "built"
+        self.timings["build_s"] = time.monotonic() - started
+        logger.info(
+            "Ray cluster %s is up: head node %s (public %s), %d worker pools",
+            self.spec.name,
+            self.head_node_private_ip,
+            self.head_node_public_ip,
+            len(self._workers),
+        )
+        return self.head_address  # type: ignore[return-value]
+
+    @contextmanager
+    def _teardown_on_failure(
+        self, action: str, groups: list[NodeGroup] | None = None
+    ) -> Iterator[None]:
+        """On any failure inside, end what was created (the whole cluster, or only `groups`)."""
+        try:
+            yield
+        except BaseException as error:
+            if groups is None:
+                report = self._end_everything()
+                with self._lock:
+                    self._state = "shut_down"
+                    if not report.failed:
+                        self._shutdown_report = report
+            else:
+                report = _Teardown(self.yd_client).run([], groups, self.spec.namespace)
+            cause = error.what_failed if isinstance(error, ClusterBuildError) else error
+            logger.error("%s failed (%s); teardown: %s", action, cause, report)
+            if not isinstance(error, Exception):
+                raise
+            failure = (
+                error.what_failed
+                if isinstance(error, ClusterBuildError)
+                else f"{action} failed while {self._step}: {type(error).__name__}: {error}"
+            )
+            cls = type(error) if isinstance(error, ClusterBuildError) else ClusterBuildError
+            raise cls(failure, report.ended + report.already_gone, report.failed) from error
+
+    def _check_not_closing(self) -> None:
+        if self._closing.is_set():
+            raise ClusterBuildError(f"Cluster {self.spec.name!r} was shut down while being built")
+
+    def _provision(self, groups: list[NodeGroup]) -> None:
+        _parallel([lambda g=g: self._provision_group(g) for g in groups])
+
+    def _provision_group(self, group: NodeGroup) -> None:
+        self._check_not_closing()
+        provision_pool(self.yd_client, group, self.spec)
+
+    def _submit_work_requirement(self) -> None:
+        self._check_not_closing()
+        groups = self._all_groups()
+        requirement = WorkRequirement(
+            namespace=self.spec.namespace,
+            name=self.spec.name,
+            taskGroups=[task_group(group, self.spec) for group in groups],
+            tag=self.spec.tag,
+        )
+        self._work_requirement_attempted = True
+        requirement = self.yd_client.work_client.add_work_requirement(requirement)
+        self.work_requirement_id = requirement.id
+        ids = {tg.name: tg.id for tg in requirement.taskGroups or []}
+        for group in groups:
+            group.task_group_id = ids[group.task_group_name]
+
+    def _next_task_names(self, count: int) -> list[str]:
+        with self._lock:
+            first = self._task_counter + 1
+            self._task_counter += count
+        return [f"task-{number:05d}" for number in range(first, first + count)]
+
+    def _add_tasks(self, group: NodeGroup, count: int, environment: dict[str, str]) -> list[str]:
+        self._check_not_closing()
+        tasks = node_tasks(group, self._next_task_names(count), environment)
+        added = self.yd_client.work_client.add_tasks_to_task_group_by_id(group.task_group_id, tasks)
+        ids = [task.id for task in added]
+        group.task_ids.extend(ids)
+        return ids
+
+    def _start_observability_node(self, deadline: _Deadline) -> dict[str, str]:
+        if self._observability is None:
+            return {}
+        (task_id,) = self._add_tasks(self._observability, 1, {})
+        task = self._wait_until_executing(task_id, "observability node", deadline)
+        self.observability_node_private_ip, _ = node_addresses(
+            self.yd_client, self._observability, task
+        )
+        return {"OBSERVABILITY_HOST": self.observability_node_private_ip}
+
+    def _start_head_node(self, environment: dict[str, str], deadline: _Deadline) -> None:
+        self._environment = environment
+        (self.head_node_task_id,) = self._add_tasks(self._head, 1, environment)
+        task = self._wait_until_executing(self.head_node_task_id, "head node", deadline)
+        self.head_node_started_time = task.startedTime
+        self.head_node_node_id = task.nodeId
+        self.head_node_private_ip, self.head_node_public_ip = node_addresses(
+            self.yd_client, self._head, task
+        )
+
+    def _worker_environment(self) -> dict[str, str]:
+        return {
+            **self._environment,
+            "RAY_HEAD_IP": self.head_node_private_ip or "",
+            "RAY_HEAD_NODE_PRIVATE_IP": self.head_node_private_ip or "",
+        }
+
+    def _add_worker_tasks(self, group: NodeGroup, count: int) -> list[str]:
+        return self._add_tasks(group, count, self._worker_environment()) if count else []
+
+    def _wait_until_executing(self, task_id: str, what: str, deadline: _Deadline) -> Task:
+        return wait_until_executing(
+            self.yd_client, task_id, what, self.spec.name, deadline, self._check_not_closing
+        )
+
+    def _check_head_still_running(self) -> None:
+        check_head_still_running(self.yd_client, self.head_node_task_id, self.spec.name)
+
+    def _wait_for_workers(self, count: int, deadline: _Deadline) -> None:
+        """Wait until `count` worker node tasks are EXECUTING (one search per poll)."""
+        group_ids = {group.task_group_id for group in self._workers}
+        wait_for_workers(
+            self.yd_client,
+            self.work_requirement_id,
+            self.head_node_task_id,
+            group_ids,
+            count,
+            self.spec.name,
+            deadline,
+            self._check_not_closing,
+        )
+
+    # ----- worker pools -----------------------------------------------------------------------
+
+    def add_worker_pool(self, spec: WorkerPoolSpec | None = None, /, **fields: Any) -> str | None:
+        """Add a pool of Ray worker nodes (a `WorkerPoolSpec`, or its fields as keywords).
+
+        Before `build()` the pool is only recorded and None is returned. After, it is provisioned,
+        its task group appended to the work requirement and its tasks added; returns its pool ID.
+        A failure ends the new pool before the error propagates.
+        """
+        spec = spec or WorkerPoolSpec(**fields)
+        with self._lock:
+            if self._state in ("building", "shut_down"):
+                raise ClusterStateError(f"Cannot add a worker pool: cluster is {self._state}")
+            group = self._add_worker_group(spec)
+            if self._state == "new":
+                return None
+        with self._teardown_on_failure(f"Adding worker pool {group.internal_name!r}", [group]):
+            self._step = "adding its task group and tasks"
+            try:
+                self._provision_group(group)
+                append_task_group(self.yd_client, self.work_requirement_id, group, self.spec)
+                self._add_worker_tasks(group, spec.count)
+            except BaseException:
+                self._workers.remove(group)
+                raise
+        logger.info("Added %s to cluster %s", group.describe(), self.spec.name)
+        return group.pool_id
+
+    def remove_worker_pool(self, worker_pool_id: str) -> ShutdownReport:
+        """Shut the pool down and terminate its compute requirement; its Ray nodes end."""
+        return self._remove_group(self._worker_group_by_id(worker_pool_id))
+
+    def remove_worker_pool_by_internal_name(self, internal_name: str) -> ShutdownReport:
+        return self._remove_group(self._worker_group(internal_name))
+
+    def _remove_group(self, group: NodeGroup) -> ShutdownReport:
+        with self._lock:
+            self._workers.remove(group)
+        report = _Teardown(self.yd_client).run([], [group], self.spec.namespace)
+        logger.info(
+            "Removed worker pool %s from cluster %s: %s",
+            group.internal_name,
+            self.spec.name,
+            report,
+        )
+        report.raise_if_failed(group.describe())
+        return report
+
+    def resize_worker_pool(self, internal_name: str, count: int) -> None:
+        """Grow the pool by adding node tasks, or shrink it by aborting its newest node tasks (their
+        nodes then end by idle node shutdown). At most the pool's `max_count` nodes."""
+        group = self._worker_group(internal_name)
+        spec = group.spec
+        assert isinstance(spec, WorkerPoolSpec)
+        if count < 1 or count > group.node_limit:
+            raise ValueError(
+                f"Worker pool {internal_name!r} can have 1 to {group.node_limit} nodes, "
+                f"not {count}; "
+                "set max_count when adding the pool to let it grow further"
+            )
+        if self._state == "new":
+            group.spec = spec.model_copy(update={"count": count})
+            return
+        live = live_task_ids(self.yd_client, self.work_requirement_id, group)
+        if count > len(live):
+            self._add_worker_tasks(group, count - len(live))
+        elif count < len(live):
+            work = self.yd_client.work_client
+            extra = live[count:]
+            _parallel([lambda t=t: work.cancel_task_by_id(t, True) for t in extra])
+            group.task_ids = [task_id for task_id in group.task_ids if task_id not in set(extra)]
+        logger.info(
+            "Resized worker pool %s of cluster %s to %d nodes", internal_name, self.spec.name, count
+        )
+
+    # ----- shutdown ---------------------------------------------------------------------------
+
+    def _end_everything(self) -> ShutdownReport:
+        with self._lock:
+            groups = list(self._all_groups())
+            requirement = self._work_requirement_to_end()
+        report = ShutdownReport()
+        if requirement is _LOST:
+            report.merge(self._end_lost_work_requirement())
+            requirement = None
+        report.merge(
+            _Teardown(self.yd_client).run(
+                [requirement] if requirement else [], groups, self.spec.namespace
+            )
+        )
+        return report
+
+    def _work_requirement_to_end(self) -> str | object | None:
+        if self.work_requirement_id:
+            return self.work_requirement_id
+        return _LOST if self._work_requirement_attempted else None
+
+    def _end_lost_work_requirement(self) -> ShutdownReport:
+        """The work requirement was submitted but its answer was lost: find it by name."""
+        try:
+            requirement = self.yd_client.work_client.get_work_requirement_by_name(
+                self.spec.namespace, self.spec.name
+            )
+        except Exception as error:  # noqa: BLE001
+            if _is_not_found(error):
+                return ShutdownReport()
+            return ShutdownReport(failed=[f"work requirement {self.spec.name}: {error}"])
+        if requirement.status is None or requirement.status.finished:
+            return ShutdownReport()
+        self.work_requirement_id = requirement.id
+        return _Teardown(self.yd_client).run([requirement.id], [], self.spec.namespace)
+
+    def shut_down(self) -> ShutdownReport:
+        """Cancel the work requirement (aborting its tasks), terminate the compute requirements and
+        shut the pools down, all in parallel. Idempotent; tolerates entities already gone.
+        Raises ClusterShutdownError (after trying everything) if something could not be ended."""
+        with self._lock:
+            if self._shutdown_report is not None:
+                return self._shutdown_report
+            self._closing.set()
+            self._state = "shut_down"
+        started = time.monotonic()
+        report = self._end_everything()
+        if not report.failed:
+            self._shutdown_report = report
+        self.timings["shutdown_s"] = time.monotonic() - started
+        logger.info("Shut down Ray cluster %s: %s", self.spec.name, report)
+        if self._owns_client and not report.failed:
+            self.yd_client.close()
+        report.raise_if_failed(f"cluster {self.spec.name!r}")
+        return report
+
+    def __enter__(self) -> RayDogCluster:
+        if self._state == "new":
+            self.build()
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, traceback: Any) -> None:
+        try:
+            self.shut_down()
+        except ClusterShutdownError:
+            if exc is None:
+                raise
+            logger.exception("Shutting down cluster %s after an error also failed", self.spec.name)
+
+    # ----- saved state ------------------------------------------------------------------------
+
+    def save_state_to_json(self) -> str:
+        """The state needed to shut the cluster down later, with RayDog's keys."""
+        if self._state != "built":
+            raise ClusterStateError(
+                f"Cluster {self.spec.name!r} is {self._state}; "
+                "only a built cluster has state to save"
+            )
+        pool_ids = [*self.worker_pool_ids, self._head.pool_id]
+        if self._observability is not None:
+            pool_ids.append(self._observability.pool_id)
+        return saved_state_json(self.spec, self.work_requirement_id, pool_ids)
+
+    def save_state_to_json_file(self, path: str | Path) -> None:
+        Path(path).write_text(self.save_state_to_json())

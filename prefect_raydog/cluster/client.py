@@ -1,0 +1,106 @@
+"""Platform client helpers for the Builder: making a client, parallel calls, deadlines, error
+classification, and waiting for a connected Ray cluster's nodes."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from datetime import timedelta
+from typing import TypeVar
+
+import requests
+from pydantic import SecretStr
+from yellowdog_client import PlatformClient
+from yellowdog_client.model import ApiKey, RetryProperties, ServicesSchema
+from yellowdog_client.model.exceptions import InternalServerException
+
+DEFAULT_API_URL = "https://api.yellowdog.ai"
+MAX_PARALLEL_CALLS = 32
+FIRST_POLL_S = 0.02
+MAX_POLL_S = 0.25
+
+T = TypeVar("T")
+
+
+def create_client(
+    key_id: str,
+    key_secret: str | SecretStr,
+    url: str = DEFAULT_API_URL,
+    *,
+    max_attempts: int = RetryProperties.DEFAULT_MAX_ATTEMPTS,
+    initial_retry_interval: timedelta = RetryProperties.DEFAULT_INITIAL_RETRY_INTERVAL,
+) -> PlatformClient:
+    """A PlatformClient for an application key; the secret may be a plain str or a SecretStr."""
+    secret = key_secret.get_secret_value() if isinstance(key_secret, SecretStr) else key_secret
+    retry = RetryProperties(maxAttempts=max_attempts, initialInterval=initial_retry_interval)
+    return PlatformClient.create(
+        ServicesSchema(defaultUrl=url, retry=retry), ApiKey(key_id, secret)
+    )
+
+
+def _client_or_credentials(
+    owner: str, client: PlatformClient | None, key_id: str | None,
+    key_secret: str | SecretStr | None, url: str,
+) -> PlatformClient:
+    """The client given, or one made from an application key."""
+    if client is not None:
+        return client
+    if not key_id or not key_secret:
+        raise ValueError(f"{owner} needs a PlatformClient or both key_id and key_secret")
+    return create_client(key_id, key_secret, url)
+
+
+class _Deadline:
+    def __init__(self, timeout: timedelta) -> None:
+        self.timeout = timeout
+        self._end = time.monotonic() + timeout.total_seconds()
+
+    def remaining(self) -> float:
+        return self._end - time.monotonic()
+
+
+def _parallel(calls: Sequence[Callable[[], T]]) -> list[T]:
+    """Run calls concurrently; raise the first error after every started call has finished, so
+    that whatever a call created is recorded before anyone tears it down."""
+    if len(calls) == 1:
+        return [calls[0]()]
+    executor = ThreadPoolExecutor(max_workers=min(MAX_PARALLEL_CALLS, max(len(calls), 1)))
+    futures = [executor.submit(call) for call in calls]
+    try:
+        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+        for future in done:
+            if future.exception() is not None:
+                raise future.exception()  # type: ignore[misc]
+        return [future.result() for future in futures]
+    finally:
+        executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _is_not_found(error: BaseException) -> bool:
+    response = getattr(error, "response", None)
+    return isinstance(error, requests.HTTPError) and getattr(response, "status_code", 0) == 404
+
+
+def _is_transient(error: BaseException) -> bool:
+    if isinstance(error, (requests.ConnectionError, requests.Timeout, InternalServerException)):
+        return True
+    status = getattr(getattr(error, "response", None), "status_code", 0) or 0
+    return isinstance(error, requests.HTTPError) and (status >= 500 or status == 429)
+
+
+def wait_for_ray_nodes(count: int, timeout: float = 120.0) -> int:
+    """Wait until the Ray cluster this process is connected to (`ray.init` first) has `count`
+    alive nodes, the head included; return how many it has."""
+    import ray
+
+    deadline = time.monotonic() + timeout
+    interval = FIRST_POLL_S
+    while True:
+        alive = sum(1 for node in ray.nodes() if node["Alive"])
+        if alive >= count:
+            return alive
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"Only {alive} of {count} Ray nodes joined within {timeout} s")
+        time.sleep(interval)
+        interval = min(interval * 1.5, 1.0)

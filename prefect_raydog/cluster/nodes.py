@@ -1,0 +1,318 @@
+"""A cluster's node groups and the platform calls for their nodes: provisioning a group's worker
+pool, its task group, and starting, locating and waiting for the node tasks."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Literal
+
+from yellowdog_client import PlatformClient
+from yellowdog_client.model import (
+    AutoShutdown,
+    ComputeRequirementTemplateUsage,
+    InstanceSearch,
+    NodeWorkerTarget,
+    ProvisionedWorkerPoolProperties,
+    RunSpecification,
+    Task,
+    TaskGroup,
+    TaskSearch,
+    TaskStatus,
+)
+from yellowdog_client.model.exceptions import InvalidRequestException
+
+from prefect_raydog.cluster.client import FIRST_POLL_S, MAX_POLL_S, _Deadline
+from prefect_raydog.errors import ClusterBuildError, ClusterBuildTimeout, NodeTaskFailed
+from prefect_raydog.spec import ClusterSpec, NodeGroupSpec, WorkerPoolSpec
+
+logger = logging.getLogger("prefect_raydog.cluster")
+
+HEAD_TASK_GROUP = "head-node"
+OBSERVABILITY_TASK_GROUP = "observability-node"
+TASK_TYPE = "bash"
+
+Role = Literal["head", "observability", "worker"]
+
+_LIVE_TASK = [status for status in TaskStatus if not status.finished]
+
+
+@dataclass
+class NodeGroup:
+    """One node group of a cluster: its YellowDog worker pool, task group and tasks."""
+
+    role: Role
+    internal_name: str
+    requirement_name: str
+    spec: NodeGroupSpec | None = None
+    worker_tag: str = ""
+    task_group_name: str = ""
+    script: str = ""
+    node_limit: int = 1
+    pool_id: str | None = None
+    compute_requirement_id: str | None = None
+    task_group_id: str | None = None
+    task_ids: list[str] = field(default_factory=list)
+    provision_attempted: bool = False
+
+    def describe(self) -> str:
+        return f"worker pool {self.requirement_name or '?'} ({self.pool_id or 'id unknown'})"
+
+
+def head_group(cluster: ClusterSpec) -> NodeGroup:
+    return _new_group(cluster.name, "head", cluster.head, HEAD_TASK_GROUP, "00-head", "head")
+
+
+def observability_group(cluster: ClusterSpec) -> NodeGroup | None:
+    if not cluster.observability:
+        return None
+    return _new_group(
+        cluster.name,
+        "observability",
+        cluster.observability,
+        OBSERVABILITY_TASK_GROUP,
+        "observability",
+        "observability",
+    )
+
+
+def worker_group(cluster_name: str, number: int, spec: WorkerPoolSpec) -> NodeGroup:
+    """The cluster's `number`th worker pool, named by the spec or else by its task group."""
+    text = f"{number:02d}"
+    group = _new_group(
+        cluster_name, "worker", spec, f"worker-nodes-{text}", f"{text}-wrkrs", "worker"
+    )
+    group.internal_name = spec.name or group.task_group_name
+    return group
+
+
+def _new_group(
+    cluster_name: str,
+    role: Role,
+    spec: NodeGroupSpec,
+    task_group: str,
+    suffix: str,
+    script_name: str,
+) -> NodeGroup:
+    name = f"{cluster_name}-{suffix}"
+    worker_tag = f"{name}-00" if role == "observability" else name
+    limit = spec.node_limit if isinstance(spec, WorkerPoolSpec) else 1
+    return NodeGroup(
+        role=role,
+        internal_name=task_group,
+        spec=spec,
+        requirement_name=name,
+        worker_tag=worker_tag,
+        task_group_name=task_group,
+        script=spec.script_text(script_name),
+        node_limit=limit,
+    )
+
+
+def provision_pool(client: PlatformClient, group: NodeGroup, cluster: ClusterSpec) -> None:
+    """Provision the group's worker pool and record its pool and compute requirement IDs."""
+    spec = group.spec
+    count = spec.count if isinstance(spec, WorkerPoolSpec) else 1
+    usage = ComputeRequirementTemplateUsage(
+        templateId=spec.template_id,
+        requirementName=group.requirement_name,
+        requirementNamespace=cluster.namespace,
+        requirementTag=cluster.tag,
+        targetInstanceCount=count,
+        imagesId=spec.images_id,
+        userData=spec.userdata,
+        instanceTags=spec.instance_tags,
+    )
+    properties = ProvisionedWorkerPoolProperties(
+        createNodeWorkers=NodeWorkerTarget.per_node(1),
+        minNodes=0,
+        maxNodes=group.node_limit,
+        idleNodeShutdown=_auto_shutdown(cluster.idle_node_shutdown),
+        idlePoolShutdown=_auto_shutdown(cluster.idle_pool_shutdown),
+        workerTag=group.worker_tag,
+        metricsEnabled=spec.metrics_enabled,
+    )
+    group.provision_attempted = True
+    try:
+        pool = client.worker_pool_client.provision_worker_pool(usage, properties)
+    except Exception as error:
+        hint = (
+            "; check the template ID (or 'namespace/name') in the YellowDog portal"
+            if isinstance(error, InvalidRequestException)
+            else ""
+        )
+        raise ClusterBuildError(
+            f"Provisioning the {group.role} pool {group.internal_name!r} from template "
+            f"{spec.template_id!r} failed: {error}{hint}"
+        ) from error
+    group.pool_id = pool.id
+    group.compute_requirement_id = pool.computeRequirementId
+    logger.debug("Provisioned %s", group.describe())
+
+
+def _auto_shutdown(timeout: timedelta | None) -> AutoShutdown:
+    if timeout is None:
+        return AutoShutdown(enabled=False)
+    return AutoShutdown(enabled=True, timeout=timeout)
+
+
+def task_group(group: NodeGroup, cluster: ClusterSpec) -> TaskGroup:
+    """The task group that runs the group's node tasks on its pool's workers."""
+    return TaskGroup(
+        name=group.task_group_name,
+        tag=group.internal_name,
+        runSpecification=RunSpecification(
+            taskTypes=[TASK_TYPE],
+            taskTimeout=cluster.cluster_lifetime,
+            workerTags=[group.worker_tag],
+            namespaces=[cluster.namespace],
+        ),
+        finishIfAnyTaskFailed=group.role == "head",
+    )
+
+
+def append_task_group(
+    client: PlatformClient, work_requirement_id: str | None, group: NodeGroup, cluster: ClusterSpec
+) -> None:
+    """Append the group's task group to the cluster's live work requirement."""
+    work = client.work_client
+    requirement = work.get_work_requirement_by_id(work_requirement_id)
+    requirement.taskGroups = [*(requirement.taskGroups or []), task_group(group, cluster)]
+    requirement = work.update_work_requirement(requirement)
+    group.task_group_id = next(
+        tg.id for tg in requirement.taskGroups or [] if tg.name == group.task_group_name
+    )
+
+
+def node_tasks(group: NodeGroup, names: list[str], environment: dict[str, str]) -> list[Task]:
+    """One task per name that starts a Ray node of the group, with the given environment."""
+    return [
+        Task(
+            name=name,
+            taskType=TASK_TYPE,
+            arguments=["taskdata.txt"],
+            taskData=group.script,
+            environment={**group.spec.environment, **environment},
+        )
+        for name in names
+    ]
+
+
+def wait_until_executing(
+    client: PlatformClient,
+    task_id: str,
+    what: str,
+    cluster_name: str,
+    deadline: _Deadline,
+    check_not_closing: Callable[[], None],
+) -> Task:
+    """Poll the task, 20 ms at first and growing to 250 ms, until it runs, ends or times out."""
+    interval = FIRST_POLL_S
+    while True:
+        check_not_closing()
+        task = client.work_client.get_task_by_id(task_id)
+        if task.status == TaskStatus.EXECUTING:
+            return task
+        if task.status is not None and task.status.finished:
+            raise NodeTaskFailed(
+                f"The {what} of cluster {cluster_name!r} did not start: its task {task_id} "
+                f"ended {_describe_task_end(task)}"
+            )
+        if deadline.remaining() <= 0:
+            raise ClusterBuildTimeout(
+                f"The {what} of cluster {cluster_name!r} did not start within "
+                f"{deadline.timeout}: its task {task_id} is still {task.status}"
+            )
+        time.sleep(max(0.0, min(interval, deadline.remaining())))
+        interval = min(interval * 1.5, MAX_POLL_S)
+
+
+def wait_for_workers(
+    client: PlatformClient,
+    work_requirement_id: str | None,
+    head_task_id: str | None,
+    group_ids: set[str | None],
+    count: int,
+    cluster_name: str,
+    deadline: _Deadline,
+    check_not_closing: Callable[[], None],
+) -> None:
+    """Wait until `count` worker node tasks of the task groups are EXECUTING (one search per
+    poll), checking that the head node still runs."""
+    search = TaskSearch(workRequirementId=work_requirement_id, statuses=[TaskStatus.EXECUTING])
+    interval = FIRST_POLL_S
+    while True:
+        check_not_closing()
+        tasks = list(client.work_client.get_tasks(search).iterate())
+        if not any(task.id == head_task_id for task in tasks):
+            check_head_still_running(client, head_task_id, cluster_name)
+        executing = sum(1 for task in tasks if task.taskGroupId in group_ids)
+        if executing >= count:
+            return
+        if deadline.remaining() <= 0:
+            raise ClusterBuildTimeout(
+                f"Only {executing} of the {count} required worker nodes of cluster "
+                f"{cluster_name!r} started within {deadline.timeout}"
+            )
+        time.sleep(max(0.0, min(interval, deadline.remaining())))
+        interval = min(interval * 1.5, MAX_POLL_S)
+
+
+def check_head_still_running(
+    client: PlatformClient, head_task_id: str | None, cluster_name: str
+) -> None:
+    task = client.work_client.get_task_by_id(head_task_id)
+    if task.status is not None and task.status.finished:
+        raise NodeTaskFailed(
+            f"The head node of cluster {cluster_name!r} stopped while the cluster was being "
+            f"built: its task {task.id} ended {_describe_task_end(task)}"
+        )
+
+
+def live_task_ids(
+    client: PlatformClient, work_requirement_id: str | None, group: NodeGroup
+) -> list[str]:
+    """The group's node tasks that have not finished, in the order they were added."""
+    search = TaskSearch(
+        workRequirementId=work_requirement_id,
+        taskGroupId=group.task_group_id,
+        statuses=_LIVE_TASK,
+    )
+    live = {task.id for task in client.work_client.get_tasks(search).iterate()}
+    return [task_id for task_id in group.task_ids if task_id in live]
+
+
+def _describe_task_end(task: Task) -> str:
+    text = str(task.status)
+    for error in task.errors or []:
+        text += f" ({error.errorType}"
+        if error.processExitCode is not None:
+            text += f", exit code {error.processExitCode}"
+        text += f": {error.error})" if error.error else ")"
+    return text
+
+
+def node_addresses(client: PlatformClient, group: NodeGroup, task: Task) -> tuple[str, str | None]:
+    """The private and public IP of the node running the task (task -> node -> instance)."""
+    pools = client.worker_pool_client
+    node = (
+        pools.get_node_by_id(task.nodeId)
+        if task.nodeId
+        else pools.get_node_by_worker_id(task.workerId)
+    )
+    details = node.details
+    if details is None or not details.privateIpAddress:
+        raise ClusterBuildError(f"Node {node.id} of {group.describe()} reports no private IP")
+    public_ip = details.publicIpAddress or _public_ip(client, group, details.instanceId)
+    return details.privateIpAddress, public_ip
+
+
+def _public_ip(client: PlatformClient, group: NodeGroup, instance_id: str) -> str | None:
+    search = InstanceSearch(computeRequirementId=group.compute_requirement_id)
+    for instance in client.compute_client.get_instances(search).iterate():
+        if instance.id is not None and instance.id.instanceId == instance_id:
+            return instance.publicIpAddress
+    return None
