@@ -4,7 +4,6 @@ pool, its task group, and starting, locating and waiting for the node tasks."""
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -25,7 +24,7 @@ from yellowdog_client.model import (
 )
 from yellowdog_client.model.exceptions import InvalidRequestException
 
-from prefect_raydog.cluster.client import FIRST_POLL_S, MAX_POLL_S, _Deadline
+from prefect_raydog.cluster.client import _Deadline, _polls
 from prefect_raydog.errors import ClusterBuildError, ClusterBuildTimeout, NodeTaskFailed
 from prefect_raydog.spec import ClusterSpec, NodeGroupSpec, WorkerPoolSpec
 
@@ -209,10 +208,8 @@ def wait_until_executing(
     deadline: _Deadline,
     check_not_closing: Callable[[], None],
 ) -> Task:
-    """Poll the task, 20 ms at first and growing to 250 ms, until it runs, ends or times out."""
-    interval = FIRST_POLL_S
-    while True:
-        check_not_closing()
+    """Poll the task until it runs, ends or times out."""
+    for _ in _polls(deadline, check_not_closing):
         task = client.work_client.get_task_by_id(task_id)
         if task.status == TaskStatus.EXECUTING:
             return task
@@ -221,13 +218,10 @@ def wait_until_executing(
                 f"The {what} of cluster {cluster_name!r} did not start: its task {task_id} "
                 f"ended {_describe_task_end(task)}"
             )
-        if deadline.remaining() <= 0:
-            raise ClusterBuildTimeout(
-                f"The {what} of cluster {cluster_name!r} did not start within "
-                f"{deadline.timeout}: its task {task_id} is still {task.status}"
-            )
-        time.sleep(max(0.0, min(interval, deadline.remaining())))
-        interval = min(interval * 1.5, MAX_POLL_S)
+    raise ClusterBuildTimeout(
+        f"The {what} of cluster {cluster_name!r} did not start within "
+        f"{deadline.timeout}: its task {task_id} is still {task.status}"
+    )
 
 
 def wait_for_workers(
@@ -243,22 +237,17 @@ def wait_for_workers(
     """Wait until `count` worker node tasks of the task groups are EXECUTING (one search per
     poll), checking that the head node still runs."""
     search = TaskSearch(workRequirementId=work_requirement_id, statuses=[TaskStatus.EXECUTING])
-    interval = FIRST_POLL_S
-    while True:
-        check_not_closing()
+    for _ in _polls(deadline, check_not_closing):
         tasks = list(client.work_client.get_tasks(search).iterate())
         if not any(task.id == head_task_id for task in tasks):
             check_head_still_running(client, head_task_id, cluster_name)
         executing = sum(1 for task in tasks if task.taskGroupId in group_ids)
         if executing >= count:
             return
-        if deadline.remaining() <= 0:
-            raise ClusterBuildTimeout(
-                f"Only {executing} of the {count} required worker nodes of cluster "
-                f"{cluster_name!r} started within {deadline.timeout}"
-            )
-        time.sleep(max(0.0, min(interval, deadline.remaining())))
-        interval = min(interval * 1.5, MAX_POLL_S)
+    raise ClusterBuildTimeout(
+        f"Only {executing} of the {count} required worker nodes of cluster "
+        f"{cluster_name!r} started within {deadline.timeout}"
+    )
 
 
 def check_head_still_running(
