@@ -1,0 +1,57 @@
+"""`_TcpRelay`: forwards TCP connections from an address the nodes reach to the Prefect API."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+from typing import Any
+
+
+class _TcpRelay:
+    """Forwards TCP connections from an address that nodes reach to the loopback Prefect API."""
+
+    def __init__(self, host: str, target: tuple[str, int]) -> None:
+        self._target = target
+        self._server = socket.create_server((host, 0))
+        self.port = self._server.getsockname()[1]
+        self._open: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, name="raydog-api-relay", daemon=True).start()
+
+    def __enter__(self) -> _TcpRelay:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self._server.close()
+        with self._lock:
+            for sock in self._open:
+                with contextlib.suppress(OSError):
+                    sock.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._server.accept()
+                upstream = socket.create_connection(self._target)
+            except OSError:
+                if self._server.fileno() == -1:
+                    return
+                continue
+            with self._lock:
+                self._open.update((client, upstream))
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(src, dst), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+            with self._lock:
+                self._open.discard(src)

@@ -1,0 +1,367 @@
+"""The driver-side session: provisions or connects to one cluster, tracks its task runs, and
+tears it down, shared by a flow and its subflows in this process."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit, urlunsplit
+
+from prefect.context import FlowRunContext
+from prefect.states import exception_to_crashed_state
+from prefect.utilities.asyncutils import run_coro_as_sync
+from prefect.utilities.importtools import lazy_import
+
+from prefect_raydog.runner.node import _Outcome, _run_on_node
+from prefect_raydog.runner.placement import _with_pool_resources
+from prefect_raydog.runner.relay import _TcpRelay
+from prefect_raydog.runner.stats import _ClusterStats
+
+if TYPE_CHECKING:
+    import ray
+    from prefect.tasks import Task
+
+    from prefect_raydog.blocks import RayDogClusterConfig
+    from prefect_raydog.task_runners import RayDogTaskRunner
+
+ray = lazy_import("ray")
+
+_CLIENT_CONNECT_ATTEMPTS = 30
+# Unsaved config blocks live here, by token, so a pickled runner never carries their secrets.
+_UNSAVED_CONFIGS: dict[str, RayDogClusterConfig] = {}
+
+
+class _Session:
+    """One connection to one cluster in this process, shared by a flow and its subflows."""
+
+    def __init__(self, runner: RayDogTaskRunner) -> None:
+        self.key = runner._session_key()
+        self.users = 0
+        self.stats = _ClusterStats()
+        self.cluster_name = runner.address or runner.cluster or "local"
+        self.node_api_url: str | None = runner.node_api_url
+        self.flow_run_id: uuid.UUID | None = None
+        self.in_flight: dict[Any, None] = {}
+        self.last_done = 0.0
+        self._stack = ExitStack()
+        self._ready = False
+        self._failure: BaseException | None = None
+        self._lock = threading.Lock()
+        self._remote: Any = None
+        self._remote_by_options: dict[str, Any] = {}
+        self._reporter: Any = None
+        self._workers_to_join = 0
+        self._build_deadline = 0.0
+
+    def ensure_ready(self, runner: RayDogTaskRunner) -> None:
+        with self._lock:
+            if self._ready:
+                return
+            if self._failure is not None:
+                raise RuntimeError(f"The Ray cluster could not start: {self._failure}")
+            flow_ctx = FlowRunContext.get()
+            if flow_ctx and flow_ctx.flow_run:
+                self.flow_run_id = flow_ctx.flow_run.id
+            try:
+                self._start(runner)
+            except BaseException as exc:
+                self._failure = exc
+                self._stack.close()
+                raise
+            self._ready = True
+
+    def _start(self, runner: RayDogTaskRunner) -> None:
+        logger = _run_logger(runner)
+        if runner.address and ray.is_initialized():
+            logger.info("Using the Ray cluster this process is already connected to.")
+        elif runner.address:
+            logger.info("Connecting to the Ray cluster at %s.", runner.address)
+            _connect(runner.address, runner.init_kwargs, logger)
+            self._stack.callback(ray.shutdown)
+        elif ray.is_initialized():
+            raise RuntimeError(
+                "This process is already connected to a Ray cluster, so RayDogTaskRunner cannot "
+                "connect to the cluster it would provision: call ray.shutdown() first, or pass "
+                "RayDogTaskRunner(address=...) to use the connected cluster."
+            )
+        else:
+            address = self._provision(runner, logger)
+            _connect(address, {**runner.init_kwargs, "runtime_env": self._runtime_env(runner)},
+                     logger)
+            self._stack.callback(ray.shutdown)
+            self._wait_for_workers(logger)
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._reporter = self._stack.enter_context(ThreadPoolExecutor(1, "raydog-crash-report"))
+        self._remote = ray.remote(max_retries=0)(_run_on_node)
+
+    def _provision(self, runner: RayDogTaskRunner, logger: Any) -> str:
+        """Build the cluster (torn down by the stack) and return the Ray Client address."""
+        from prefect_raydog.cluster import RayDogCluster
+
+        config, relay_host = self._load_config(runner)
+        if relay_host and not self.node_api_url:
+            self.node_api_url = self._relay_api(relay_host)
+            logger.info("Nodes reach the Prefect API at %s.", self.node_api_url)
+        spec = _with_pool_resources(config.to_spec(config.cluster_name(self.flow_run_id)))
+        self.cluster_name = spec.name
+        self.stats.pools = [(p.name or f"pool-{i}", p.count)
+                            for i, p in enumerate(spec.worker_pools, 1)]
+        logger.info(
+            "Provisioning Ray cluster %s in namespace %s: a head node and %d worker node(s).",
+            spec.name, spec.namespace, sum(p.count for p in spec.worker_pools),
+        )
+        cluster = RayDogCluster(spec, client=config.credentials.get_client())
+        self._stack.callback(self._shut_down, cluster, logger)
+        head = cluster.build(workers_to_join=0)
+        self.stats.head_ready_s = cluster.timings.get("head_executing_s")
+        logger.info("Head node ready at %s after %.1f s.", head.private_ip,
+                    self.stats.head_ready_s or 0.0)
+        self._workers_to_join = spec.workers_to_join
+        self._build_deadline = time.monotonic() + spec.build_timeout.total_seconds()
+        if config.ssh_tunnel:
+            return self._tunnel(config, head.public_ip or head.private_ip)
+        return f"ray://{head.private_ip}:10001"
+
+    def _load_config(self, runner: RayDogTaskRunner) -> tuple[RayDogClusterConfig, str | None]:
+        """The cluster config to build, and where to relay the Prefect API for its nodes."""
+        from prefect_raydog.blocks import RayDogClusterConfig
+
+        if runner.cluster is None:
+            from prefect_raydog.local import LocalPlatform
+
+            platform = self._stack.enter_context(LocalPlatform())
+            config = RayDogClusterConfig.local(platform.url, platform.key_id, platform.key_secret)
+            return config, runner.api_relay_address or platform.host_address
+        if runner.cluster.startswith("unsaved:"):
+            config = _UNSAVED_CONFIGS.get(runner.cluster)
+            if config is None:
+                raise RuntimeError(
+                    "RayDogTaskRunner was given an unsaved RayDogClusterConfig in another "
+                    "process; save the block and pass its name: RayDogTaskRunner(cluster=NAME)."
+                )
+            return config, runner.api_relay_address
+        return RayDogClusterConfig.load(runner.cluster, _sync=True), runner.api_relay_address
+
+    def _relay_api(self, host: str) -> str:
+        from prefect.settings import PREFECT_API_URL
+
+        api_url = PREFECT_API_URL.value() or _ephemeral_api_url()
+        parts = urlsplit(api_url)
+        relay = self._stack.enter_context(
+            _TcpRelay(host, (parts.hostname, parts.port or 80))
+        )
+        return _with_host(api_url, host, relay.port)
+
+    def _tunnel(self, config: RayDogClusterConfig, head_ip: str) -> str:
+        import tempfile
+
+        from prefect_raydog.tunnels import RayTunnels
+
+        key_dir = self._stack.enter_context(tempfile.TemporaryDirectory(prefix="raydog-ssh-"))
+        key_file = os.path.join(key_dir, "id")
+        with os.fdopen(os.open(key_file, os.O_WRONLY | os.O_CREAT, 0o600), "w") as handle:
+            handle.write(config.ssh_private_key.get_secret_value())
+        tunnels = self._stack.enter_context(
+            RayTunnels(head_ip, config.ssh_username, private_key_file=key_file)
+        )
+        return tunnels.ray_client_address
+
+    def _shut_down(self, cluster: Any, logger: Any) -> None:
+        report = cluster.shut_down()
+        logger.info("Cluster %s shut down: %s.", cluster.spec.name, report)
+
+    def _wait_for_workers(self, logger: Any) -> None:
+        """Dispatch only once the configured number of Ray worker nodes has joined."""
+        wanted = self._workers_to_join
+        while wanted:
+            joined = sum(1 for node in ray.nodes()
+                         if node.get("Alive") and node.get("Resources", {}).get("CPU"))
+            if joined >= wanted:
+                self.stats.workers_ready_s = time.monotonic() - self.stats.started
+                logger.info("%d Ray worker node(s) joined after %.1f s.", joined,
+                            self.stats.workers_ready_s)
+                return
+            if time.monotonic() > self._build_deadline:
+                raise TimeoutError(
+                    f"Only {joined} of {wanted} Ray worker nodes joined cluster "
+                    f"{self.cluster_name} within its build timeout."
+                )
+            time.sleep(0.25)
+
+    def _runtime_env(self, runner: RayDogTaskRunner) -> dict[str, Any]:
+        runtime_env = dict(runner.init_kwargs.get("runtime_env") or {})
+        env_vars = {"RAY_AUTH_MODE": "disabled", **(runtime_env.get("env_vars") or {})}
+        runtime_env["env_vars"] = env_vars
+        return runtime_env
+
+    def remote_function(self, options: dict[str, Any]) -> Any:
+        key = repr(sorted(options.items()))
+        remote = self._remote_by_options.get(key)
+        if remote is None:
+            remote = self._remote.options(**options) if options else self._remote
+            self._remote_by_options[key] = remote
+        return remote
+
+    def track(self, ref: Any, task: Task, task_run_id: uuid.UUID) -> None:
+        self.in_flight[ref] = None
+
+        def on_completed(outcome: Any) -> None:
+            self.in_flight.pop(ref, None)
+            self.last_done = time.monotonic()
+            if isinstance(outcome, _Outcome):
+                self.stats.record(outcome.node_ip)
+            elif isinstance(outcome, Exception) and self._reporter is not None:
+                self.stats.crashed += 1
+                # After teardown the reporter is shut: these are the runs teardown cancelled.
+                with contextlib.suppress(RuntimeError):
+                    self._reporter.submit(self._report_crash, task, task_run_id, outcome)
+
+        ref._on_completed(on_completed)
+
+    def _report_crash(self, task: Task, task_run_id: uuid.UUID, exc: Exception) -> None:
+        """Tell the API that the task run crashed: its own engine died with its worker."""
+        from prefect.client.orchestration import get_client
+        from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
+
+        state = run_coro_as_sync(exception_to_crashed_state(exc))
+        try:
+            with get_client(sync_client=True) as client:
+                try:
+                    client.set_task_run_state(task_run_id, state, force=True)
+                except (ObjectNotFound, PrefectHTTPStatusError) as error:
+                    # The server may not have ingested the dead node's events yet: the sync
+                    # client reports that as a bare 404.
+                    if getattr(getattr(error, "response", None), "status_code", 404) != 404:
+                        raise
+                    client.create_task_run(
+                        task, flow_run_id=self.flow_run_id, dynamic_key=str(task_run_id),
+                        id=task_run_id, state=state,
+                    )
+        except Exception:
+            logging.getLogger(__name__).warning(
+                "Could not report the crash of task run %s", task_run_id, exc_info=True
+            )
+
+    def cancel_all(self) -> None:
+        for ref in list(self.in_flight):
+            try:
+                ray.cancel(ref, force=True)
+            except Exception:
+                logging.getLogger(__name__).debug("Could not cancel %s", ref, exc_info=True)
+
+    def close(self) -> None:
+        try:
+            if self._ready and self.flow_run_id is not None:
+                self._publish_artifact()
+        finally:
+            self._stack.close()
+
+    def _publish_artifact(self) -> None:
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.actions import ArtifactCreate
+
+        try:
+            with get_client(sync_client=True) as client:
+                client.create_artifact(ArtifactCreate(
+                    type="markdown", key="raydog-cluster", flow_run_id=self.flow_run_id,
+                    description="The Ray cluster this flow run used.",
+                    data=self.stats.markdown(self.cluster_name),
+                ))
+        except Exception:
+            logging.getLogger(__name__).warning("Could not publish the cluster artifact",
+                                                exc_info=True)
+
+    def log_grace(self) -> None:
+        """Give node processes time to send their last batch of logs before nodes go away.
+
+        Flushing the log batch after every task would wait out the batch interval each time."""
+        from prefect.settings import PREFECT_LOGGING_TO_API_BATCH_INTERVAL
+
+        if self._ready:
+            interval = min(PREFECT_LOGGING_TO_API_BATCH_INTERVAL.value(), 5.0) + 0.5
+            time.sleep(max(0.0, self.last_done + interval - time.monotonic()))
+
+
+def _cluster_reference(cluster: Any) -> str | None:
+    """A block name for `cluster`; an unsaved block is kept in this process, by token."""
+    if cluster is None or isinstance(cluster, str):
+        return cluster
+    name = getattr(cluster, "_block_document_name", None)
+    if name and not getattr(cluster, "_is_anonymous", False):
+        return name
+    token = f"unsaved:{uuid.uuid4().hex}"
+    _UNSAVED_CONFIGS[token] = cluster
+    return token
+
+
+def _ephemeral_api_url() -> str:
+    """The URL of the temporary server Prefect starts when no API URL is set."""
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()
+    server.start()
+    return server.api_url
+
+
+def _run_logger(runner: RayDogTaskRunner) -> logging.Logger | logging.LoggerAdapter:
+    """The flow run's logger when there is one (its records reach the UI), else the runner's."""
+    from prefect.logging import get_run_logger
+
+    try:
+        return get_run_logger()
+    except Exception:
+        return runner.logger
+
+
+def _connect(address: str, init_kwargs: dict[str, Any], logger: Any) -> None:
+    """Connect to Ray, retrying while a new head's client server is still starting."""
+    kwargs = {"namespace": "prefect", "log_to_driver": False, **init_kwargs}
+    if address == "local":
+        kwargs.setdefault("include_dashboard", False)
+    for attempt in range(1, _CLIENT_CONNECT_ATTEMPTS + 1):
+        try:
+            with _signal_handlers_kept():
+                ray.init(address, **kwargs)
+            break
+        except ConnectionError as exc:
+            if attempt == _CLIENT_CONNECT_ATTEMPTS:
+                raise ConnectionError(
+                    f"Could not connect to the Ray cluster at {address} after {attempt} "
+                    f"attempts: {exc}"
+                ) from exc
+            time.sleep(min(0.2 * attempt, 2.0))
+    alive = [node for node in ray.nodes() if node.get("Alive")]
+    logger.info("Connected to the Ray cluster at %s: %d node(s).", address, len(alive))
+
+
+@contextmanager
+def _signal_handlers_kept() -> Iterator[None]:
+    """Keep the flow engine's SIGTERM/SIGINT handlers across `ray.init`.
+
+    On the main thread Ray installs its own, which call `sys.exit`: a worker's cancel signal
+    would then reach the engine as SystemExit instead of its TerminationSignal, and a
+    cancelled run would end Crashed rather than Cancelled."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for signum, handler in saved.items():
+            if handler is not None:
+                signal.signal(signum, handler)
+
+
+def _with_host(url: str, host: str, port: int) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(netloc=f"{host}:{port}"))

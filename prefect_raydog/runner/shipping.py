@@ -1,0 +1,54 @@
+"""What the driver ships to the nodes with a task: the flow's own code and a reachable API URL."""
+
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from prefect.utilities.importtools import lazy_import
+
+if TYPE_CHECKING:
+    import ray
+    from prefect.tasks import Task
+
+ray = lazy_import("ray")
+
+_LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1", "0.0.0.0"}
+
+
+def _register_code_by_value(task: Task, engine_ctx: Any) -> None:
+    """Ship the flow's own modules by value, so nodes run code they do not have installed."""
+    import ray.cloudpickle as cloudpickle
+
+    functions = [getattr(task, "fn", None)]
+    flow = getattr(engine_ctx, "flow", None)
+    if flow is not None:
+        functions.append(flow.fn)
+    for fn in functions:
+        module = sys.modules.get(getattr(fn, "__module__", "") or "")
+        path = getattr(module, "__file__", None) or ""
+        if module is None or module.__name__ == "__main__" or "site-packages" in path:
+            continue
+        if not path or module.__name__.startswith(("prefect", "ray")):
+            continue
+        cloudpickle.register_pickle_by_value(module)
+
+
+def _rewrite_api_url(context: dict[str, Any], node_api_url: str | None) -> None:
+    """Give nodes an API URL they reach; refuse a loopback URL that they cannot."""
+    settings = context.get("settings_context", {}).get("settings", {})
+    api = settings.setdefault("api", {})
+    url = api.get("url")
+    if node_api_url:
+        api["url"] = node_api_url
+    elif url and urlsplit(url).hostname in _LOOPBACK_HOSTS and _nodes_are_remote():
+        raise RuntimeError(
+            f"The Prefect API URL {url} is on loopback, which the cluster's nodes cannot "
+            "reach. Serve the API on an address the nodes reach, or pass "
+            "RayDogTaskRunner(node_api_url=...)."
+        )
+
+
+def _nodes_are_remote() -> bool:
+    return ray.util.client.ray.is_connected()
