@@ -81,7 +81,7 @@ def release_session(session: _Session, flow_run: Any, exc_type: type | None) -> 
         _park(session, flow_run)
     elif last_user:
         if exc_type is None or issubclass(exc_type, Exception):
-            session.log_grace()
+            session.settle()
         session.close()
 
 

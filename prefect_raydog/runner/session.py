@@ -10,6 +10,7 @@ import signal
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from typing import TYPE_CHECKING, Any
@@ -22,6 +23,7 @@ from prefect.utilities.importtools import lazy_import
 
 from prefect_raydog.runner.node import _Outcome, _run_on_node
 from prefect_raydog.runner.placement import _with_pool_resources
+from prefect_raydog.runner.recorded import wait_for_final_states
 from prefect_raydog.runner.relay import _TcpRelay
 from prefect_raydog.runner.stats import _ClusterStats
 
@@ -50,6 +52,7 @@ class _Session:
         self.node_api_url: str | None = runner.node_api_url
         self.flow_run_id: uuid.UUID | None = None
         self.in_flight: dict[Any, None] = {}
+        self.finished_on_nodes: list[uuid.UUID] = []
         self.last_done = 0.0
         self._stack = ExitStack()
         self._ready = False
@@ -219,6 +222,7 @@ class _Session:
             self.last_done = time.monotonic()
             if isinstance(outcome, _Outcome):
                 self.stats.record(outcome.node_ip)
+                self.finished_on_nodes.append(task_run_id)
             elif isinstance(outcome, Exception) and self._reporter is not None:
                 self.stats.crashed += 1
                 # After teardown the reporter is shut: these are the runs teardown cancelled.
@@ -280,13 +284,14 @@ class _Session:
             logging.getLogger(__name__).warning("Could not publish the cluster artifact",
                                                 exc_info=True)
 
-    def log_grace(self) -> None:
-        """Give node processes time to send their last batch of logs before nodes go away.
-
-        Flushing the log batch after every task would wait out the batch interval each time."""
+    def settle(self, timeout: float = 30.0) -> None:
+        """Before the nodes go: let the API record every final state the nodes sent, and give
+        node processes time to send their last batch of logs (flushing the log batch after
+        every task would wait out the batch interval each time)."""
         from prefect.settings import PREFECT_LOGGING_TO_API_BATCH_INTERVAL
 
         if self._ready:
+            wait_for_final_states(self.finished_on_nodes, timeout)
             interval = min(PREFECT_LOGGING_TO_API_BATCH_INTERVAL.value(), 5.0) + 0.5
             time.sleep(max(0.0, self.last_done + interval - time.monotonic()))
 
@@ -329,7 +334,7 @@ def _connect(address: str, init_kwargs: dict[str, Any], logger: Any) -> None:
         kwargs.setdefault("include_dashboard", False)
     for attempt in range(1, _CLIENT_CONNECT_ATTEMPTS + 1):
         try:
-            with _signal_handlers_kept():
+            with _signal_handlers_kept(), _connection_noise_hidden():
                 ray.init(address, **kwargs)
             break
         except ConnectionError as exc:
@@ -360,6 +365,24 @@ def _signal_handlers_kept() -> Iterator[None]:
         for signum, handler in saved.items():
             if handler is not None:
                 signal.signal(signum, handler)
+
+
+@contextmanager
+def _connection_noise_hidden() -> Iterator[None]:
+    """Hide Ray's warnings about an attempt that `_connect` retries (it raises its own error
+    when attempts run out) and about signal handlers that are kept on purpose."""
+    ray_worker_log = logging.getLogger("ray._private.worker")
+
+    def not_about_handlers(record: logging.LogRecord) -> bool:
+        return "SIGTERM handler is not set" not in record.getMessage()
+
+    ray_worker_log.addFilter(not_about_handlers)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Ray Client connection timed out")
+            yield
+    finally:
+        ray_worker_log.removeFilter(not_about_handlers)
 
 
 def _with_host(url: str, host: str, port: int) -> str:
