@@ -26,6 +26,9 @@ from prefect_raydog.local.wire import error_body
 CONTROL_PREFIX = "/_local"
 UPDATE_POLL_S = 0.1
 KEEP_ALIVE_S = 10.0
+WORK_REQUIREMENT_FINAL = frozenset({"COMPLETED", "FAILED", "CANCELLED"})
+WORKER_POOL_FINAL = frozenset({"SHUTDOWN", "TERMINATED"})
+COMPUTE_FINAL = frozenset({"TERMINATED"})
 
 
 class ApiCalls:
@@ -132,6 +135,7 @@ def create_app(
     _work_routes(yellowdog, state)
     _worker_pool_routes(yellowdog, state)
     _compute_routes(yellowdog, state)
+    _catalogue_routes(yellowdog, state)
     control = APIRouter(prefix=CONTROL_PREFIX, dependencies=[Depends(authorise)])
     _control_routes(control, state, faults, api_calls)
 
@@ -204,18 +208,24 @@ async def _injected_fault(_request: Request, error: Exception) -> Response:
     )
 
 
-def _updates(state: PlatformState, render: Callable[[], dict[str, Any]]) -> StreamingResponse:
+def _updates(
+    state: PlatformState, render: Callable[[], dict[str, Any]], final: frozenset[str]
+) -> StreamingResponse:
     """Server-sent `entity_updated` events carrying the entity each time it changes (the first
-    one at once), as the SDK's listeners and helpers expect; a comment keeps quiet streams open."""
+    one at once), as the SDK's listeners and helpers expect; a comment keeps quiet streams open.
+    The stream ends after the event of a `final` status, as YellowDog's CLI expects."""
     render()
 
     async def events() -> AsyncIterator[str]:
         last, quiet_since = "", time.monotonic()
         while not state.stopped:
-            document = json.dumps(render(), separators=(",", ":"))
+            entity = render()
+            document = json.dumps(entity, separators=(",", ":"))
             if document != last:
                 last, quiet_since = document, time.monotonic()
                 yield f"event: entity_updated\ndata: {document}\n\n"
+                if entity.get("status") in final:
+                    return
             elif time.monotonic() - quiet_since > KEEP_ALIVE_S:
                 quiet_since = time.monotonic()
                 yield ":\n\n"
@@ -243,7 +253,9 @@ def _work_routes(router: APIRouter, state: PlatformState) -> None:
 
     @router.get("/work/requirements/{requirement_id}/updates")
     def work_requirement_updates(requirement_id: str) -> Response:
-        return _updates(state, lambda: state.get_work_requirement(requirement_id))
+        return _updates(
+            state, lambda: state.get_work_requirement(requirement_id), WORK_REQUIREMENT_FINAL
+        )
 
     @router.put("/work/requirements/{requirement_id}/transition/{status}")
     def transition_work_requirement(
@@ -319,7 +331,7 @@ def _worker_pool_routes(router: APIRouter, state: PlatformState) -> None:
 
     @router.get("/workerPools/{pool_id}/updates")
     def worker_pool_updates(pool_id: str) -> Response:
-        return _updates(state, lambda: state.get_worker_pool(pool_id))
+        return _updates(state, lambda: state.get_worker_pool(pool_id), WORKER_POOL_FINAL)
 
     @router.get("/workerPools/{pool_id}")
     def get_worker_pool(pool_id: str) -> Any:
@@ -346,7 +358,7 @@ def _compute_routes(router: APIRouter, state: PlatformState) -> None:
 
     @router.get("/compute/requirements/{requirement_id}/updates")
     def compute_requirement_updates(requirement_id: str) -> Response:
-        return _updates(state, lambda: state.get_compute_requirement(requirement_id))
+        return _updates(state, lambda: state.get_compute_requirement(requirement_id), COMPUTE_FINAL)
 
     @router.put("/compute/requirements/{requirement_id}/transition/{status}")
     def transition_compute_requirement(requirement_id: str, status: str) -> Any:
@@ -359,6 +371,44 @@ def _compute_routes(router: APIRouter, state: PlatformState) -> None:
     @router.get("/compute/instances")
     def search_instances(request: Request) -> Any:
         return state.search_instances(_params(request))
+
+
+def _catalogue_routes(router: APIRouter, state: PlatformState) -> None:
+    @router.get("/compute/templates/requirements")
+    def search_requirement_templates(request: Request) -> Any:
+        return state.search_requirement_templates(_params(request))
+
+    @router.get("/compute/templates/requirements/{template_id}")
+    def get_requirement_template(template_id: str) -> Any:
+        return state.get_requirement_template(template_id)
+
+    @router.get("/compute/namespaces/{namespace}/templates/requirements/{name}")
+    def get_requirement_template_by_name(namespace: str, name: str) -> Any:
+        return state.get_requirement_template_by_name(namespace, name)
+
+    @router.get("/compute/templates/sources")
+    def search_source_templates(request: Request) -> Any:
+        return state.search_source_templates(_params(request))
+
+    @router.get("/compute/templates/sources/{template_id}")
+    def get_source_template(template_id: str) -> Any:
+        return state.get_source_template(template_id)
+
+    @router.get("/compute/namespaces/{namespace}/templates/sources/{name}")
+    def get_source_template_by_name(namespace: str, name: str) -> Any:
+        return state.get_source_template_by_name(namespace, name)
+
+    @router.get("/namespaces")
+    def search_namespaces(request: Request) -> Any:
+        return state.search_namespaces(_params(request))
+
+    @router.get("/namespaces/{namespace_id}")
+    def get_namespace(namespace_id: str) -> Any:
+        return state.get_namespace(namespace_id)
+
+    @router.get("/application")
+    def application_details() -> Any:
+        return state.application_details()
 
 
 def _control_routes(

@@ -4,9 +4,13 @@
 from __future__ import annotations
 
 import sys
+import uuid
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
+from typing import Any
+
+from prefect_raydog.local.wire import ACCOUNT, TYPE_PREFIX
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -38,6 +42,84 @@ class Template:
     boot_failure_rate: float = 0.0
     supported_task_types: tuple[str, ...] = ("bash",)
 
+    @property
+    def namespace(self) -> str:
+        return self.id.split("/", 1)[0]
+
+    @property
+    def name(self) -> str:
+        return self.id.split("/", 1)[1]
+
+    @property
+    def requirement_template_id(self) -> str:
+        """The template's YellowDog id (`ydid:crt:...`), the same on every run."""
+        return f"ydid:crt:{ACCOUNT}:{uuid.uuid5(_IDS, 'crt/' + self.id)}"
+
+    @property
+    def source_template_id(self) -> str:
+        """The id of the template's one compute source template (`ydid:cst:...`)."""
+        return f"ydid:cst:{ACCOUNT}:{uuid.uuid5(_IDS, 'cst/' + self.id)}"
+
+    @property
+    def description(self) -> str:
+        return f"Local {self.mode.value} nodes ({self.instance_type})"
+
+    def source(self) -> dict[str, Any]:
+        """The template's compute source, as a `SimulatorComputeSource` document."""
+        return {
+            "type": TYPE_PREFIX + "SimulatorComputeSource",
+            "name": self.id.replace("/", "-"),
+            "region": REGION,
+            "instanceType": self.instance_type,
+            "imageId": IMAGE,
+            "instanceStartupTimeSeconds": round(self.boot_delay_s),
+            "limit": 0,
+        }
+
+    def requirement_template(self) -> dict[str, Any]:
+        """The `ComputeRequirementStaticTemplate` document."""
+        source = {
+            "sourceTemplateId": self.source_template_id,
+            "instanceType": self.instance_type,
+            "imageId": IMAGE,
+        }
+        return {**self.requirement_template_summary(), "sources": [source]}
+
+    def requirement_template_summary(self) -> dict[str, Any]:
+        return {
+            "type": TYPE_PREFIX + "ComputeRequirementStaticTemplate",
+            "id": self.requirement_template_id,
+            "namespace": self.namespace,
+            "name": self.name,
+            "description": self.description,
+            "strategyType": TYPE_PREFIX + "SingleSourceProvisionStrategy",
+        }
+
+    def source_template(self) -> dict[str, Any]:
+        """The `ComputeSourceTemplate` document."""
+        return {
+            "id": self.source_template_id,
+            "namespace": self.namespace,
+            "description": self.description,
+            "source": self.source(),
+            "attributes": [],
+        }
+
+    def source_template_summary(self) -> dict[str, Any]:
+        return {
+            "id": self.source_template_id,
+            "namespace": self.namespace,
+            "name": self.id.replace("/", "-"),
+            "description": self.description,
+            "sourceType": TYPE_PREFIX + "SimulatorComputeSource",
+            "provider": PROVIDER,
+        }
+
+
+_IDS = uuid.UUID("5d1f0c52-7a0e-4c55-9a47-6c6f63616c79")
+PROVIDER = "ON_PREMISE"
+REGION = "local"
+IMAGE = "local"
 
 BUILT_IN = (
     Template(id="local/process", mode=NodeMode.PROCESS),
@@ -64,9 +146,13 @@ class TemplateCatalogue:
                 self._templates[template.id] = template
 
     def get(self, template_id: str) -> Template:
+        """The template with id `namespace/name`, or with its `ydid:crt:` or `ydid:cst:` id."""
         try:
             return self._templates[template_id]
         except KeyError:
+            for template in self._templates.values():
+                if template_id in (template.requirement_template_id, template.source_template_id):
+                    return template
             known = ", ".join(sorted(self._templates))
             raise TemplateError(
                 f"Unknown compute requirement template '{template_id}': known templates are {known}"
@@ -74,6 +160,9 @@ class TemplateCatalogue:
 
     def ids(self) -> list[str]:
         return sorted(self._templates)
+
+    def all(self) -> list[Template]:
+        return [self._templates[template_id] for template_id in self.ids()]
 
 
 def load_templates(path: Path) -> list[Template]:

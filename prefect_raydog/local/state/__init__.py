@@ -5,7 +5,8 @@ HTTP in sight.
 The rooms: `work` and `compute` hold the entities and their wire forms, `search` the queries and
 pages, `clock` the lock, timers and scheduler thread, `simulation` what the scheduler does
 (claims, boot, idle shutdown and timeouts, node start and stop), and `work_service`,
-`pool_service` and `controls` the operations the API's routes call. Everything is guarded by one
+`pool_service`, `catalogue_service` (templates, namespaces, the application) and `controls` the
+operations the API's routes call. Everything is guarded by one
 lock. A scheduler thread runs `step()` whenever something changes and at least every 50 ms for
 timers: it boots nodes, lets idle workers claim waiting tasks, grows pools to meet waiting tasks,
 and ends timed-out tasks and idle nodes and pools. Process nodes' processes are run by a
@@ -38,6 +39,7 @@ Choices where YellowDog's behaviour is not documented (contract section 5 and 9.
 - Duplicate names are refused only among live pools and unfinished work requirements.
 """
 
+from prefect_raydog.local.state.catalogue_service import CatalogueService
 from prefect_raydog.local.state.controls import Controls
 from prefect_raydog.local.state.errors import (
     InvalidRequest,
@@ -57,6 +59,6 @@ __all__ = [
 ]
 
 
-class PlatformState(WorkService, PoolService, Controls):
+class PlatformState(WorkService, PoolService, CatalogueService, Controls):
     """Every entity of the local platform, the scheduler that moves them along, and every
     operation the API calls."""

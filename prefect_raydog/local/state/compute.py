@@ -8,15 +8,14 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from prefect_raydog.local.state.errors import InvalidRequest, auto_shutdown
-from prefect_raydog.local.templates import NodeMode, Template
+from prefect_raydog.local.templates import IMAGE, PROVIDER, REGION, NodeMode, Template
 from prefect_raydog.local.wire import ACCOUNT, TYPE_PREFIX, compact, iso_time, new_uuid, now
 
 if TYPE_CHECKING:
     from prefect_raydog.local.state.work import Task
 
 MAX_NODES = 10_000
-PROVIDER = "ON_PREMISE"
-REGION = "local"
+ALIVE = ("PENDING", "RUNNING")
 
 
 class ComputeRequirement:
@@ -37,8 +36,38 @@ class ComputeRequirement:
         if status != self.status:
             self.status, self.status_changed = status, now()
 
+    @property
+    def target_count(self) -> int:
+        """The instances wanted now: the pool's nodes not yet stopped, as it grows, resizes
+        and shuts nodes down."""
+        if self.pool is None:
+            return self.target
+        return sum(not n.stopping and n.instance_status != "TERMINATED" for n in self.pool.nodes)
+
+    def _status_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for node in self.pool.nodes if self.pool else []:
+            counts[node.instance_status] = counts.get(node.instance_status, 0) + 1
+        return counts
+
     def to_wire(self) -> dict[str, Any]:
-        nodes = self.pool.nodes if self.pool else []
+        counts = self._status_counts()
+        expected = sum(n for status, n in counts.items() if status != "TERMINATED")
+        source = {
+            **self.template.source(),
+            "id": self.source_id,
+            "createdFromId": self.template.source_template_id,
+            "provider": PROVIDER,
+            "status": "INACTIVE" if self.status == "TERMINATED" else "ACTIVE",
+            "instanceSummary": {
+                "statusCounts": counts,
+                "aliveCount": sum(counts.get(status, 0) for status in ALIVE),
+                "requestedCount": self.target_count,
+                "expectedCount": expected,
+                "totalCount": sum(counts.values()),
+                "lastUpdatedTime": iso_time(now()),
+            },
+        }
         return compact(
             {
                 "id": self.id,
@@ -46,12 +75,12 @@ class ComputeRequirement:
                 "name": self.name,
                 "tag": self.tag,
                 "createdTime": iso_time(self.created),
-                "createdFromId": f"local:{self.template.id}",
+                "createdFromId": self.template.requirement_template_id,
                 "status": self.status,
                 "nextStatus": self.next_status,
                 "statusChangedTime": iso_time(self.status_changed),
-                "targetInstanceCount": self.target,
-                "expectedInstanceCount": sum(n.instance_status != "TERMINATED" for n in nodes),
+                "targetInstanceCount": self.target_count,
+                "expectedInstanceCount": expected,
                 "maintainInstanceCount": False,
                 "supportedOperations": {
                     "canStopStart": False,
@@ -60,19 +89,29 @@ class ComputeRequirement:
                 },
                 "provisionStrategy": {
                     "type": TYPE_PREFIX + "SingleSourceProvisionStrategy",
-                    "sources": [
-                        {
-                            "type": TYPE_PREFIX + "SimulatorComputeSource",
-                            "id": self.source_id,
-                            "name": self.template.id.replace("/", "-"),
-                            "region": REGION,
-                            "instanceType": self.template.instance_type,
-                            "imageId": "local",
-                            "status": "ACTIVE",
-                            "limit": 0,
-                        }
-                    ],
+                    "sources": [source],
                 },
+            }
+        )
+
+    def summary(self) -> dict[str, Any]:
+        """The `ComputeRequirementSummary` a search with `summaries=true` returns."""
+        counts = self._status_counts()
+        return compact(
+            {
+                "id": self.id,
+                "namespace": self.namespace,
+                "name": self.name,
+                "tag": self.tag,
+                "targetInstanceCount": self.target_count,
+                "expectedInstanceCount": sum(
+                    n for status, n in counts.items() if status != "TERMINATED"
+                ),
+                "aliveInstanceCount": sum(counts.get(status, 0) for status in ALIVE),
+                "createdTime": iso_time(self.created),
+                "statusChangedTime": iso_time(self.status_changed),
+                "status": self.status,
+                "healthy": True,
             }
         )
 
@@ -258,7 +297,7 @@ class Node:
                 "provider": PROVIDER,
                 "region": REGION,
                 "instanceType": self.pool.template.instance_type,
-                "imageId": "local",
+                "imageId": IMAGE,
                 "hostname": self.hostname,
                 "privateIpAddress": self.private_ip,
                 "publicIpAddress": self.public_ip,

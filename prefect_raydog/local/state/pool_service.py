@@ -6,17 +6,19 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from prefect_raydog.local.state.compute import (
-    PROVIDER,
-    REGION,
-    ComputeRequirement,
-    Node,
-    WorkerPool,
-)
+from prefect_raydog.local.state.compute import ComputeRequirement, Node, WorkerPool
 from prefect_raydog.local.state.errors import InvalidRequest, NotFound, require_text
-from prefect_raydog.local.state.search import Query, by_id, matches, newest_by_name
+from prefect_raydog.local.state.search import (
+    Query,
+    by_id,
+    contains,
+    healthy,
+    in_namespaces,
+    matches,
+    newest_by_name,
+)
 from prefect_raydog.local.state.simulation import Simulation
-from prefect_raydog.local.templates import NodeMode, TemplateError
+from prefect_raydog.local.templates import IMAGE, PROVIDER, REGION, NodeMode, TemplateError
 
 
 class PoolService(Simulation):
@@ -113,17 +115,16 @@ class PoolService(Simulation):
 
     def search_worker_pools(self, params: dict[str, list[str]]) -> dict[str, Any]:
         query = Query(params)
-        namespaces = query.many("namespaces")
         kind = query.one("type")
         with self._cond:
             found = (
                 p
                 for p in self._pools.values()
-                if matches(query, "namespace", p.namespace)
-                and (namespaces is None or p.namespace in namespaces)
-                and matches(query, "name", p.name)
+                if in_namespaces(query, p.namespace)
+                and contains(query, "name", p.name)
                 and (kind is None or "ProvisionedWorkerPool".endswith(kind.split(".")[-1]))
                 and matches(query, "statuses", p.status)
+                and healthy(query, True)
                 and query.in_range("createdTime", p.created)
             )
             return query.page(found, WorkerPool.summary)
@@ -160,6 +161,7 @@ class PoolService(Simulation):
                 and matches(query, "workerStatuses", n.worker_status)
                 and matches(query, "instanceType", n.pool.template.instance_type)
                 and matches(query, "region", REGION)
+                and matches(query, "providers", PROVIDER)
                 and (group_id is None or (n.task is not None and n.task.group.id == group_id))
                 and query.in_range("registeredTime", n.registered)
             )
@@ -193,17 +195,20 @@ class PoolService(Simulation):
 
     def search_compute_requirements(self, params: dict[str, list[str]]) -> dict[str, Any]:
         query = Query(params)
+        summaries = query.flag("summaries")
         with self._cond:
             found = (
                 c
                 for c in self._compute.values()
-                if matches(query, "namespace", c.namespace)
-                and matches(query, "name", c.name)
-                and matches(query, "tag", c.tag)
+                if in_namespaces(query, c.namespace)
+                and contains(query, "name", c.name)
+                and contains(query, "tag", c.tag)
                 and matches(query, "statuses", c.status)
+                and healthy(query, True)
                 and query.in_range("createdTime", c.created)
             )
-            return query.page(found, ComputeRequirement.to_wire)
+            render = ComputeRequirement.summary if summaries else ComputeRequirement.to_wire
+            return query.page(found, render)
 
     def search_instances(self, params: dict[str, list[str]]) -> dict[str, Any]:
         query = Query(params)
@@ -220,6 +225,7 @@ class PoolService(Simulation):
                 and matches(query, "statuses", n.instance_status)
                 and matches(query, "providers", PROVIDER)
                 and matches(query, "regions", REGION)
+                and matches(query, "imageIds", IMAGE)
                 and matches(query, "publicIpAddress", n.public_ip)
                 and matches(query, "privateIpAddress", n.private_ip)
                 and matches(query, "hostname", n.hostname)

@@ -41,10 +41,11 @@ def newest_by_name(entities: Iterable[N], namespace: str, name: str, what: str) 
 
 
 class Query:
-    """A search's query parameters: repeated keys, `x.min`/`x.max` ranges, `True`/`False`."""
+    """A search's query parameters: repeated keys, `x.min`/`x.max` ranges, `True`/`False`. An
+    empty value (`name=`) is no filter, as YellowDog's CLI sends it."""
 
     def __init__(self, params: dict[str, list[str]]) -> None:
-        self.params = params
+        self.params = {key: [v for v in values if v != ""] for key, values in params.items()}
 
     def one(self, key: str) -> str | None:
         values = self.params.get(key)
@@ -72,7 +73,13 @@ class Query:
             raise InvalidRequest(f"Search field '{key}': not an ISO-8601 date-time") from None
 
     def page(self, items: Iterable[Any], render: Callable[[Any], dict]) -> dict[str, Any]:
-        matched = list(items)
+        """One slice of the matched items, in creation order unless `sortField` names a field
+        of the rendered documents; `sortDirection=DESCENDING` reverses either order."""
+        matched: list[Any] = list(items)
+        sort_field = self.one("sortField")
+        if sort_field is not None:
+            matched = sorted(map(render, matched), key=lambda doc: _sort_key(doc, sort_field))
+            render = _as_is
         if self.one("sortDirection") == "DESCENDING":
             matched.reverse()
         try:
@@ -89,6 +96,37 @@ class Query:
         }
 
 
+def _as_is(document: dict) -> dict:
+    return document
+
+
+def _sort_key(document: dict[str, Any], field: str) -> tuple[int, Any]:
+    value: Any = document
+    for part in field.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    if value is None or isinstance(value, (dict, list)):
+        return (1, "")
+    return (0, value if isinstance(value, (int, float)) else str(value))
+
+
 def matches(query: Query, key: str, value: Any) -> bool:
+    """`value` is one of the values given for `key` (or `key` is not given)."""
     wanted = query.many(key)
     return wanted is None or value in wanted
+
+
+def contains(query: Query, key: str, value: str | None) -> bool:
+    """`value` contains the text given for `key`, case-sensitively (or `key` is not given): how
+    YellowDog matches names and tags in searches."""
+    wanted = query.one(key)
+    return wanted is None or (value is not None and wanted in value)
+
+
+def in_namespaces(query: Query, namespace: str) -> bool:
+    """`namespace` is the deprecated `namespace` given and one of `namespaces` (each if given)."""
+    return matches(query, "namespace", namespace) and matches(query, "namespaces", namespace)
+
+
+def healthy(query: Query, is_healthy: bool) -> bool:
+    wanted = query.flag("isHealthy")
+    return wanted is None or wanted == is_healthy

@@ -12,7 +12,15 @@ from prefect_raydog.local.state.errors import (
     NotFound,
     require_text,
 )
-from prefect_raydog.local.state.search import Query, by_id, matches, newest_by_name
+from prefect_raydog.local.state.search import (
+    Query,
+    by_id,
+    contains,
+    healthy,
+    in_namespaces,
+    matches,
+    newest_by_name,
+)
 from prefect_raydog.local.state.simulation import Simulation
 from prefect_raydog.local.state.work import (
     GROUP_CLOSED,
@@ -143,16 +151,15 @@ class WorkService(Simulation):
 
     def search_work_requirements(self, params: dict[str, list[str]]) -> dict[str, Any]:
         query = Query(params)
-        namespaces = query.many("namespaces")
         with self._cond:
             found = (
                 r
                 for r in self._requirements.values()
-                if matches(query, "namespace", r.namespace)
-                and (namespaces is None or r.namespace in namespaces)
-                and matches(query, "name", r.name)
-                and matches(query, "tag", r.spec.get("tag"))
+                if in_namespaces(query, r.namespace)
+                and contains(query, "name", r.name)
+                and contains(query, "tag", r.spec.get("tag"))
                 and matches(query, "statuses", r.status)
+                and healthy(query, True)
                 and query.in_range("createdTime", r.created)
                 and query.in_range("statusChangedTime", r.status_changed)
             )
@@ -256,7 +263,7 @@ class WorkService(Simulation):
                 t
                 for t in tasks
                 if (requirement_id is None or t.group.requirement.id == requirement_id)
-                and matches(query, "name", t.spec.get("name"))
+                and contains(query, "name", t.spec.get("name"))
                 and matches(query, "tag", t.spec.get("tag"))
                 and (prefix is None or (t.spec.get("tag") or "").startswith(prefix))
                 and matches(query, "statuses", t.status)

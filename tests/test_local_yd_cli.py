@@ -1,0 +1,270 @@
+"""YellowDog's own command line (`yellowdog-cli`: `yd-provision`, `yd-submit`, `yd-follow`,
+`yd-list`, `yd-show`, `yd-resize`, `yd-abort`, `yd-cancel`, `yd-shutdown`) drives the local
+platform as it drives YellowDog: each command runs unmodified, as a subprocess, against the
+platform's loopback URL."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from conftest import wait_for
+from yellowdog_client.model import (
+    ComputeRequirementTemplateUsage,
+    NodeWorkerTarget,
+    ProvisionedWorkerPoolProperties,
+    TaskSearch,
+    TaskStatus,
+    WorkerPoolSearch,
+    WorkRequirementStatus,
+)
+
+from prefect_raydog.local import LocalPlatform
+
+BIN = Path(sys.executable).parent
+NAMESPACE, TAG = "yd-cli-test", "ydcli"
+CONFIG = f"""
+[common]
+namespace = "{NAMESPACE}"
+tag = "{TAG}"
+
+[workerPool]
+templateId = "local/process"
+targetInstanceCount = 1
+maxNodes = 2
+workerTag = "ydcli-workers"
+
+[workRequirement]
+taskType = "bash"
+taskCount = 2
+workerTags = ["ydcli-workers"]
+arguments = ["taskdata.txt"]
+taskData = "echo hello from $YD_TASK_ID"
+"""
+# Each entity type, with the options that list it without a prompt: those listed within
+# another entity (a task group's tasks, a pool's nodes) take every one, templates are in `local`.
+LIST_TYPES = {
+    "work-requirements": (),
+    "task-groups": ("--auto-select-all",),
+    "tasks": ("--auto-select-all",),
+    "worker-pools": (),
+    "nodes": ("--auto-select-all",),
+    "workers": ("--auto-select-all",),
+    "compute-requirements": (),
+    "instances": ("--auto-select-all",),
+    "compute-requirement-templates": ("--namespace", "local"),
+    "compute-source-templates": ("--namespace", "local"),
+    "namespaces": (),
+}
+
+
+class YdCli:
+    """Runs `yd-*` commands in a directory holding `config.toml`, with the platform's URL and
+    key in the environment and nothing else of this machine's (no proxies, no home)."""
+
+    def __init__(self, platform: LocalPlatform, directory: Path) -> None:
+        assert platform.url.startswith("http://127.0.0.1:")
+        self.directory = directory
+        self.env = {
+            "PATH": f"{BIN}:/usr/bin:/bin",
+            "HOME": str(directory),
+            "LANG": "C.UTF-8",
+            "COLUMNS": "250",
+            "NO_COLOR": "1",
+            "YD_KEY": platform.key_id,
+            "YD_SECRET": platform.key_secret,
+            "YD_URL": platform.url,
+        }
+
+    def run(self, command: str, *args: str, config: str = "config.toml") -> str:
+        result = subprocess.run(
+            [str(BIN / f"yd-{command}"), "--config", config, *args],
+            cwd=self.directory,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            stdin=subprocess.DEVNULL,
+        )
+        output = " ".join((result.stdout + result.stderr).split())
+        assert result.returncode == 0, f"yd-{command} {' '.join(args)} failed:\n{output}"
+        assert "ERROR" not in output, output
+        return output
+
+    def json(self, command: str, *args: str) -> Any:
+        result = subprocess.run(
+            [str(BIN / f"yd-{command}"), "--config", "config.toml", *args, "--json", "--quiet"],
+            cwd=self.directory,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            stdin=subprocess.DEVNULL,
+        )
+        assert result.returncode == 0, f"yd-{command} {args}:\n{result.stdout}{result.stderr}"
+        return json.loads(result.stdout) if result.stdout.strip() else []
+
+    def list_all(self) -> dict[str, list[dict[str, Any]]]:
+        """`yd-list --json` of every entity type, run side by side."""
+        with ThreadPoolExecutor(4) as pool:
+            rows = pool.map(lambda kind: self.json("list", kind, *LIST_TYPES[kind]), LIST_TYPES)
+            return dict(zip(LIST_TYPES, rows, strict=True))
+
+
+@pytest.fixture
+def yd(platform: LocalPlatform, tmp_path: Path) -> YdCli:
+    (tmp_path / "config.toml").write_text(CONFIG)
+    (tmp_path / "long.toml").write_text(
+        CONFIG.replace("taskCount = 2", "taskCount = 3").replace(
+            "echo hello from $YD_TASK_ID", "sleep 300"
+        )
+    )
+    return YdCli(platform, tmp_path)
+
+
+def _id_in(output: str, kind: str) -> str:
+    for word in output.replace("'", " ").split():
+        if word.startswith(f"ydid:{kind}:"):
+            return word
+    raise AssertionError(f"no ydid:{kind}: in\n{output}")
+
+
+def test_yd_commands_provision_submit_follow_list_show_resize_abort_cancel_shut_down(
+    platform: LocalPlatform, yd: YdCli
+) -> None:
+    client = platform.client
+    output = yd.run("provision")
+    assert "'local/process' -> ydid:crt:" in output
+    pool_id = _id_in(output, "wrkrpool")
+
+    requirement_id = _id_in(yd.run("submit"), "workreq")
+    assert "COMPLETED" in yd.run("follow", requirement_id)
+    tasks = client.work_client.get_tasks(TaskSearch(workRequirementId=requirement_id)).list_all()
+    assert [task.status for task in tasks] == [TaskStatus.COMPLETED] * 2
+    assert platform.task_output(tasks[0].id).strip() == f"hello from {tasks[0].id}"
+
+    rows = yd.list_all()
+    assert [(r["name"], r["status"], r["totalTaskCount"]) for r in rows["work-requirements"]] == [
+        (client.work_client.get_work_requirement_by_id(requirement_id).name, "COMPLETED", 2)
+    ]
+    assert [(g["name"], g["status"]) for g in rows["task-groups"]] == [
+        ("task_group_1", "COMPLETED")
+    ]
+    assert sorted(t["name"] for t in rows["tasks"]) == ["task_1", "task_2"]
+    assert [(p["id"], p["namespace"]) for p in rows["worker-pools"]] == [(pool_id, NAMESPACE)]
+    node_ids = {n["id"] for n in rows["nodes"]}
+    assert {task.nodeId for task in tasks} <= node_ids and len(node_ids) in (1, 2)
+    assert {w["id"] for w in rows["workers"]} == {n["workers"][0]["id"] for n in rows["nodes"]}
+    [requirement] = rows["compute-requirements"]
+    assert requirement["aliveInstanceCount"] == requirement["targetInstanceCount"] == len(node_ids)
+    assert {i["id"]["instanceId"] for i in rows["instances"]} == {
+        n["details"]["instanceId"] for n in rows["nodes"]
+    }
+    assert {t["name"] for t in rows["compute-requirement-templates"]} >= {"process", "simulated"}
+    assert {t["name"] for t in rows["compute-source-templates"]} >= {"local-process"}
+    assert {n["namespace"] for n in rows["namespaces"]} >= {NAMESPACE, "local"}
+
+    for entity_id in (pool_id, requirement_id, requirement["id"], tasks[0].id):
+        assert f'"id": "{entity_id}"' in yd.run("show", entity_id)
+
+    yd.run("resize", "--yes", pool_id, "2")
+    wait_for(
+        lambda: client.worker_pool_client.get_worker_pool_by_id(pool_id).expectedNodeCount == 2,
+        what="the pool resized to 2 nodes",
+    )
+
+    long_id = _id_in(yd.run("submit", config="long.toml"), "workreq")
+    executing = TaskSearch(workRequirementId=long_id, statuses=[TaskStatus.EXECUTING])
+    wait_for(lambda: len(client.work_client.get_tasks(executing).list_all()) == 2, timeout=60)
+    assert "Aborted 2 of 2 Tasks" in yd.run("abort", "--yes")
+    wait_for(lambda: len(client.work_client.get_tasks(executing).list_all()) == 1, timeout=60)
+    yd.run("cancel", "--yes", "--abort")
+    wait_for(
+        lambda: (
+            client.work_client.get_work_requirement_by_id(long_id).status
+            == WorkRequirementStatus.CANCELLED
+        ),
+        timeout=30,
+    )
+    long_tasks = client.work_client.get_tasks(TaskSearch(workRequirementId=long_id)).list_all()
+    assert [task.status for task in long_tasks] == [TaskStatus.ABORTED] * 3
+
+    yd.run("shutdown", "--yes")
+    pool = client.worker_pool_client.get_worker_pool_by_id(pool_id)
+    assert pool.status.value in ("SHUTDOWN", "TERMINATED")
+
+
+def test_searches_match_names_and_tags_partially_and_ignore_empty_values(
+    platform: LocalPlatform,
+) -> None:
+    client = platform.client
+    pools = [
+        client.worker_pool_client.provision_worker_pool(
+            ComputeRequirementTemplateUsage(
+                templateId="local/simulated",
+                requirementName=name,
+                requirementNamespace="search-test",
+                requirementTag=f"tag-{name}",
+                targetInstanceCount=1,
+            ),
+            ProvisionedWorkerPoolProperties(createNodeWorkers=NodeWorkerTarget.per_node(1)),
+        )
+        for name in ("beta-pool", "alpha-pool", "gamma")
+    ]
+    try:
+        search = platform.url + "/workerPools/"
+        auth = {"Authorization": f"yd-key {platform.key_id}:{platform.key_secret}"}
+
+        def names(url: str, **params: Any) -> list[str]:
+            answer = requests.get(
+                url, params={"namespaces": "search-test", **params}, headers=auth, timeout=30
+            )
+            answer.raise_for_status()
+            return [item["name"] for item in answer.json()["items"]]
+
+        assert names(search, name="pool") == ["beta-pool", "alpha-pool"]
+        assert names(search, name="", tag="") == ["beta-pool", "alpha-pool", "gamma"]
+        assert names(search, sortField="name") == ["alpha-pool", "beta-pool", "gamma"]
+        assert names(search, sortField="name", sortDirection="DESCENDING") == [
+            "gamma",
+            "beta-pool",
+            "alpha-pool",
+        ]
+        assert names(search, isHealthy="False") == []
+        requirements = platform.url + "/compute/requirements"
+        assert names(requirements, tag="alpha", summaries="true") == ["alpha-pool"]
+        assert (
+            client.worker_pool_client.get_worker_pools(
+                WorkerPoolSearch(name="alpha", namespaces=["search-test"])
+            )
+            .list_all()[0]
+            .name
+            == "alpha-pool"
+        )
+    finally:
+        for pool in pools:
+            client.worker_pool_client.shutdown_worker_pool_by_id(pool.id)
+
+
+def test_templates_namespaces_and_application_read_as_yellowdog_documents(
+    platform: LocalPlatform,
+) -> None:
+    compute = platform.client.compute_client
+    template = compute.get_compute_requirement_template_by_name("local", "process")
+    assert template.id.startswith("ydid:crt:") and template.name == "process"
+    assert compute.get_compute_requirement_template(template.id).id == template.id
+    source = compute.get_compute_source_template(template.sources[0].sourceTemplateId)
+    assert source.source.instanceType == platform.templates.get("local/process").instance_type
+    summaries = compute.find_all_compute_requirement_templates()
+    assert {(t.namespace, t.name) for t in summaries} >= {
+        ("local", "process"),
+        ("local", "simulated"),
+    }
+    details = platform.client.application_client.get_application_details()
+    assert details.allNamespacesReadable and "local" in details.readableNamespaces
