@@ -140,7 +140,8 @@ def test_yd_commands_provision_submit_follow_list_show_resize_abort_cancel_shut_
 ) -> None:
     client = platform.client
     output = yd.run("provision")
-    assert "'local/process' -> ydid:crt:" in output
+    template_id = _id_in(output, "crt")
+    assert f"'local/process' -> {template_id}" in output
     pool_id = _id_in(output, "wrkrpool")
 
     requirement_id = _id_in(yd.run("submit"), "workreq")
@@ -170,13 +171,20 @@ def test_yd_commands_provision_submit_follow_list_show_resize_abort_cancel_shut_
     assert {t["name"] for t in rows["compute-source-templates"]} >= {"local-process"}
     assert {n["namespace"] for n in rows["namespaces"]} >= {NAMESPACE, "local"}
 
-    for entity_id in (pool_id, requirement_id, requirement["id"], tasks[0].id):
-        assert f'"id": "{entity_id}"' in yd.run("show", entity_id)
+    shown_ids = (pool_id, requirement_id, requirement["id"], tasks[0].id, template_id)
+    shown = yd.run("show", *shown_ids)
+    assert all(f'"id": "{entity_id}"' in shown for entity_id in shown_ids)
 
     yd.run("resize", "--yes", pool_id, "2")
     wait_for(
         lambda: client.worker_pool_client.get_worker_pool_by_id(pool_id).expectedNodeCount == 2,
         what="the pool resized to 2 nodes",
+    )
+
+    yd.run("resize", "--yes", "--compute-requirement", requirement["id"], "1")
+    wait_for(
+        lambda: client.worker_pool_client.get_worker_pool_by_id(pool_id).expectedNodeCount == 1,
+        what="the compute requirement resized to 1 instance",
     )
 
     long_id = _id_in(yd.run("submit", config="long.toml"), "workreq")

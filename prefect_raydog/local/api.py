@@ -352,6 +352,11 @@ def _compute_routes(router: APIRouter, state: PlatformState) -> None:
     def search_compute_requirements(request: Request) -> Any:
         return state.search_compute_requirements(_params(request))
 
+    @router.put("/compute/requirements")
+    async def update_compute_requirement(request: Request, reprovision: str | None = None) -> Any:
+        document = await _object_body(request, "ComputeRequirement")
+        return state.update_compute_requirement(document, _flag(reprovision))
+
     @router.get("/compute/requirements/{requirement_id}")
     def get_compute_requirement(requirement_id: str) -> Any:
         return state.get_compute_requirement(requirement_id)

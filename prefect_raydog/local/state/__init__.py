@@ -30,8 +30,13 @@ Choices where YellowDog's behaviour is not documented (contract section 5 and 9.
   own teardown issues both calls in both orders (contract 1.2), so the real platform must
   accept the second one.
 - Searches page 100 items by default (`size` from 1 to 1000); slice ids are opaque offsets.
-  Results come in creation order (`sortDirection=DESCENDING` reverses it; `sortField` is
-  ignored).
+  Results come in creation order, or by `sortField` (a field of the returned documents);
+  `sortDirection=DESCENDING` reverses either. Names, and the tags of work and compute
+  requirements, match as substrings; an empty value is no filter; everything is healthy.
+- A compute requirement's target is its pool's nodes not stopping; alive instances are the
+  PENDING or RUNNING ones. `/updates` streams end once their entity has finished.
+- Templates and their compute source templates have ids derived from `namespace/name`; the
+  namespaces are those in use; the application reads them all.
 - Only RUNNING or HELD work requirements can be updated (PUT); new task groups are appended.
 - Resizing a pool adds nodes or stops idle ones, newest first; shutting down one node lets
   its task end first (the SDK documents it as graceful).

@@ -113,7 +113,7 @@ class CatalogueService(Simulation):
         return {
             "accountId": f"ydid:account:{ACCOUNT}",
             "accountName": "local",
-            "id": f"ydid:app:{ACCOUNT}:{uuid.uuid5(_NAMESPACE_IDS, APPLICATION_NAME)}",
+            "id": f"ydid:app:{ACCOUNT}:{uuid.uuid5(_NAMESPACE_IDS, 'app/' + APPLICATION_NAME)}",
             "name": APPLICATION_NAME,
             "allNamespacesReadable": True,
             "readableNamespaces": self._namespaces(),

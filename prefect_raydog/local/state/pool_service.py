@@ -85,21 +85,24 @@ class PoolService(Simulation):
         """Add nodes, or stop idle nodes (newest first), until the pool has `size` nodes."""
         with self._cond:
             pool = self._pool(pool_id)
-            if pool.shut_down:
-                raise InvalidRequest(f"Worker pool '{pool_id}' is {pool.status}")
-            if not pool.min_nodes <= size <= pool.max_nodes:
-                raise InvalidRequest(
-                    f"Worker pool '{pool.name}': size {size} must be between "
-                    f"minNodes {pool.min_nodes} and maxNodes {pool.max_nodes}"
-                )
-            pool.requirement.target = size
-            for _ in range(size - pool.live):
-                self._add_node(pool)
-            idle = [node for node in reversed(pool.nodes) if node.task is None]
-            for node in idle[: max(0, pool.live - size)]:
-                self._stop_node(node, "ABORTED", None)
-            self._changed()
+            self._resize(pool, size)
             return pool.to_wire()
+
+    def _resize(self, pool: WorkerPool, size: int) -> None:
+        if pool.shut_down:
+            raise InvalidRequest(f"Worker pool '{pool.id}' is {pool.status}")
+        if not pool.min_nodes <= size <= pool.max_nodes:
+            raise InvalidRequest(
+                f"Worker pool '{pool.name}': size {size} must be between "
+                f"minNodes {pool.min_nodes} and maxNodes {pool.max_nodes}"
+            )
+        pool.requirement.target = size
+        for _ in range(size - pool.live):
+            self._add_node(pool)
+        idle = [node for node in reversed(pool.nodes) if node.task is None]
+        for node in idle[: max(0, pool.live - size)]:
+            self._stop_node(node, "ABORTED", None)
+        self._changed()
 
     def shut_down_node(self, node_id: str) -> dict[str, Any]:
         """Stop one node gracefully: it takes no new task and stops once its task has ended."""
@@ -191,6 +194,24 @@ class PoolService(Simulation):
             if requirement.status not in ("TERMINATING", "TERMINATED") and pool is not None:
                 self._shut_down_pool(pool, lost="Compute requirement terminated")
                 self._changed()
+            return requirement.to_wire()
+
+    def update_compute_requirement(
+        self, document: dict[str, Any], reprovision: bool
+    ) -> dict[str, Any]:
+        """Change a compute requirement's `targetInstanceCount`: its pool is resized to it."""
+        with self._cond:
+            requirement = self._compute_requirement(
+                require_text(document, "id", "Compute requirement")
+            )
+            if reprovision:
+                raise InvalidRequest("Compute requirements cannot be reprovisioned locally")
+            target = document.get("targetInstanceCount")
+            if not isinstance(target, int) or isinstance(target, bool):
+                raise InvalidRequest("Compute requirement: field 'targetInstanceCount' is required")
+            if requirement.pool is None:
+                raise InvalidRequest(f"Compute requirement '{requirement.id}' has no pool")
+            self._resize(requirement.pool, target)
             return requirement.to_wire()
 
     def search_compute_requirements(self, params: dict[str, list[str]]) -> dict[str, Any]:
