@@ -28,10 +28,60 @@ if TYPE_CHECKING:
 
 DEFAULT_API_URL = "https://api.yellowdog.ai"
 DOCUMENTATION_URL = "https://github.com/yellowdog/prefect-raydog#readme"
-LOGO_URL = "https://avatars.githubusercontent.com/u/12575853?s=200&v=4"
 LOCAL_TEMPLATE_ID = "local/process"
 # "-" plus 8 hex digits identify one flow run's cluster among others from the same block.
 _RUN_SUFFIX_LENGTH = 9
+
+
+def _one_type(schema: dict[str, Any]) -> None:
+    """Show an optional scalar as its own type, left empty when unset: no `type | null` switch."""
+    branches = schema.get("anyOf")
+    if not branches or {"type": "null"} not in branches or len(branches) != 2:
+        return
+    (kind,) = [branch for branch in branches if branch != {"type": "null"}]
+    if "$ref" not in kind:
+        del schema["anyOf"]
+        if schema.get("default", ...) is None:
+            del schema["default"]
+        schema.update({key: value for key, value in kind.items() if key not in schema})
+
+
+def _inline(schema: dict[str, Any], specs: dict[str, Any]) -> dict[str, Any]:
+    """A `$ref` to a spec model replaced by the model, keeping the field's title and description."""
+    name = schema.get("$ref", "").rsplit("/", 1)[-1]
+    if name not in specs:
+        return schema
+    model = copy.deepcopy(specs[name])
+    model.pop("title"), model.pop("description")
+    return {**model, **{key: value for key, value in schema.items() if key != "$ref"}}
+
+
+def _shape_for_forms(schema: dict[str, Any]) -> dict[str, Any]:
+    """Prefect's block schema, shaped for the UI's forms: nested models under the field's title
+    (not the class name), optional scalars without a `type | null` switch, no file paths."""
+    definitions = schema.get("definitions", {})
+    specs = {name: spec for name, spec in definitions.items() if "block_type_slug" not in spec}
+    for model in definitions.values():
+        model["properties"].pop("script_file", None)
+        for field in model["properties"].values():
+            _one_type(field)
+    properties = schema["properties"]
+    for name, field in properties.items():
+        _one_type(field)
+        if "items" in field:
+            field["items"] = _inline(field["items"], specs)
+            field.setdefault("default", [])
+        if "anyOf" in field:
+            field["anyOf"] = [_inline(branch, specs) for branch in field["anyOf"]]
+        elif field.get("$ref", "").rsplit("/", 1)[-1] in specs:
+            properties[name] = _inline(field, specs)
+        elif "$ref" in field:
+            # A nested block: the UI titles its picker with the block's own schema.
+            nested = definitions[field["$ref"].rsplit("/", 1)[-1]]
+            nested.update(title=field["title"], description=field["description"])
+    for name in specs:
+        del definitions[name]
+    return schema
 
 
 class YellowDogCredentials(CredentialsBlock):
@@ -52,7 +102,6 @@ class YellowDogCredentials(CredentialsBlock):
     # Inputs stay out of validation errors: they may hold the key secret in plain text.
     model_config = ConfigDict(hide_input_in_errors=True)
     _block_type_name = "YellowDog Credentials"
-    _logo_url = LOGO_URL
     _documentation_url = DOCUMENTATION_URL
 
     api_key_id: str | None = Field(
@@ -70,6 +119,11 @@ class YellowDogCredentials(CredentialsBlock):
         title="API URL",
         description=f"The YellowDog API to use; YD_API_URL, else {DEFAULT_API_URL}, when empty.",
     )
+
+    @classmethod
+    def model_json_schema(cls, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """The block's schema as the Prefect UI's forms should show it."""
+        return _shape_for_forms(super().model_json_schema(*args, **kwargs))
 
     def resolved_api_url(self) -> str:
         """The API URL these credentials use, after the environment fallback."""
@@ -127,7 +181,6 @@ class RayDogClusterConfig(Block):
     # Inputs stay out of validation errors: they may hold the key secret in plain text.
     model_config = ConfigDict(hide_input_in_errors=True)
     _block_type_name = "RayDog Cluster Config"
-    _logo_url = LOGO_URL
     _documentation_url = DOCUMENTATION_URL
 
     credentials: YellowDogCredentials = Field(
@@ -168,6 +221,11 @@ class RayDogClusterConfig(Block):
         title="SSH private key",
         description="The private key (PEM text) for the SSH tunnel.",
     )
+
+    @classmethod
+    def model_json_schema(cls, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """The block's schema as the Prefect UI's forms should show it."""
+        return _shape_for_forms(super().model_json_schema(*args, **kwargs))
 
     @field_validator("cluster_name_prefix")
     @classmethod

@@ -46,11 +46,24 @@ def test_blocks_are_attributes_of_the_module_for_block_register():
 def test_secret_is_a_password_field_in_the_ui_schema():
     schema = RayDogClusterConfig.model_json_schema()
     creds = YellowDogCredentials.model_json_schema()
-    assert {"format": "password", "type": "string", "writeOnly": True} in (
-        creds["properties"]["api_key_secret"]["anyOf"]
-    )
+    secret = creds["properties"]["api_key_secret"]
+    assert (secret["type"], secret["format"], secret["writeOnly"]) == ("string", "password", True)
+    assert "anyOf" not in secret
     assert "credentials.api_key_secret" in schema["secret_fields"]
     assert "ssh_private_key" in schema["secret_fields"]
+
+
+def test_ui_schema_names_fields_and_has_no_needless_switches():
+    schema = RayDogClusterConfig.model_json_schema()
+    properties = schema["properties"]
+    assert properties["head"]["title"] == "Head node" and "properties" in properties["head"]
+    pool = properties["worker_pools"]["items"]["properties"]
+    assert "script_file" not in pool and "script_file" not in properties["head"]["properties"]
+    scalars = [field for field in [*properties.values(), *pool.values()] if "$ref" not in field]
+    assert all("anyOf" not in field for field in scalars if field["title"] != "Observability node")
+    credentials = schema["definitions"]["YellowDogCredentials"]
+    assert credentials["title"] == "YellowDog credentials"
+    assert RayDogClusterConfig._logo_url is None, "the UI's own block icon: nothing fetched"
 
 
 def test_credentials_fall_back_to_the_environment(monkeypatch):
