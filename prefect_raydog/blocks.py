@@ -73,6 +73,8 @@ def _shape_for_forms(schema: dict[str, Any]) -> dict[str, Any]:
             field.setdefault("default", [])
         if "anyOf" in field:
             field["anyOf"] = [_inline(branch, specs) for branch in field["anyOf"]]
+            for branch in field["anyOf"]:
+                branch.setdefault("title", "Yes" if branch.get("type") == "object" else "No")
         elif field.get("$ref", "").rsplit("/", 1)[-1] in specs:
             properties[name] = _inline(field, specs)
         elif "$ref" in field:

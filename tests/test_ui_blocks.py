@@ -3,6 +3,7 @@ Chromium driven by Selenium, both blocks created through their forms and loaded 
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -11,6 +12,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import requests
@@ -46,6 +48,8 @@ CHROMIUM_FLAGS = [
     "--disable-features=Autofill,AutofillServerCommunication,OptimizationHints,Translate,"
     "MediaRouter,NetworkTimeServiceQuerying,CertificateTransparencyComponentUpdater",
     "--window-size=1280,1500",
+    # Belt and braces: no host name resolves, so nothing can leave loopback.
+    "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
 ]
 
 
@@ -101,6 +105,7 @@ def browser() -> Iterator[WebDriver]:
     options.binary_location = CHROMIUM
     for flag in CHROMIUM_FLAGS:
         options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"performance": "ALL"})
     with tempfile.TemporaryDirectory() as profile:
         options.add_argument(f"--user-data-dir={profile}")
         driver = webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
@@ -109,6 +114,22 @@ def browser() -> Iterator[WebDriver]:
             yield driver
         finally:
             driver.quit()
+
+
+def _network(driver: WebDriver) -> tuple[set[str], set[str]]:
+    """The hosts the pages asked for, and those that answered (from Chromium's DevTools log)."""
+    asked: dict[str, str] = {}
+    answered = set()
+    for entry in driver.get_log("performance"):
+        message = json.loads(entry["message"])["message"]
+        params = message.get("params", {})
+        if message["method"] == "Network.requestWillBeSent":
+            url = urlsplit(params["request"]["url"])
+            if url.scheme in ("http", "https", "ws", "wss"):
+                asked[params["requestId"]] = url.hostname
+        elif message["method"] == "Network.responseReceived" and params["requestId"] in asked:
+            answered.add(asked[params["requestId"]])
+    return set(asked.values()), answered
 
 
 def _inputs(driver: WebDriver, label: str) -> list[WebElement]:
@@ -149,7 +170,7 @@ def _save(driver: WebDriver) -> None:
 
 def _screenshot(driver: WebDriver, name: str) -> None:
     height = driver.execute_script("return document.documentElement.scrollHeight")
-    driver.set_window_size(1280, max(900, height))
+    driver.set_window_size(1280, max(900, height + 160))
     driver.execute_script("window.scrollTo(0, 0)")
     IMAGES.mkdir(parents=True, exist_ok=True)
     driver.save_screenshot(str(IMAGES / name))
@@ -200,6 +221,12 @@ def test_blocks_created_in_the_ui_load_back_exactly(
     _screenshot(browser, "raydog-cluster-config-form.png")
     _save(browser)
     assert SECRET not in browser.page_source
+
+    # Prefect's own UI asks for other blocks' logos and its analytics library's remote config;
+    # no name resolves here, so only loopback answers; the RayDog blocks ask for nothing.
+    asked, answered = _network(browser)
+    assert answered == {"127.0.0.1"}, asked
+    assert "avatars.githubusercontent.com" not in asked
 
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
