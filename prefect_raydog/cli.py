@@ -91,7 +91,7 @@ DASHBOARD_PORT = 8265
 
 
 def _fail(message: str, code: int = 1) -> typer.Exit:
-    console.print(f"[red]Error:[/red] {message}", markup=True, highlight=False)
+    console.print(f"[red]Error:[/red] {message}", markup=True, highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -167,8 +167,10 @@ def _load_spec(path: Path) -> ClusterSpec:
 
     try:
         fields = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as error:
-        raise _fail(f"cannot read {path}: {error}", 2) from None
+    except OSError as error:
+        raise _fail(f"cannot read {path}: {error.strerror}", 2) from None
+    except yaml.YAMLError as error:
+        raise _fail(f"cannot read {path}: {' '.join(str(error).split())}", 2) from None
     try:
         return ClusterSpec.model_validate(fields)
     except ValidationError as error:
@@ -201,8 +203,7 @@ def _block_key(credentials: YellowDogCredentials, key_id: str | None) -> tuple[s
 @app.command()
 def up(
     spec_file: Annotated[
-        Path | None,
-        typer.Argument(exists=True, dir_okay=False, help="ClusterSpec as YAML or JSON."),
+        Path | None, typer.Argument(help="ClusterSpec as YAML or JSON.")
     ] = None,
     config: Annotated[
         str | None,
@@ -235,7 +236,8 @@ def up(
 
         def on_step(description: str) -> None:
             state_file.write_text(cluster.save_state_to_json())
-            step(description)
+            if description != "built" and (spec.observability or "observ" not in description):
+                step(description)
 
         head = cluster.build(on_step=on_step)
     console.print(f"Cluster [bold]{spec.name}[/bold] is up.", highlight=False)
@@ -248,15 +250,15 @@ def up(
 
 @app.command()
 def down(
-    state_file: Annotated[
-        Path, typer.Argument(exists=True, dir_okay=False, help="State saved by `up`.")
-    ],
+    state_file: Annotated[Path, typer.Argument(help="State saved by `up`.")],
     key_id: KeyId = None,
     url: ApiUrl = DEFAULT_API_URL,
 ) -> None:
     """Shut down a cluster from its saved state."""
     from prefect_raydog.cluster import RayDogClusterProxy
 
+    if not state_file.is_file():
+        raise _fail(f"no state file {state_file}", 2)
     with _platform(*_key(key_id), url) as client:
         proxy = RayDogClusterProxy(client)
         proxy.load_saved_state_from_json_file(state_file)

@@ -159,6 +159,7 @@ def test_up_shows_progress_and_ray_addresses(platform: LocalPlatform, tmp_path: 
     for step in ("provisioning the worker pools", "starting the head node",
                  "waiting for the worker nodes"):
         assert f"done {step} (" in up.output
+    assert "observability" not in up.output and "done built" not in up.output
     assert "Ray Client:      ray://" in up.output and ":10001" in up.output
     assert "Ray dashboard:   http://" in up.output and ":8265" in up.output
     status = invoke(platform, "status", "--namespace", NAMESPACE)
@@ -188,6 +189,11 @@ def test_up_needs_a_spec_or_a_block(platform: LocalPlatform, tmp_path: Path) -> 
     both = invoke(platform, "up", str(spec), "--config", "cli-block")
     assert_one_line_error(both, "give either a spec file or --config")
     assert platform.api_calls() == {}
+
+
+def test_missing_files_are_one_line(platform: LocalPlatform, tmp_path: Path) -> None:
+    assert_one_line_error(invoke(platform, "up", str(tmp_path / "nope.yaml")), "cannot read")
+    assert_one_line_error(invoke(platform, "down", str(tmp_path / "nope.json")), "no state file")
 
 
 def test_up_from_a_saved_block(platform: LocalPlatform, tmp_path: Path, tag: str) -> None:
