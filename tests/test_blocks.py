@@ -66,9 +66,24 @@ def test_ui_schema_names_fields_and_has_no_needless_switches():
     pool = properties["worker_pools"]["items"]["properties"]
     assert "script_file" not in pool and "script_file" not in properties["head"]["properties"]
     scalars = [field for field in [*properties.values(), *pool.values()] if "$ref" not in field]
-    assert all("anyOf" not in field for field in scalars if field["title"] != "Observability node")
+    switches = {field["title"] for field in scalars if "anyOf" in field}
+    assert switches == {
+        "Observability node", "Idle node shutdown (seconds)", "Idle pool shutdown (seconds)"
+    }, "a null switch only where null means something (none; never)"
+    assert {"type": "null", "title": "Never"} in properties["idle_node_shutdown"]["anyOf"]
+    lifetime = properties["cluster_lifetime"]
+    assert (lifetime["format"], lifetime["default"]) == ("time-delta", "3600")
     credentials = schema["definitions"]["YellowDogCredentials"]
     assert credentials["title"] == "YellowDog credentials"
+
+
+def test_durations_from_the_ui_are_seconds():
+    config = RayDogClusterConfig(
+        head={"template_id": "t"}, cluster_lifetime="5400", idle_node_shutdown="90.5"
+    )
+    assert config.cluster_lifetime == timedelta(minutes=90)
+    assert config.idle_node_shutdown == timedelta(seconds=90.5)
+    assert config.model_dump(mode="json")["cluster_lifetime"] == 5400.0
 
 
 def test_credentials_fall_back_to_the_environment(monkeypatch):

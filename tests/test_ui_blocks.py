@@ -11,6 +11,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -155,7 +156,7 @@ def _type(driver: WebDriver, label: str, text: str, index: int = 0) -> WebElemen
 
 def _open_form(driver: WebDriver, url: str, first_label: str) -> None:
     driver.get(url)
-    wait_for(lambda: _inputs(driver, first_label), timeout=60, interval=0.2, what=url)
+    wait_for(lambda: _inputs(driver, first_label), timeout=120, interval=0.2, what=url)
 
 
 def _save(driver: WebDriver) -> None:
@@ -185,7 +186,7 @@ def test_blocks_created_in_the_ui_load_back_exactly(
     wait_for(
         lambda: {"YellowDog Credentials", "RayDog Cluster Config"}
         <= set(browser.find_element(By.TAG_NAME, "body").text.splitlines()),
-        timeout=60, interval=0.2, what="both blocks in the catalog",
+        timeout=120, interval=0.2, what="both blocks in the catalog",
     )
 
     _open_form(browser, f"{ui}/catalog/yellowdog-credentials/create", "Application key ID")
@@ -218,6 +219,7 @@ def test_blocks_created_in_the_ui_load_back_exactly(
         _type(browser, "Pool name", name, index)
         _type(browser, "Nodes", nodes, index)
     _type(browser, "Workers that must join", "4")
+    _type(browser, "Cluster lifetime (seconds)", "5400")
     _screenshot(browser, "raydog-cluster-config-form.png")
     _save(browser)
     assert SECRET not in browser.page_source
@@ -245,4 +247,6 @@ def test_blocks_created_in_the_ui_load_back_exactly(
         ("cpu", "yd-templates/ray-cpu", 3), ("gpu", "yd-templates/ray-gpu", 2)
     ]
     assert config.workers_to_join == 4
+    assert config.cluster_lifetime == timedelta(minutes=90)
+    assert config.build_timeout == timedelta(minutes=10), "an untouched default"
     assert config.observability is None and config.head.script is None
