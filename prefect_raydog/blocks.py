@@ -13,7 +13,15 @@ from typing import TYPE_CHECKING, Any
 
 from prefect.blocks.abstract import CredentialsBlock
 from prefect.blocks.core import Block
-from pydantic import ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    ConfigDict,
+    Field,
+    SecretStr,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from prefect_raydog.spec import (
     CLUSTER_NAME_MAX_LENGTH,
@@ -28,10 +36,80 @@ if TYPE_CHECKING:
 
 DEFAULT_API_URL = "https://api.yellowdog.ai"
 DOCUMENTATION_URL = "https://github.com/yellowdog/prefect-raydog#readme"
-LOGO_URL = "https://avatars.githubusercontent.com/u/12575853?s=200&v=4"
 LOCAL_TEMPLATE_ID = "local/process"
+_DURATION = TypeAdapter(timedelta)
 # "-" plus 8 hex digits identify one flow run's cluster among others from the same block.
 _RUN_SUFFIX_LENGTH = 9
+
+
+def _one_type(schema: dict[str, Any]) -> None:
+    """Show an optional scalar as its own type, left empty when unset: no `type | null` switch.
+    Where empty is not the default (an idle shutdown: null means never), the switch stays."""
+    branches = schema.get("anyOf")
+    if not branches or {"type": "null"} not in branches or len(branches) != 2:
+        return
+    (kind,) = [branch for branch in branches if branch != {"type": "null"}]
+    if "$ref" in kind:
+        return
+    if schema.get("default") is not None:
+        kind["title"], branches[branches.index({"type": "null"})]["title"] = "After", "Never"
+        _in_seconds(schema, kind)
+        return
+    del schema["anyOf"]
+    schema.pop("default", None)
+    schema.update({key: value for key, value in kind.items() if key not in schema})
+    _in_seconds(schema, schema)
+
+
+def _in_seconds(field: dict[str, Any], kind: dict[str, Any]) -> None:
+    """A duration as the UI's number of seconds, instead of ISO 8601 text like 'PT1H'."""
+    if kind.get("format") != "duration":
+        return
+    kind["format"] = "time-delta"
+    field["title"] = f"{field['title']} (seconds)"
+    if isinstance(field.get("default"), str):
+        field["default"] = f"{_DURATION.validate_python(field['default']).total_seconds():g}"
+
+
+def _inline(schema: dict[str, Any], specs: dict[str, Any]) -> dict[str, Any]:
+    """A `$ref` to a spec model replaced by the model, keeping the field's title and description."""
+    name = schema.get("$ref", "").rsplit("/", 1)[-1]
+    if name not in specs:
+        return schema
+    model = copy.deepcopy(specs[name])
+    model.pop("title"), model.pop("description")
+    return {**model, **{key: value for key, value in schema.items() if key != "$ref"}}
+
+
+def _shape_for_forms(schema: dict[str, Any]) -> dict[str, Any]:
+    """Prefect's block schema, shaped for the UI's forms: nested models under the field's title
+    (not the class name), optional scalars without a `type | null` switch, no file paths."""
+    definitions = schema.get("definitions", {})
+    specs = {name: spec for name, spec in definitions.items() if "block_type_slug" not in spec}
+    for model in definitions.values():
+        model["properties"].pop("script_file", None)
+        for field in model["properties"].values():
+            _one_type(field)
+    properties = schema["properties"]
+    for name, field in properties.items():
+        _one_type(field)
+        _in_seconds(field, field)
+        if "items" in field:
+            field["items"] = _inline(field["items"], specs)
+            field.setdefault("default", [])
+        if "anyOf" in field:
+            field["anyOf"] = [_inline(branch, specs) for branch in field["anyOf"]]
+            for branch in field["anyOf"]:
+                branch.setdefault("title", "Yes" if branch.get("type") == "object" else "No")
+        elif field.get("$ref", "").rsplit("/", 1)[-1] in specs:
+            properties[name] = _inline(field, specs)
+        elif "$ref" in field:
+            # A nested block: the UI titles its picker with the block's own schema.
+            nested = definitions[field["$ref"].rsplit("/", 1)[-1]]
+            nested.update(title=field["title"], description=field["description"])
+    for name in specs:
+        del definitions[name]
+    return schema
 
 
 class YellowDogCredentials(CredentialsBlock):
@@ -52,7 +130,6 @@ class YellowDogCredentials(CredentialsBlock):
     # Inputs stay out of validation errors: they may hold the key secret in plain text.
     model_config = ConfigDict(hide_input_in_errors=True)
     _block_type_name = "YellowDog Credentials"
-    _logo_url = LOGO_URL
     _documentation_url = DOCUMENTATION_URL
 
     api_key_id: str | None = Field(
@@ -70,6 +147,11 @@ class YellowDogCredentials(CredentialsBlock):
         title="API URL",
         description=f"The YellowDog API to use; YD_API_URL, else {DEFAULT_API_URL}, when empty.",
     )
+
+    @classmethod
+    def model_json_schema(cls, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """The block's schema as the Prefect UI's forms should show it."""
+        return _shape_for_forms(super().model_json_schema(*args, **kwargs))
 
     def resolved_api_url(self) -> str:
         """The API URL these credentials use, after the environment fallback."""
@@ -125,9 +207,9 @@ class RayDogClusterConfig(Block):
     """
 
     # Inputs stay out of validation errors: they may hold the key secret in plain text.
-    model_config = ConfigDict(hide_input_in_errors=True)
+    # Durations are saved as seconds, as the UI's duration inputs show and send them.
+    model_config = ConfigDict(hide_input_in_errors=True, ser_json_timedelta="float")
     _block_type_name = "RayDog Cluster Config"
-    _logo_url = LOGO_URL
     _documentation_url = DOCUMENTATION_URL
 
     credentials: YellowDogCredentials = Field(
@@ -168,6 +250,22 @@ class RayDogClusterConfig(Block):
         title="SSH private key",
         description="The private key (PEM text) for the SSH tunnel.",
     )
+
+    @classmethod
+    def model_json_schema(cls, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """The block's schema as the Prefect UI's forms should show it."""
+        return _shape_for_forms(super().model_json_schema(*args, **kwargs))
+
+    @field_validator(
+        "cluster_lifetime", "idle_node_shutdown", "idle_pool_shutdown", "build_timeout",
+        mode="before",
+    )
+    @classmethod
+    def _seconds_as_text(cls, value: Any) -> Any:
+        """The UI sends a duration's seconds as text ("3600")."""
+        if isinstance(value, str) and re.fullmatch(r"\d+(\.\d+)?", value.strip()):
+            return float(value)
+        return value
 
     @field_validator("cluster_name_prefix")
     @classmethod

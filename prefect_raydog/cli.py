@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import os
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
@@ -17,6 +19,7 @@ from rich.table import Column, Table
 if TYPE_CHECKING:
     from yellowdog_client import PlatformClient
 
+    from prefect_raydog.blocks import YellowDogCredentials
     from prefect_raydog.cluster import ShutdownReport
     from prefect_raydog.spec import ClusterSpec
 
@@ -73,19 +76,36 @@ def start(
 # ----- clusters -----------------------------------------------------------------------------------
 
 KeyId = Annotated[
-    str, typer.Option(envvar="YD_API_KEY_ID", show_default=False, help="Application key ID.")
-]
-KeySecret = Annotated[
-    str,
-    typer.Option(envvar="YD_API_KEY_SECRET", show_default=False, help="Application key secret."),
+    str | None,
+    typer.Option(
+        envvar="YD_API_KEY_ID",
+        show_default=False,
+        help="Application key ID; its secret comes from YD_API_KEY_SECRET or a hidden prompt.",
+    ),
 ]
 ApiUrl = Annotated[str, typer.Option(envvar="YD_API_URL", help="YellowDog API URL.")]
 DEFAULT_API_URL = "https://api.yellowdog.ai"
+SECRET_VARIABLE = "YD_API_KEY_SECRET"
+RAY_CLIENT_PORT = 10001
+DASHBOARD_PORT = 8265
 
 
 def _fail(message: str, code: int = 1) -> typer.Exit:
-    console.print(f"[red]Error:[/red] {message}", markup=True, highlight=False)
+    console.print(f"[red]Error:[/red] {message}", markup=True, highlight=False, soft_wrap=True)
     return typer.Exit(code)
+
+
+def _key(key_id: str | None) -> tuple[str, str]:
+    """The application key: the ID from --key-id or YD_API_KEY_ID, the secret from
+    YD_API_KEY_SECRET or a hidden prompt (never the command line, where `ps` would show it)."""
+    if not key_id:
+        raise _fail("no application key ID: pass --key-id or set YD_API_KEY_ID", 2)
+    secret = os.environ.get(SECRET_VARIABLE) or typer.prompt(
+        "Application key secret", hide_input=True, default="", show_default=False
+    )
+    if not secret:
+        raise _fail(f"no application key secret: set {SECRET_VARIABLE} or type it when asked", 2)
+    return key_id, secret
 
 
 @contextmanager
@@ -115,6 +135,30 @@ def _print_report(report: ShutdownReport) -> None:
         console.print("  nothing to end", highlight=False)
 
 
+@contextmanager
+def _progress(what: str) -> Iterator[Callable[[str], None]]:
+    """A spinner with the elapsed time; each step it is told of is printed once it is done."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task(what)
+        started = time.monotonic()
+        current: list[str] = []
+
+        def step(description: str) -> None:
+            if current:
+                console.print(
+                    f"  [green]done[/green] {current[0]} ({time.monotonic() - started:.1f} s)",
+                    highlight=False,
+                )
+            current[:] = [description]
+            progress.update(task, description=f"{what}: {description}")
+
+        yield step
+        step("")
+
+
 def _load_spec(path: Path) -> ClusterSpec:
     import yaml
     from pydantic import ValidationError
@@ -123,8 +167,10 @@ def _load_spec(path: Path) -> ClusterSpec:
 
     try:
         fields = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as error:
-        raise _fail(f"cannot read {path}: {error}", 2) from None
+    except OSError as error:
+        raise _fail(f"cannot read {path}: {error.strerror}", 2) from None
+    except yaml.YAMLError as error:
+        raise _fail(f"cannot read {path}: {' '.join(str(error).split())}", 2) from None
     try:
         return ClusterSpec.model_validate(fields)
     except ValidationError as error:
@@ -134,49 +180,91 @@ def _load_spec(path: Path) -> ClusterSpec:
         raise typer.Exit(2) from None
 
 
+def _from_block(name: str) -> tuple[ClusterSpec, YellowDogCredentials]:
+    """The spec of a new cluster from a saved RayDogClusterConfig, and its credentials."""
+    from prefect_raydog.blocks import RayDogClusterConfig
+
+    try:
+        config = RayDogClusterConfig.load(name)
+    except Exception as error:  # Prefect raises ValueError, httpx or validation errors alike
+        raise _fail(f"cannot load RayDogClusterConfig {name!r}: {error}", 2) from None
+    return config.to_spec(config.cluster_name()), config.credentials
+
+
+def _block_key(credentials: YellowDogCredentials, key_id: str | None) -> tuple[str, str, str]:
+    """The block's key after its environment fallback; what it lacks is asked for."""
+    try:
+        block_id, secret = credentials.resolved_key()
+        return block_id, secret.get_secret_value(), credentials.resolved_api_url()
+    except ValueError:
+        return (*_key(credentials.api_key_id or key_id), credentials.resolved_api_url())
+
+
 @app.command()
 def up(
     spec_file: Annotated[
-        Path, typer.Argument(exists=True, dir_okay=False, help="ClusterSpec as YAML or JSON.")
-    ],
-    key_id: KeyId,
-    key_secret: KeySecret,
+        Path | None, typer.Argument(help="ClusterSpec as YAML or JSON.")
+    ] = None,
+    config: Annotated[
+        str | None,
+        typer.Option(help="Build from this saved RayDogClusterConfig block (and its credentials)."),
+    ] = None,
+    key_id: KeyId = None,
     url: ApiUrl = DEFAULT_API_URL,
     state_file: Annotated[
         Path | None, typer.Option(help="Where to save the state `down` needs.")
     ] = None,
 ) -> None:
-    """Build a cluster and leave it running until `prefect-raydog down STATE_FILE`."""
+    """Build a cluster and leave it running until `prefect-raydog down STATE_FILE`.
+
+    The state file is written before the first pool is provisioned and kept up to date, so
+    `down` can end whatever was created even if this command is interrupted.
+    """
     from prefect_raydog.cluster import RayDogCluster
 
-    spec = _load_spec(spec_file)
+    if (spec_file is None) == (config is None):
+        raise _fail("give either a spec file or --config BLOCK_NAME (one of them)", 2)
+    if config is not None:
+        spec, credentials = _from_block(config)
+        key_id, secret, url = _block_key(credentials, key_id)
+    else:
+        spec = _load_spec(spec_file)
+        key_id, secret = _key(key_id)
     state_file = state_file or Path(f"{spec.name}.raydog.json")
-    with _platform(key_id, key_secret, url) as client:
+    with _platform(key_id, secret, url) as client, _progress(f"Building {spec.name}") as step:
         cluster = RayDogCluster(spec, client)
-        head = cluster.build()
-        cluster.save_state_to_json_file(state_file)
+
+        def on_step(description: str) -> None:
+            state_file.write_text(cluster.save_state_to_json())
+            if description != "built" and (spec.observability or "observ" not in description):
+                step(description)
+
+        head = cluster.build(on_step=on_step)
     console.print(f"Cluster [bold]{spec.name}[/bold] is up.", highlight=False)
     console.print(f"  head private IP: {head.private_ip}", highlight=False)
     console.print(f"  head public IP:  {head.public_ip or '-'}", highlight=False)
+    console.print(f"  Ray Client:      ray://{head.private_ip}:{RAY_CLIENT_PORT}", highlight=False)
+    console.print(f"  Ray dashboard:   http://{head.private_ip}:{DASHBOARD_PORT}", highlight=False)
     console.print(f"  state saved to:  {state_file}", highlight=False)
 
 
 @app.command()
 def down(
-    state_file: Annotated[
-        Path, typer.Argument(exists=True, dir_okay=False, help="State saved by `up`.")
-    ],
-    key_id: KeyId,
-    key_secret: KeySecret,
+    state_file: Annotated[Path, typer.Argument(help="State saved by `up`.")],
+    key_id: KeyId = None,
     url: ApiUrl = DEFAULT_API_URL,
 ) -> None:
     """Shut down a cluster from its saved state."""
     from prefect_raydog.cluster import RayDogClusterProxy
 
-    with _platform(key_id, key_secret, url) as client:
+    if not state_file.is_file():
+        raise _fail(f"no state file {state_file}", 2)
+    with _platform(*_key(key_id), url) as client:
         proxy = RayDogClusterProxy(client)
         proxy.load_saved_state_from_json_file(state_file)
-        report = proxy.shut_down()
+        with _progress("Shutting down") as step:
+            step("ending the work requirement and worker pools")
+            report = proxy.shut_down()
     console.print(f"Shut down the cluster saved in {state_file}:", highlight=False)
     _print_report(report)
 
@@ -184,50 +272,69 @@ def down(
 @app.command()
 def status(
     namespace: Annotated[str, typer.Option(help="The namespace to look in.")],
-    key_id: KeyId,
-    key_secret: KeySecret,
+    key_id: KeyId = None,
     url: ApiUrl = DEFAULT_API_URL,
     tag: Annotated[str | None, typer.Option(help="Only clusters with this tag.")] = None,
 ) -> None:
-    """List the live clusters (work requirements) of a namespace and their worker pools."""
+    """List the live clusters (work requirements) of a namespace, their worker pools, and the
+    node task of each Ray node with its state."""
     from yellowdog_client.model import (
+        TaskSearch,
         WorkerPoolSearch,
         WorkerPoolStatus,
         WorkRequirementSearch,
         WorkRequirementStatus,
     )
 
-    table = Table(
-        Column("Cluster", overflow="fold"),
-        "Tag",
-        "Status",
-        Column("Worker pool", overflow="fold"),
-        "Pool status",
-        "Nodes",
+    pools_table = Table(
+        Column("Cluster", overflow="fold"), "Tag", "Status",
+        Column("Worker pool", overflow="fold"), "Pool status", "Nodes",
     )
-    with _platform(key_id, key_secret, url) as client:
+    nodes_table = Table(
+        Column("Cluster", overflow="fold"), "Task group", "Task", "Task state",
+        Column("Node", overflow="fold"),
+    )
+    with _platform(*_key(key_id), url) as client:
         live = [s for s in WorkRequirementStatus if not s.finished]
-        requirements = client.work_client.get_work_requirements(
-            WorkRequirementSearch(namespace=namespace, tag=tag, statuses=live)
-        ).list_all()
+        requirements = [
+            r for r in client.work_client.get_work_requirements(
+                WorkRequirementSearch(namespace=namespace, tag=tag, statuses=live)
+            ).list_all()
+            if tag is None or r.tag == tag
+        ]
         pools = client.worker_pool_client.get_worker_pools(
             WorkerPoolSearch(
                 namespace=namespace, statuses=[s for s in WorkerPoolStatus if not s.finished]
             )
         ).list_all()
+        tasks = {
+            r.id: list(client.work_client.get_tasks(TaskSearch(workRequirementId=r.id)).iterate())
+            for r in requirements
+        }
+        groups = {
+            r.id: {g.id: g.name for g in client.work_client.get_work_requirement_by_id(r.id)
+                   .taskGroups or []}
+            for r in requirements
+        }
     for requirement in sorted(requirements, key=lambda r: r.name or ""):
-        if tag is not None and requirement.tag != tag:
-            continue
         own = [p for p in pools if (p.name or "").startswith(f"{requirement.name}-")]
         cluster = [requirement.name, requirement.tag or "", requirement.status.value]
         for pool in sorted(own, key=lambda p: p.name or "") or [None]:
             row = (
                 [pool.name, pool.status.value, str(pool.registeredNodeCount)] if pool else [""] * 3
             )
-            table.add_row(*cluster, *row)
+            pools_table.add_row(*cluster, *row)
             cluster = ["", "", ""]
-    if table.row_count:
-        console.print(table)
+        name = requirement.name
+        for task in sorted(tasks[requirement.id], key=lambda t: t.name or ""):
+            group = groups[requirement.id].get(task.taskGroupId, "")
+            state = task.status.value if task.status else "-"
+            nodes_table.add_row(name, group, task.name, state, task.nodeId or task.workerId or "-")
+            name = ""
+    if pools_table.row_count:
+        console.print(pools_table)
+        if nodes_table.row_count:
+            console.print(nodes_table)
     else:
         console.print(f"No live clusters in namespace {namespace!r}.", highlight=False)
 
@@ -236,8 +343,7 @@ def status(
 def sweep(
     namespace: Annotated[str, typer.Option(help="The namespace to sweep.")],
     tag: Annotated[str, typer.Option(help="End every cluster with this tag.")],
-    key_id: KeyId,
-    key_secret: KeySecret,
+    key_id: KeyId = None,
     url: ApiUrl = DEFAULT_API_URL,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
 ) -> None:
@@ -246,7 +352,8 @@ def sweep(
 
     if not yes:
         typer.confirm(f"End every cluster tagged {tag!r} in namespace {namespace!r}?", abort=True)
-    with _platform(key_id, key_secret, url) as client:
+    with _platform(*_key(key_id), url) as client, _progress("Sweeping") as step:
+        step(f"finding and ending clusters tagged {tag!r} in {namespace!r}")
         report = cluster.sweep(client, namespace, tag)
     console.print(f"Swept namespace {namespace!r} for tag {tag!r}:", highlight=False)
     _print_report(report)

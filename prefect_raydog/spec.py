@@ -202,14 +202,14 @@ class ClusterSpec(BaseModel):
     idle_node_shutdown: timedelta | None = Field(
         default=timedelta(minutes=3),
         title="Idle node shutdown",
-        description="YellowDog shuts down a node idle for this long; never when empty.",
+        description="YellowDog shuts down a node idle for this long; never when unset.",
     )
     idle_pool_shutdown: timedelta | None = Field(
         # Longer than the build timeout: worker pools sit idle until the head node runs.
         default=timedelta(minutes=15),
         title="Idle pool shutdown",
         description=(
-            "YellowDog shuts down a worker pool idle for this long; never when empty. Keep it "
+            "YellowDog shuts down a worker pool idle for this long; never when unset. Keep it "
             "longer than the build timeout, as worker pools are idle until the head node runs."
         ),
     )

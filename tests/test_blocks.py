@@ -35,6 +35,12 @@ class TestBlocksMeetPrefectStandards(BlockStandardTestSuite):
     def block(self, block: type[Block]) -> type[Block]:
         return block
 
+    def test_has_a_valid_image(self, block: type[Block]) -> None:
+        """Prefect's check fetches the logo from the internet; these blocks have none on purpose,
+        so the UI shows its own block icon offline (tests/test_ui_blocks.py sees it fetch nothing).
+        """
+        assert block._logo_url is None
+
 
 def test_blocks_are_attributes_of_the_module_for_block_register():
     found = {name for name in dir(blocks_module)
@@ -46,11 +52,38 @@ def test_blocks_are_attributes_of_the_module_for_block_register():
 def test_secret_is_a_password_field_in_the_ui_schema():
     schema = RayDogClusterConfig.model_json_schema()
     creds = YellowDogCredentials.model_json_schema()
-    assert {"format": "password", "type": "string", "writeOnly": True} in (
-        creds["properties"]["api_key_secret"]["anyOf"]
-    )
+    secret = creds["properties"]["api_key_secret"]
+    assert (secret["type"], secret["format"], secret["writeOnly"]) == ("string", "password", True)
+    assert "anyOf" not in secret
     assert "credentials.api_key_secret" in schema["secret_fields"]
     assert "ssh_private_key" in schema["secret_fields"]
+
+
+def test_ui_schema_names_fields_and_has_no_needless_switches():
+    schema = RayDogClusterConfig.model_json_schema()
+    properties = schema["properties"]
+    assert properties["head"]["title"] == "Head node" and "properties" in properties["head"]
+    pool = properties["worker_pools"]["items"]["properties"]
+    assert "script_file" not in pool and "script_file" not in properties["head"]["properties"]
+    scalars = [field for field in [*properties.values(), *pool.values()] if "$ref" not in field]
+    switches = {field["title"] for field in scalars if "anyOf" in field}
+    assert switches == {
+        "Observability node", "Idle node shutdown (seconds)", "Idle pool shutdown (seconds)"
+    }, "a null switch only where null means something (none; never)"
+    assert {"type": "null", "title": "Never"} in properties["idle_node_shutdown"]["anyOf"]
+    lifetime = properties["cluster_lifetime"]
+    assert (lifetime["format"], lifetime["default"]) == ("time-delta", "3600")
+    credentials = schema["definitions"]["YellowDogCredentials"]
+    assert credentials["title"] == "YellowDog credentials"
+
+
+def test_durations_from_the_ui_are_seconds():
+    config = RayDogClusterConfig(
+        head={"template_id": "t"}, cluster_lifetime="5400", idle_node_shutdown="90.5"
+    )
+    assert config.cluster_lifetime == timedelta(minutes=90)
+    assert config.idle_node_shutdown == timedelta(seconds=90.5)
+    assert config.model_dump(mode="json")["cluster_lifetime"] == 5400.0
 
 
 def test_credentials_fall_back_to_the_environment(monkeypatch):

@@ -136,3 +136,87 @@ def test_expected_errors_are_one_line(platform: LocalPlatform, tmp_path: Path) -
 def test_help_shows_no_secret(platform: LocalPlatform, command: str) -> None:
     result = invoke(platform, command, "--help")
     assert result.exit_code == 0 and "YD_API_KEY_SECRET" in result.output
+    assert "--key-secret" not in result.output
+
+
+def test_up_saves_state_before_provisioning(platform: LocalPlatform, tmp_path: Path) -> None:
+    spec, name = write_spec(tmp_path, head={"template_id": "no/such-template"})
+    state = tmp_path / "state.json"
+    up = invoke(platform, "up", str(spec), "--state-file", str(state))
+    assert up.exit_code == 1 and "Traceback" not in up.output
+    assert up.output.strip().startswith("Error: ") and "no/such-template" in up.output
+    saved = json.loads(state.read_text())
+    assert saved["cluster_name"] == name and saved["work_requirement_id"] is None
+    down = invoke(platform, "down", str(state))
+    assert down.exit_code == 0, down.output
+
+
+def test_up_shows_progress_and_ray_addresses(platform: LocalPlatform, tmp_path: Path) -> None:
+    spec, name = write_spec(tmp_path, workers_to_join=2)
+    state = tmp_path / "state.json"
+    up = invoke(platform, "up", str(spec), "--state-file", str(state))
+    assert up.exit_code == 0, up.output
+    for step in ("provisioning the worker pools", "starting the head node",
+                 "waiting for the worker nodes"):
+        assert f"done {step} (" in up.output
+    assert "observability" not in up.output and "done built" not in up.output
+    assert "Ray Client:      ray://" in up.output and ":10001" in up.output
+    assert "Ray dashboard:   http://" in up.output and ":8265" in up.output
+    status = invoke(platform, "status", "--namespace", NAMESPACE)
+    assert status.exit_code == 0 and "EXECUTING" in status.output and "task-00001" in status.output
+    assert invoke(platform, "down", str(state)).exit_code == 0
+
+
+def test_secret_comes_from_a_hidden_prompt(platform: LocalPlatform) -> None:
+    env = {"YD_API_KEY_ID": platform.key_id, "YD_API_URL": platform.url, "YD_API_KEY_SECRET": ""}
+    args = ["status", "--namespace", NAMESPACE]
+    result = runner.invoke(app, args, env=env, input=f"{platform.key_secret}\n")
+    assert result.exit_code == 0, result.output
+    assert platform.key_secret not in result.output
+    refused = runner.invoke(app, [*args, "--key-secret", platform.key_secret], env=env)
+    assert refused.exit_code == 2 and "No such option" in refused.output
+
+
+def assert_one_line_error(result: Result, message: str) -> None:
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith(f"Error: {message}") and "Traceback" not in result.output
+    assert result.output.count("\n") == 1, result.output
+
+
+def test_up_needs_a_spec_or_a_block(platform: LocalPlatform, tmp_path: Path) -> None:
+    assert_one_line_error(invoke(platform, "up"), "give either a spec file or --config")
+    spec, _ = write_spec(tmp_path)
+    both = invoke(platform, "up", str(spec), "--config", "cli-block")
+    assert_one_line_error(both, "give either a spec file or --config")
+    assert platform.api_calls() == {}
+
+
+def test_missing_files_are_one_line(platform: LocalPlatform, tmp_path: Path) -> None:
+    assert_one_line_error(invoke(platform, "up", str(tmp_path / "nope.yaml")), "cannot read")
+    assert_one_line_error(invoke(platform, "down", str(tmp_path / "nope.json")), "no state file")
+
+
+def test_up_from_a_saved_block(platform: LocalPlatform, tmp_path: Path, tag: str) -> None:
+    from prefect.testing.utilities import prefect_test_harness
+
+    from prefect_raydog import RayDogClusterConfig
+
+    with prefect_test_harness(server_startup_timeout=120):
+        config = RayDogClusterConfig.local(platform.url, platform.key_id, platform.key_secret)
+        node = {"template_id": SIMULATED, "script": "sleep infinity"}
+        config = config.model_copy(update={
+            "namespace": NAMESPACE, "tag": tag, "workers_to_join": 0,
+            "head": config.head.model_copy(update=node),
+            "worker_pools": [config.worker_pools[0].model_copy(update={**node, "count": 1})],
+        })
+        config.save("cli-block", overwrite=True)
+        state = tmp_path / "state.json"
+        env = {"YD_API_KEY_ID": "", "YD_API_KEY_SECRET": "", "YD_API_URL": ""}
+        missing = runner.invoke(app, ["up", "--config", "no-such-block"], env=env)
+        up = runner.invoke(app, ["up", "--config", "cli-block", "--state-file", str(state)],
+                           env=env)
+    assert_one_line_error(missing, "cannot load RayDogClusterConfig 'no-such-block'")
+    assert up.exit_code == 0, up.output
+    assert "Cluster local-" in up.output and "ray://" in up.output
+    assert platform.key_secret not in up.output
+    assert invoke(platform, "down", str(state)).exit_code == 0

@@ -224,6 +224,24 @@ def test_stale_saved_state_ends_what_exists_and_reports_what_had_gone(platform, 
     assert not cluster.shut_down().failed
 
 
+def test_state_saved_before_provisioning_ends_the_pools_by_name(platform, client):
+    cluster = RayDogCluster(simulated_spec(pools=2), client=client)
+    saved: dict[str, str] = {}
+
+    def on_step(step: str) -> None:
+        saved[step] = cluster.save_state_to_json()
+
+    cluster.build(on_step=on_step)
+    assert list(saved)[0] == "provisioning the worker pools" and list(saved)[-1] == "built"
+    first = json.loads(saved["provisioning the worker pools"])
+    assert first["work_requirement_id"] is None and first["worker_pool_ids"] == []
+    proxy = RayDogClusterProxy(fast_client(platform))
+    proxy.load_saved_state_from_json(saved["provisioning the worker pools"])
+    report = proxy.shut_down()
+    assert len(report.ended) == 3 * 2 and all(cluster.spec.name in e for e in report.ended)
+    assert not cluster.shut_down().failed
+
+
 def test_saved_state_without_a_work_requirement_id_is_refused(platform):
     proxy = RayDogClusterProxy(fast_client(platform))
     with pytest.raises(ClusterStateError, match="work_requirement_id"):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -173,13 +173,18 @@ class RayDogCluster:
     # ----- build ------------------------------------------------------------------------------
 
     def build(
-        self, timeout: timedelta | float | None = None, workers_to_join: int | None = None
+        self,
+        timeout: timedelta | float | None = None,
+        workers_to_join: int | None = None,
+        on_step: Callable[[str], None] | None = None,
     ) -> HeadNodeAddress:
         """Provision every pool at once, submit the work requirement, start the head node (after
         the observability node, if any), start the worker nodes, and return the head's addresses.
 
         Waits until `workers_to_join` worker tasks run (the spec's value when None). Any failure,
         timeout or interrupt tears down what was created before the error propagates.
+        `on_step(step)` is called as each step starts, the first before any provisioning call,
+        and with "built" at the end: e.g. to show progress, or to save the state as it grows.
         """
         with self._lock:
             if self._state != "new":
@@ -194,19 +199,19 @@ class RayDogCluster:
         started = time.monotonic()
         logger.info("Building Ray cluster %s in namespace %s", self.spec.name, self.spec.namespace)
         with self._teardown_on_failure(f"Building cluster {self.spec.name!r}"):
-            self._step = "provisioning the worker pools"
+            self._enter_step("provisioning the worker pools", on_step)
             self._provision(self._all_groups())
             self.timings["pools_provisioned_s"] = time.monotonic() - started
-            self._step = "submitting the work requirement"
+            self._enter_step("submitting the work requirement", on_step)
             self._submit_work_requirement()
-            self._step = "starting the observability node"
+            self._enter_step("starting the observability node", on_step)
             environment = self._start_observability_node(deadline)
-            self._step = "starting the head node"
+            self._enter_step("starting the head node", on_step)
             self._start_head_node(environment, deadline)
             self.timings["head_executing_s"] = time.monotonic() - started
-            self._step = "adding the worker node tasks"
+            self._enter_step("adding the worker node tasks", on_step)
             _parallel([lambda g=g: self._add_worker_tasks(g, g.spec.count) for g in self._workers])
-            self._step = "waiting for the worker nodes"
+            self._enter_step("waiting for the worker nodes", on_step)
             if joined:
                 self._wait_for_workers(joined, deadline)
                 self.timings["workers_joined_s"] = time.monotonic() - started
@@ -215,6 +220,8 @@ class RayDogCluster:
         with self._lock:
             if self._state == "building":
                 self._state = "built"
+        if on_step is not None:
+            on_step("built")
         self.timings["build_s"] = time.monotonic() - started
         logger.info(
             "Ray cluster %s is up: head node %s (public %s), %d worker pools",
@@ -224,6 +231,11 @@ class RayDogCluster:
             len(self._workers),
         )
         return self.head_address  # type: ignore[return-value]
+
+    def _enter_step(self, step: str, on_step: Callable[[str], None] | None) -> None:
+        self._step = step
+        if on_step is not None:
+            on_step(step)
 
     @contextmanager
     def _teardown_on_failure(
@@ -494,15 +506,16 @@ class RayDogCluster:
     # ----- saved state ------------------------------------------------------------------------
 
     def save_state_to_json(self) -> str:
-        """The state needed to shut the cluster down later, with RayDog's keys."""
-        if self._state != "built":
+        """The state needed to shut the cluster down later, with RayDog's keys. While the cluster
+        is being built, what is known so far: a proxy ends its pools by name when it has no IDs."""
+        if self._state not in ("built", "building"):
             raise ClusterStateError(
                 f"Cluster {self.spec.name!r} is {self._state}; "
-                "only a built cluster has state to save"
+                "only a built cluster, or one being built, has state to save"
             )
-        pool_ids = [*self.worker_pool_ids, self._head.pool_id]
-        if self._observability is not None:
-            pool_ids.append(self._observability.pool_id)
+        observability = [self._observability] if self._observability else []
+        groups = [*self._workers, self._head, *observability]
+        pool_ids = [group.pool_id for group in groups if group.pool_id]
         return saved_state_json(self.spec, self.work_requirement_id, pool_ids)
 
     def save_state_to_json_file(self, path: str | Path) -> None:

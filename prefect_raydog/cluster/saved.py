@@ -77,8 +77,14 @@ class RayDogClusterProxy:
             raise ClusterStateError(f"Saved cluster state is not JSON: {error}") from error
         if not isinstance(state, dict):
             raise ClusterStateError("Saved cluster state must be a JSON object")
-        if not isinstance(state.get("work_requirement_id"), str):
-            raise ClusterStateError("Saved cluster state lacks 'work_requirement_id' (a string)")
+        if not isinstance(state.get("work_requirement_id"), str | None):
+            raise ClusterStateError("Saved cluster state's 'work_requirement_id' must be a string")
+        if state.get("work_requirement_id") is None and not isinstance(
+            state.get("cluster_name"), str
+        ):
+            raise ClusterStateError(
+                "Saved cluster state lacks 'work_requirement_id' and 'cluster_name'"
+            )
         pool_ids = state.get("worker_pool_ids")
         if not isinstance(pool_ids, list) or not all(isinstance(i, str) for i in pool_ids):
             raise ClusterStateError("Saved cluster state's 'worker_pool_ids' must be a list of IDs")
@@ -101,13 +107,29 @@ class RayDogClusterProxy:
                 f"Cluster {self._state.get('cluster_name')!r} is already shut down"
             )
         groups = [_saved_pool(pool_id) for pool_id in self._state["worker_pool_ids"]]
+        work_requirement_id = self._state["work_requirement_id"]
+        if work_requirement_id is None:
+            # Saved before the build finished: pools may exist whose IDs never reached the file.
+            groups += self._pools_named_for(self._state["cluster_name"], groups)
         report = _Teardown(self.yd_client, check_first=True).run(
-            [self._state["work_requirement_id"]], groups, self._state["cluster_namespace"]
+            [work_requirement_id] if work_requirement_id else [], groups,
+            self._state["cluster_namespace"],
         )
         self._shut_down = True
         logger.info("Shut down saved Ray cluster %s: %s", self._state.get("cluster_name"), report)
         report.raise_if_failed(f"saved cluster {self._state.get('cluster_name')!r}")
         return report
+
+
+    def _pools_named_for(self, cluster: str, known: list[NodeGroup]) -> list[NodeGroup]:
+        search = WorkerPoolSearch(namespace=self._state["cluster_namespace"], statuses=_LIVE_POOL)
+        known_ids = {group.pool_id for group in known}
+        return [
+            _saved_pool(pool.id, pool.name or "")
+            for pool in self.yd_client.worker_pool_client.get_worker_pools(search).iterate()
+            if pool.id not in known_ids
+            and (match := _RAYDOG_POOL_NAME.match(pool.name or "")) and match["cluster"] == cluster
+        ]
 
 
 def _saved_pool(pool_id: str, name: str = "") -> NodeGroup:

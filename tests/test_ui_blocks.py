@@ -1,0 +1,252 @@
+"""The blocks as a user meets them: a real Prefect server on loopback, its UI in headless Debian
+Chromium driven by Selenium, both blocks created through their forms and loaded back from Python."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+import requests
+from conftest import wait_for
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
+from selenium.webdriver.remote.webdriver import WebDriver
+from selenium.webdriver.remote.webelement import WebElement
+
+from prefect_raydog import RayDogClusterConfig, YellowDogCredentials
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+IMAGES = Path(__file__).resolve().parent.parent / "docs" / "images"
+SECRET = "s3cr3t-typed-into-the-form"
+# Everything that would reach beyond loopback from a fresh headless profile, switched off.
+CHROMIUM_FLAGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--no-default-browser-check",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-default-apps",
+    "--disable-extensions",
+    "--disable-domain-reliability",
+    "--disable-client-side-phishing-detection",
+    "--disable-features=Autofill,AutofillServerCommunication,OptimizationHints,Translate,"
+    "MediaRouter,NetworkTimeServiceQuerying,CertificateTransparencyComponentUpdater",
+    "--window-size=1280,1500",
+    # Belt and braces: no host name resolves, so nothing can leave loopback.
+    "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """`prefect server start` on a free loopback port with its own home; the blocks registered."""
+    port = _free_port()
+    home = tmp_path_factory.mktemp("prefect-home")
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(home),
+        "PREFECT_SERVER_API_HOST": "127.0.0.1",
+        "PREFECT_SERVER_API_PORT": str(port),
+        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DO_NOT_TRACK": "1",
+    }
+    log = (home / "server.log").open("w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start"], env=env, stdout=log, stderr=log
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_for(lambda: _healthy(url), timeout=120, interval=0.5, what="the Prefect server")
+        subprocess.run(
+            [sys.executable, "-m", "prefect", "block", "register", "-m", "prefect_raydog.blocks"],
+            env=env, check=True, capture_output=True,
+        )
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return requests.get(f"{url}/api/health", timeout=2).ok
+    except requests.RequestException:
+        return False
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[WebDriver]:
+    """Debian's headless Chromium with a fresh profile; Selenium Manager is never consulted."""
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in CHROMIUM_FLAGS:
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"performance": "ALL"})
+    with tempfile.TemporaryDirectory() as profile:
+        options.add_argument(f"--user-data-dir={profile}")
+        driver = webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
+        driver.implicitly_wait(0)
+        try:
+            yield driver
+        finally:
+            driver.quit()
+
+
+def _network(driver: WebDriver) -> tuple[set[str], set[str]]:
+    """The hosts the pages asked for, and those that answered (from Chromium's DevTools log)."""
+    asked: dict[str, str] = {}
+    answered = set()
+    for entry in driver.get_log("performance"):
+        message = json.loads(entry["message"])["message"]
+        params = message.get("params", {})
+        if message["method"] == "Network.requestWillBeSent":
+            url = urlsplit(params["request"]["url"])
+            if url.scheme in ("http", "https", "ws", "wss"):
+                asked[params["requestId"]] = url.hostname
+        elif message["method"] == "Network.responseReceived" and params["requestId"] in asked:
+            answered.add(asked[params["requestId"]])
+    return set(asked.values()), answered
+
+
+def _inputs(driver: WebDriver, label: str) -> list[WebElement]:
+    """The inputs labelled `label` (with or without "(Optional)"), in page order."""
+    labels = driver.find_elements(
+        By.XPATH, f"//label[normalize-space()='{label}' or normalize-space()='{label} (Optional)']"
+    )
+    return [driver.find_element(By.ID, element.get_attribute("for")) for element in labels]
+
+
+def _type(driver: WebDriver, label: str, text: str, index: int = 0) -> WebElement:
+    """Type into a field until it holds exactly `text`: a form re-rendering mid-typing can drop
+    a keystroke."""
+    for _ in range(5):
+        field = _inputs(driver, label)[index]
+        field.send_keys(Keys.CONTROL, "a", Keys.DELETE)
+        field.send_keys(text)
+        time.sleep(0.2)
+        if _inputs(driver, label)[index].get_attribute("value") == text:
+            return field
+    raise AssertionError(f"{label!r} never held {text!r}")
+
+
+def _open_form(driver: WebDriver, url: str, first_label: str) -> None:
+    driver.get(url)
+    wait_for(lambda: _inputs(driver, first_label), timeout=120, interval=0.2, what=url)
+
+
+def _save(driver: WebDriver) -> None:
+    form_url = driver.current_url
+    driver.find_element(By.XPATH, "//button[normalize-space()='Save']").click()
+    wait_for(lambda: driver.current_url != form_url, timeout=30, interval=0.2, what="saving")
+    wait_for(lambda: "/blocks/block/" in driver.current_url, timeout=30, what="the block page")
+    wait_for(lambda: not driver.find_elements(By.NAME, "blockName"), timeout=30, what="no form")
+    driver.refresh()
+    wait_for(lambda: "Blocks" in driver.find_element(By.TAG_NAME, "body").text, timeout=30)
+
+
+def _screenshot(driver: WebDriver, name: str) -> None:
+    height = driver.execute_script("return document.documentElement.scrollHeight")
+    driver.set_window_size(1280, max(900, height + 160))
+    driver.execute_script("window.scrollTo(0, 0)")
+    IMAGES.mkdir(parents=True, exist_ok=True)
+    driver.save_screenshot(str(IMAGES / name))
+    driver.set_window_size(1280, 1500)
+
+
+def test_blocks_created_in_the_ui_load_back_exactly(
+    prefect_server: str, browser: WebDriver
+) -> None:
+    ui = f"{prefect_server}/v2/blocks"
+    browser.get(f"{ui}/catalog")
+    wait_for(
+        lambda: {"YellowDog Credentials", "RayDog Cluster Config"}
+        <= set(browser.find_element(By.TAG_NAME, "body").text.splitlines()),
+        timeout=120, interval=0.2, what="both blocks in the catalog",
+    )
+
+    _open_form(browser, f"{ui}/catalog/yellowdog-credentials/create", "Application key ID")
+    browser.find_element(By.NAME, "blockName").send_keys("ui-credentials")
+    _type(browser, "Application key ID", "ui-key-id")
+    secret = _type(browser, "Application key secret", SECRET)
+    assert secret.tag_name == "input" and secret.get_attribute("type") == "password"
+    _type(browser, "API URL", "http://127.0.0.1:9/api")
+    _screenshot(browser, "yellowdog-credentials-form.png")
+    _save(browser)
+    assert SECRET not in browser.page_source
+
+    _open_form(browser, f"{ui}/catalog/raydog-cluster-config/create", "Cluster name prefix")
+    browser.find_element(By.NAME, "blockName").send_keys("ui-cluster")
+    browser.find_element(By.CSS_SELECTOR, "button[aria-label='Select a block']").click()
+    option = "//*[@role='option'][normalize-space()='ui-credentials']"
+    wait_for(lambda: browser.find_elements(By.XPATH, option), timeout=30, what="the saved block")
+    browser.find_element(By.XPATH, option).click()
+    _type(browser, "Cluster name prefix", "uitest")
+    _type(browser, "Namespace", "ui-namespace")
+    _type(browser, "Tag", "ui-tag")
+    _type(browser, "Compute requirement template", "yd-templates/ray-head")
+    for _ in range(2):
+        browser.find_element(By.XPATH, "//button[normalize-space()='Add item']").click()
+    wait_for(lambda: len(_inputs(browser, "Pool name")) == 2, what="two worker pool forms")
+    for index, (name, template, nodes) in enumerate(
+        [("cpu", "yd-templates/ray-cpu", "3"), ("gpu", "yd-templates/ray-gpu", "2")]
+    ):
+        _type(browser, "Compute requirement template", template, index + 1)
+        _type(browser, "Pool name", name, index)
+        _type(browser, "Nodes", nodes, index)
+    _type(browser, "Workers that must join", "4")
+    _type(browser, "Cluster lifetime (seconds)", "5400")
+    _screenshot(browser, "raydog-cluster-config-form.png")
+    _save(browser)
+    assert SECRET not in browser.page_source
+
+    # Prefect's own UI asks for other blocks' logos and its analytics library's remote config;
+    # no name resolves here, so only loopback answers; the RayDog blocks ask for nothing.
+    asked, answered = _network(browser)
+    assert answered == {"127.0.0.1"}, asked
+    assert "avatars.githubusercontent.com" not in asked
+
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: f"{prefect_server}/api"}):
+        credentials = YellowDogCredentials.load("ui-credentials")
+        config = RayDogClusterConfig.load("ui-cluster")
+    for saved in (credentials, config.credentials):
+        assert (saved.api_key_id, saved.api_key_secret.get_secret_value(), saved.api_url) == (
+            "ui-key-id", SECRET, "http://127.0.0.1:9/api"
+        )
+    assert (config.cluster_name_prefix, config.namespace, config.tag) == (
+        "uitest", "ui-namespace", "ui-tag"
+    )
+    assert config.head.template_id == "yd-templates/ray-head"
+    assert [(p.name, p.template_id, p.count) for p in config.worker_pools] == [
+        ("cpu", "yd-templates/ray-cpu", 3), ("gpu", "yd-templates/ray-gpu", 2)
+    ]
+    assert config.workers_to_join == 4
+    assert config.cluster_lifetime == timedelta(minutes=90)
+    assert config.build_timeout == timedelta(minutes=10), "an untouched default"
+    assert config.observability is None and config.head.script is None
