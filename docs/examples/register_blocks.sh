@@ -1,0 +1,1 @@
+prefect block register -m prefect_raydog
