@@ -5,7 +5,9 @@ text that is shown and not run. The examples under docs/examples/ are run here."
 
 from __future__ import annotations
 
+import ast
 import hashlib
+import json
 import os
 import re
 import runpy
@@ -29,26 +31,41 @@ DOCS = ROOT / "docs"
 EXAMPLES = DOCS / "examples"
 PAGES = sorted(DOCS.rglob("*.md")) + [ROOT / "README.md"]
 
-# Files whose copies the docs may show, and the test that runs each (it must name the file).
+# The examples that tests here run (test_python_example_runs, test_shell_example_runs).
+RUN_HERE = {f"docs/examples/{p.name}" for p in EXAMPLES.iterdir() if p.suffix in {".py", ".sh"}}
+# Other files whose copies the docs may show, and the file that runs each (it names the file).
 RUN_BY = {
     "flows/quickstart.py": "tests/test_flows_demo.py",
     "flows/local_platform_demo.py": "tests/test_flows_demo.py",
     "flows/deployment.py": "docs/examples/deploy.sh",
     "flows/prefect.yaml": "docs/examples/deploy.sh",
-    **{f"docs/examples/{p.name}": "tests/test_docs.py" for p in EXAMPLES.iterdir()
-       if p.suffix in {".py", ".sh", ".toml", ".yaml"}},
+    "docs/examples/templates.toml": "docs/examples/local_platform.py",
+    "docs/examples/builder_templates.toml": "docs/examples/builder.py",
+    "docs/examples/cluster.yaml": "tests/test_docs.py",
 }
 
-# Blocks shown and not run, by page and the first 12 hex digits of the block's SHA-256, with the
-# reason. A changed block gets a new digest, so it has to be reviewed again.
+# Output shown as text, by page and the first 12 hex digits of the block's SHA-256, and the
+# example that checks it: every line of the block is in that file, which asserts the messages.
+OUTPUT_OF = {
+    ("blocks.md", "40b3f813c821"): "docs/examples/block_validation.py",
+    ("blocks.md", "a7be968c6695"): "docs/examples/block_validation.py",
+}
+# Blocks shown and not run, by page and digest, with the reason. A changed block gets a new
+# digest, so it has to be reviewed again.
 SHOWN_NOT_RUN = {
-    ("README.md", "d0e59e5bc1f3"): "installs the package; tests/test_flows_demo.py runs the "
+    ("README.md", "fd60573cb266"): "installs the package; tests/test_flows_demo.py runs the "
     "quickstart it ends with",
-    ("README.md", "2df2d2ba9c95"): "installs the package and runs the whole suite",
-    ("quickstart.md", "d0e59e5bc1f3"): "the README's first command, as above",
-    ("deployments.md", "7a7b1bc0d7e8"): "a worker runs until stopped; "
-    "tests/test_task_runner_lifecycle.py runs a process worker on a deployment",
-    ("deployments.md", "cd7a7b8e93fc"): "serves until stopped",
+    ("README.md", "92f2510261da"): "installs the package and runs the whole suite",
+    ("quickstart.md", "fd60573cb266"): "the README's first command, as above",
+    ("deployments.md", "21eb2174212a"): "a worker runs until stopped; "
+    "tests/test_task_runner_lifecycle.py runs a process worker for a deployment",
+    ("deployments.md", "cadf33f43a99"): "serves until stopped",
+    ("builder.md", "40b4f682045d"): "needs SSH to a head node; tests/test_cluster_tunnels.py "
+    "drives RayTunnels the same way against a real sshd",
+    ("builder.md", "ed896d060de8"): "commands against a YellowDog account; "
+    "tests/test_cli_clusters.py runs up, status, down and sweep against the local platform",
+    ("local-platform.md", "d552ea1b55e1"): "output of a server in the foreground; "
+    "tests/test_local_cli.py checks that it prints the URL, the key and the templates",
 }
 
 FENCE = re.compile(
@@ -86,18 +103,24 @@ def _problem(page: Path, body: str) -> str | None:
     if all(snippets):
         for snippet in snippets:
             path = snippet["path"]
-            if path not in RUN_BY:
-                return f"includes {path}, which is not in RUN_BY"
-            if Path(path).name not in (ROOT / RUN_BY[path]).read_text():
-                return f"includes {path}, which {RUN_BY[path]} does not run"
+            if path in RUN_HERE:
+                pass
+            elif path not in RUN_BY:
+                return f"includes {path}, which is neither in RUN_HERE nor in RUN_BY"
+            elif path not in (ROOT / RUN_BY[path]).read_text():
+                return f"includes {path}, which {RUN_BY[path]} does not name"
             _section(path, snippet["section"])
         return None
     if page.name == "README.md":
-        for path in RUN_BY:
+        for path in sorted(RUN_HERE | set(RUN_BY)):
             if body in SECTION_MARKER.sub("", (ROOT / path).read_text()):
                 return None
     if (page.name, _digest(body)) in SHOWN_NOT_RUN:
         return None
+    if checker := OUTPUT_OF.get((page.name, _digest(body))):
+        checked = (ROOT / checker).read_text()
+        missing = [line for line in body.splitlines() if line not in checked]
+        return f"lines not checked by {checker}: {missing}" if missing else None
     return f"not a copy of a tested file and not in SHOWN_NOT_RUN (digest {_digest(body)})"
 
 
@@ -109,7 +132,8 @@ def test_every_code_block_is_a_copy_of_a_tested_file_or_reviewed_text():
             if problem := _problem(page, body):
                 problems.append(f"{page.relative_to(ROOT)}: {problem}:\n{body}")
     assert not problems, "\n\n".join(problems)
-    assert not set(SHOWN_NOT_RUN) - used, f"stale entries: {set(SHOWN_NOT_RUN) - used}"
+    stale = (set(SHOWN_NOT_RUN) | set(OUTPUT_OF)) - used
+    assert not stale, f"stale entries: {stale}"
 
 
 class _ExternalLoads(HTMLParser):
@@ -176,10 +200,11 @@ def test_python_example_runs(example, prefect_api):
 
 
 @pytest.mark.parametrize("example", sorted(p.name for p in EXAMPLES.glob("*.sh")))
-def test_shell_example_runs(example, prefect_api):
-    """Run from the repository root, as the docs say, with the Prefect API of the test server
-    and the key ID that `flows/deployment.py save-blocks` reads."""
+def test_shell_example_runs(example, prefect_api, platform):
+    """Run from the repository root, as the docs say, with the Prefect API of the test server,
+    the key ID that `flows/deployment.py save-blocks` reads, and a local platform's URL and key."""
     env = {**os.environ, "PREFECT_API_URL": prefect_api, "YD_API_KEY_ID": "docs-test",
+           "URL": platform.url, "KEY_ID": platform.key_id, "KEY_SECRET": platform.key_secret,
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     result = subprocess.run(["bash", "-e", str(EXAMPLES / example)], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=300)
@@ -189,6 +214,9 @@ def test_shell_example_runs(example, prefect_api):
             deployment = client.read_deployment_by_name("nightly-scoring/nightly-scoring")
         assert deployment.work_pool_name == "raydog-pool"
         assert deployment.entrypoint == "flows/deployment.py:nightly_scoring"
+    if example == "local_faults.sh":
+        assert json.loads(result.stdout) == {"kind": "429", "path": "/work/requirements",
+                                             "method": "POST", "count": 1, "retryAfterSeconds": 2}
 
 
 def test_cluster_yaml_is_a_valid_spec():
@@ -196,3 +224,34 @@ def test_cluster_yaml_is_a_valid_spec():
     spec = ClusterSpec.model_validate(yaml.safe_load((EXAMPLES / "cluster.yaml").read_text()))
     assert spec.cluster_lifetime == timedelta(hours=2)
     assert [pool.name for pool in spec.worker_pools] == ["cpu"]
+
+
+def _message_fragments(node: ast.expr) -> list[str]:
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return [node.value]
+    if isinstance(node, ast.JoinedStr):
+        return [part.value for part in node.values if isinstance(part, ast.Constant)]
+    return []
+
+
+def test_troubleshooting_lists_every_message_the_package_raises():
+    """For each `raise SomeError("message ...")` in the package, the message's longest literal
+    part is on the troubleshooting page. Left out: the local platform's state machine, whose
+    refusals are YellowDog's API answers (the page describes them together), and
+    AttributeErrors."""
+    page = " ".join((DOCS / "troubleshooting.md").read_text().split())
+    missing = []
+    for path in sorted((ROOT / "prefect_raydog").rglob("*.py")):
+        relative = path.relative_to(ROOT)
+        if relative.parts[1:2] == ("local",) and "state" in (path.stem, *relative.parts):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call)
+                    and node.exc.args) or ast.unparse(node.exc.func) == "AttributeError":
+                continue
+            parts = [" ".join(part.split()).strip(" ;:.")
+                     for part in _message_fragments(node.exc.args[0])]
+            longest = max((part for part in parts if len(part) >= 8), key=len, default="")
+            if longest and longest not in page:
+                missing.append(f"{relative}:{node.lineno}: {longest!r}")
+    assert not missing, "\n".join(missing)
