@@ -6,10 +6,11 @@ deployment stores block names and never a secret. Save the blocks once (in the U
 
     python flows/deployment.py serve
 
-or deploy it to a process work pool with `prefect.yaml` (next to this file):
+or deploy it to a process work pool with `prefect.yaml` (next to this file), from the
+repository root:
 
     prefect work-pool create raydog-pool --type process
-    prefect deploy --all
+    prefect --no-prompt deploy --all --prefect-file flows/prefect.yaml
     prefect worker start --pool raydog-pool
 """
 
