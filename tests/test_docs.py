@@ -185,6 +185,11 @@ def test_site_builds_strictly_offline_and_loads_nothing_from_the_internet(tmp_pa
                      for url in re.findall(r"(?:@import|url\()\s*['\"]?((?:https?:)?//[^'\")]+)",
                                            css.read_text())]
     assert not external, "\n".join(external)
+    # Material's script fetches from the internet only for a repository link (GitHub's API), a
+    # mermaid diagram (the mermaid library) or a browser without ResizeObserver: no link, no
+    # diagram here.
+    assert "repo_url" not in (ROOT / "mkdocs.yml").read_text()
+    assert not [page for page in pages if 'class="mermaid"' in page.read_text()]
     reference = (site / "reference/builder/index.html").read_text()
     assert 'id="prefect_raydog.RayDogCluster"' in reference
 
