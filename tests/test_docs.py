@@ -66,6 +66,8 @@ SHOWN_NOT_RUN = {
     ("local-platform.md", "d552ea1b55e1"): "output of a server in the foreground; "
     "tests/test_local_cli.py checks that it prints the URL, the key and the templates",
     ("architecture.md", "97a7362c954d"): "a diagram of which module imports which, not code",
+    ("local-platform.md", "0493dff030bb"): "a yellowdog-cli session (installs a package); "
+    "tests/test_local_yd_cli.py runs each of these commands against a local platform",
 }
 
 # The README's "Try it" commands (repeated in quickstart.md) and what runs each verbatim: the
