@@ -147,56 +147,6 @@ def test_every_code_block_is_a_copy_of_a_tested_file_or_reviewed_text():
     assert not stale, f"stale entries: {stale}"
 
 
-class _ExternalLoads(HTMLParser):
-    """Collects every resource a page would load from another host."""
-
-    LOADING = {"script": "src", "img": "src", "iframe": "src", "source": "src", "audio": "src",
-               "video": "src", "embed": "src", "link": "href"}
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.found: list[str] = []
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        values = dict(attrs)
-        url = values.get(self.LOADING.get(tag, ""))
-        if tag == "link" and values.get("rel") in {"canonical", "alternate", "next", "prev"}:
-            return
-        if url and re.match(r"^(https?:)?//", url):
-            self.found.append(f"<{tag}> {url}")
-
-
-def test_site_builds_strictly_offline_and_loads_nothing_from_the_internet(tmp_path):
-    site = tmp_path / "site"
-    result = subprocess.run(
-        ["unshare", "--net", sys.executable, "-m", "mkdocs", "build", "--strict",
-         "--site-dir", str(site)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-        env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
-    )
-    assert result.returncode == 0, result.stderr[-5000:]
-    pages = list(site.rglob("*.html"))
-    assert {"index.html", "quickstart/index.html", "reference/builder/index.html"} <= {
-        str(p.relative_to(site)) for p in pages}
-    external = []
-    for page in pages:
-        parser = _ExternalLoads()
-        parser.feed(page.read_text())
-        external += [f"{page.relative_to(site)}: {found}" for found in parser.found]
-    for css in site.rglob("*.css"):
-        external += [f"{css.relative_to(site)}: {url}"
-                     for url in re.findall(r"(?:@import|url\()\s*['\"]?((?:https?:)?//[^'\")]+)",
-                                           css.read_text())]
-    assert not external, "\n".join(external)
-    # Material's script fetches from the internet only for a repository link (GitHub's API), a
-    # mermaid diagram (the mermaid library) or a browser without ResizeObserver: no link, no
-    # diagram here.
-    assert "repo_url" not in (ROOT / "mkdocs.yml").read_text()
-    assert not [page for page in pages if 'class="mermaid"' in page.read_text()]
-    reference = (site / "reference/builder/index.html").read_text()
-    assert 'id="prefect_raydog.RayDogCluster"' in reference
-
-
 @pytest.fixture(scope="module")
 def prefect_api() -> Iterator[str]:
     with prefect_test_harness(server_startup_timeout=120):
@@ -240,6 +190,70 @@ def test_cluster_yaml_is_a_valid_spec():
     spec = ClusterSpec.model_validate(yaml.safe_load((EXAMPLES / "cluster.yaml").read_text()))
     assert spec.cluster_lifetime == timedelta(hours=2)
     assert [pool.name for pool in spec.worker_pools] == ["cpu"]
+
+
+class _ExternalLoads(HTMLParser):
+    """Collects every resource a page would load from another host."""
+
+    LOADING = {"script": "src", "img": "src", "iframe": "src", "source": "src", "audio": "src",
+               "video": "src", "embed": "src", "link": "href"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.found: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        values = dict(attrs)
+        url = values.get(self.LOADING.get(tag, ""))
+        if tag == "link" and values.get("rel") in {"canonical", "alternate", "next", "prev"}:
+            return
+        if url and re.match(r"^(https?:)?//", url):
+            self.found.append(f"<{tag}> {url}")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def site_build(tmp_path_factory) -> Iterator[tuple[subprocess.Popen, Path]]:
+    """`mkdocs build --strict` in a network namespace of its own (so offline), started when
+    this module starts and running while the examples do."""
+    site = tmp_path_factory.mktemp("docs") / "site"
+    build = subprocess.Popen(
+        ["unshare", "--net", sys.executable, "-m", "mkdocs", "build", "--strict",
+         "--site-dir", str(site)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
+    )
+    try:
+        yield build, site
+    finally:
+        if build.poll() is None:
+            build.kill()
+        build.communicate()
+
+
+def test_site_builds_strictly_offline_and_loads_nothing_from_the_internet(site_build):
+    build, site = site_build
+    _, errors = build.communicate(timeout=300)
+    assert build.returncode == 0, errors[-5000:]
+    pages = list(site.rglob("*.html"))
+    assert {"index.html", "quickstart/index.html", "reference/builder/index.html"} <= {
+        str(p.relative_to(site)) for p in pages}
+    external = []
+    for page in pages:
+        parser = _ExternalLoads()
+        parser.feed(page.read_text())
+        external += [f"{page.relative_to(site)}: {found}" for found in parser.found]
+    for css in site.rglob("*.css"):
+        external += [f"{css.relative_to(site)}: {url}"
+                     for url in re.findall(r"(?:@import|url\()\s*['\"]?((?:https?:)?//[^'\")]+)",
+                                           css.read_text())]
+    assert not external, "\n".join(external)
+    # Material's script fetches from the internet only for a repository link (GitHub's API), a
+    # mermaid diagram (the mermaid library) or a browser without ResizeObserver: no link, no
+    # diagram here.
+    assert "repo_url" not in (ROOT / "mkdocs.yml").read_text()
+    assert not [page for page in pages if 'class="mermaid"' in page.read_text()]
+    reference = (site / "reference/builder/index.html").read_text()
+    assert 'id="prefect_raydog.RayDogCluster"' in reference
 
 
 def _message_fragments(node: ast.expr) -> list[str]:
