@@ -61,7 +61,7 @@ SHOWN_NOT_RUN = {
     ("deployments.md", "cadf33f43a99"): "serves until stopped",
     ("builder.md", "40b4f682045d"): "needs SSH to a head node; tests/test_cluster_tunnels.py "
     "drives RayTunnels the same way against a real sshd",
-    ("builder.md", "ed896d060de8"): "commands against a YellowDog account; "
+    ("builder.md", "5215778e7a6f"): "commands against a YellowDog account; "
     "tests/test_cli_clusters.py runs up, status, down and sweep against the local platform",
     ("local-platform.md", "d552ea1b55e1"): "output of a server in the foreground; "
     "tests/test_local_cli.py checks that it prints the URL, the key and the templates",
