@@ -4,6 +4,7 @@ does, inside the node's own namespaces so that nodes on one machine act like sep
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import shutil
 import signal
@@ -21,6 +22,9 @@ TASK_TYPES = {"bash": "/bin/bash"}
 """The run command of each task type, as in the YellowDog agent's `application.yaml`."""
 
 AGENT_USER = "yd-agent"
+
+PR_SET_PDEATHSIG = 1
+_LIBC = ctypes.CDLL(None, use_errno=True)
 
 ENTER_NODE = r"""
 set -e
@@ -179,7 +183,7 @@ class ProcessAgent:
                     self._command(node, task, [run_command, *launch.arguments]),
                     cwd=task.directory, env=self._environment(node, launch),
                     stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
-                    start_new_session=True)
+                    start_new_session=True, preexec_fn=_die_with(os.getpid()))
             return task.process.wait()
 
     def _command(self, node: _Node, task: _Task, command: list[str]) -> list[str]:
@@ -265,6 +269,17 @@ class ProcessAgent:
 
 def _file_name(ydid: str) -> str:
     return ydid.replace(":", "_").replace("/", "_")
+
+
+def _die_with(platform_pid: int) -> Callable[[], None]:
+    """What a task's first process runs before its command: the kernel SIGKILLs it when the
+    platform's thread that started it ends, however the platform dies. That process becomes the
+    `unshare` whose PID namespace ends with it (`--kill-child`), so the whole task tree goes."""
+    def die_with_platform() -> None:
+        _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != platform_pid:  # the platform died before the line above
+            os.kill(os.getpid(), signal.SIGKILL)
+    return die_with_platform
 
 
 def _signal_group(process: subprocess.Popen[bytes], signal_number: int) -> None:

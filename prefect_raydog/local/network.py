@@ -8,7 +8,6 @@ import fcntl
 import ipaddress
 import os
 import shutil
-import signal
 import subprocess
 import threading
 from dataclasses import dataclass
@@ -16,6 +15,13 @@ from pathlib import Path
 from typing import IO, Protocol
 
 from prefect_raydog.local.nodes import NodeBootError
+from prefect_raydog.local.reaper import (
+    NETNS_CONFIG,
+    Reaper,
+    delete_namespace,
+    remove_bridge,
+    veth_of,
+)
 
 NODE_NAMESPACES = ("--pid", "--fork", "--mount-proc", "--kill-child", "--mount", "--uts")
 """`unshare` flags that give a task its own PID tree, mounts and hostname; when the tree's first
@@ -24,7 +30,6 @@ process ends, the kernel ends the rest, and killing `unshare` kills the tree (`-
 BRIDGE_PREFIX = "ydl"
 SUBNET_TEMPLATE = "10.251.{index}.0/24"
 LOCK_DIR = Path("/run/prefect-raydog")
-NETNS_CONFIG = Path("/etc/netns")
 LOOPBACK = "127.0.0.1"
 
 
@@ -122,7 +127,8 @@ class LoopbackNetwork:
 
 class BridgeNetwork:
     """One bridge per platform with a private /24; each node gets a network namespace with its
-    own address on it, no default route, and its hostname resolving to that address."""
+    own address on it, no default route, and its hostname resolving to that address. A `Reaper`
+    removes them all if the platform dies without closing the network."""
 
     mode = "bridge"
 
@@ -137,6 +143,7 @@ class BridgeNetwork:
         self._lock = threading.Lock()
         self._lock_file, self.index = _claim_bridge_index()
         self.bridge = f"{BRIDGE_PREFIX}{self.index}"
+        self.reaper = Reaper(self.bridge, self._lock_file.fileno(), self._lock_file.name)
         self.subnet = ipaddress.ip_network(SUBNET_TEMPLATE.format(index=self.index))
         self.host_address = str(self.subnet.network_address + 1)
         self._free = list(range(2, self.subnet.num_addresses - 1))
@@ -160,7 +167,7 @@ class BridgeNetwork:
         try:
             self._create_namespace(name, address, hostname)
         except NodeBootError:
-            self._delete_namespace(name)
+            delete_namespace(name)
             with self._lock:
                 self._free.insert(0, host_number)
             raise
@@ -174,7 +181,7 @@ class BridgeNetwork:
         config = NETNS_CONFIG / name
         config.mkdir(parents=True, exist_ok=True)
         (config / "hosts").write_text(f"127.0.0.1 localhost\n{address} {hostname}\n")
-        veth = _veth_of(name)
+        veth = veth_of(name)
         _run("ip", "-batch", "-", stdin=(
             f"netns add {name}\n"
             f"link add {veth} type veth peer name eth0 netns {name}\n"
@@ -184,7 +191,7 @@ class BridgeNetwork:
             "link set eth0 up\nlink set lo up\n"))
 
     def remove_node(self, sandbox: NodeSandbox) -> None:
-        self._delete_namespace(sandbox.name)
+        delete_namespace(sandbox.name)
         with self._lock:
             host_number = self._used.pop(sandbox.name, None)
             if host_number is not None:
@@ -197,31 +204,11 @@ class BridgeNetwork:
             names = list(self._used)
             self._used.clear()
         for name in names:
-            self._delete_namespace(name)
-        _remove_bridge_leftovers(self.bridge)
+            delete_namespace(name)
+        remove_bridge(self.bridge)
+        # The reaper shares our lock: it must be gone before the lock file is removed.
+        self.reaper.release()
         _unlock(self._lock_file)
-
-    @staticmethod
-    def _delete_namespace(name: str) -> None:
-        _kill_namespace_processes(name)
-        # Deleting a namespace removes its veth pair only later; deleting the pair is immediate.
-        subprocess.run(("ip", "link", "del", _veth_of(name)), capture_output=True, check=False)
-        subprocess.run(("ip", "netns", "del", name), capture_output=True, check=False)
-        shutil.rmtree(NETNS_CONFIG / name, ignore_errors=True)
-
-
-def _veth_of(namespace: str) -> str:
-    """The host-side veth of a node namespace: `ydl3-7` has `ydl3v7` (names are at most 15
-    characters)."""
-    return namespace.replace("-", "v", 1)
-
-
-def _kill_namespace_processes(name: str) -> None:
-    pids = subprocess.run(("ip", "netns", "pids", name), capture_output=True, text=True,
-                          check=False).stdout.split()
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(int(pid), signal.SIGKILL)
 
 
 def _claim_bridge_index() -> tuple[IO[str], int]:
@@ -274,7 +261,7 @@ def _remove_leftovers_of_dead_platforms() -> None:
         index = path.name.removeprefix(BRIDGE_PREFIX).removesuffix(".lock")
         lock_file = _lock(int(index)) if index.isdigit() else None
         if lock_file is not None:
-            _remove_bridge_leftovers(f"{BRIDGE_PREFIX}{index}")
+            remove_bridge(f"{BRIDGE_PREFIX}{index}")
             _unlock(lock_file)
 
 
@@ -289,16 +276,3 @@ def _overlaps(subnet: str, routes: str) -> bool:
             except ValueError:
                 continue
     return False
-
-
-def _remove_bridge_leftovers(bridge: str) -> None:
-    """Remove `bridge`, its node namespaces and their hosts files. Only called while holding the
-    bridge's lock, so nothing removed belongs to a live platform."""
-    namespaces = subprocess.run(("ip", "netns", "list"), capture_output=True, text=True,
-                                check=False).stdout.split()
-    for name in namespaces:
-        if name.startswith(f"{bridge}-"):
-            BridgeNetwork._delete_namespace(name)
-    for config in NETNS_CONFIG.glob(f"{bridge}-*"):
-        shutil.rmtree(config, ignore_errors=True)
-    subprocess.run(("ip", "link", "del", bridge), capture_output=True, check=False)
