@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -48,10 +49,14 @@ def start(
         Network.AUTO
     ),
 ) -> None:
-    """Run a local YellowDog platform until Ctrl-C, printing its URL and application key."""
+    """Run a local YellowDog platform until Ctrl-C, SIGTERM or SIGHUP, printing its URL and
+    application key."""
     from prefect_raydog.local import LocalPlatform
     from prefect_raydog.local.templates import TemplateError
 
+    # `timeout`, `docker stop`, systemd and a closed terminal stop it in order, as Ctrl-C does.
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _interrupt)
     try:
         platform = LocalPlatform(templates=templates, host=host, port=port, network=network.value)
     except TemplateError as error:
@@ -71,6 +76,10 @@ def start(
             threading.Event().wait()
         except KeyboardInterrupt:
             console.print("Stopping: ending every node.", style="dim")
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 # ----- clusters -----------------------------------------------------------------------------------
