@@ -19,3 +19,23 @@ long_flow()
 """
 """Maps two tasks that sleep for ten minutes; writes argv[3] once they are submitted. Its
 arguments: the cluster block's name, the relay address for the Prefect API, the marker file."""
+
+LOCAL_PRESET_FLOW = """
+import pathlib, sys, time
+from prefect import flow, task
+from prefect_raydog.task_runners import RayDogTaskRunner
+
+@task
+def sleepy(x):
+    time.sleep(600)
+
+@flow(task_runner=RayDogTaskRunner())
+def local_preset_flow():
+    futures = sleepy.map(range(2))
+    pathlib.Path(sys.argv[1]).write_text("submitted")
+    futures.wait()
+
+local_preset_flow()
+"""
+"""LONG_FLOW on the `local` preset: the platform runs inside the flow process. Its argument: the
+marker file written once the tasks are submitted (so after the workers joined)."""

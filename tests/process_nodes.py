@@ -1,13 +1,17 @@
 """Helpers for tests of the local platform's process nodes: pools of `local/process` nodes and
-work requirements made through the SDK, torn down afterwards, and checks on host namespaces."""
+work requirements made through the SDK, torn down afterwards, checks on host namespaces, and the
+footprint of a process that runs a platform, to check that nothing of it outlives it."""
 
 from __future__ import annotations
 
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from conftest import wait_for
@@ -26,6 +30,7 @@ from yellowdog_client.model import (
 )
 
 from prefect_raydog.local import LocalPlatform
+from prefect_raydog.local.network import LOCK_DIR
 
 ABORT_GRACE_S = 1.0
 
@@ -43,12 +48,78 @@ def link_exists(name: str) -> bool:
     return subprocess.run(["ip", "link", "show", name], capture_output=True).returncode == 0
 
 
+def _process_table() -> dict[int, tuple[int, str, str]]:
+    """Every live (non-zombie) process: pid -> (parent pid, start time, command name)."""
+    table = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text() if entry.name.isdigit() else ""
+        except OSError:
+            continue
+        if stat:
+            name, rest = stat.split(" (", 1)[1].rsplit(")", 1)
+            fields = rest.split()
+            if fields[0] != "Z":
+                table[int(entry.name)] = (int(fields[1]), fields[19], name)
+    return table
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """What a process that runs a local platform has on this machine: its descendants (node
+    processes, raylets, the bridge's reaper), by pid and start time, and the bridge it holds."""
+
+    processes: dict[int, tuple[str, str]]
+    """pid -> (start time, command name)."""
+    bridge: str | None
+
+    @classmethod
+    def of(cls, pid: int) -> Footprint:
+        table = _process_table()
+        found, pending = {}, [pid]
+        while pending:
+            parent = pending.pop()
+            for child, (ppid, started, name) in table.items():
+                if ppid == parent and child not in found:
+                    found[child] = (started, name)
+                    pending.append(child)
+        bridges = [lock.stem for lock in LOCK_DIR.glob("ydl*.lock")
+                   if lock.read_text().split() == [str(pid)]]
+        return cls(found, bridges[0] if bridges else None)
+
+    def names(self) -> list[str]:
+        return sorted(name for _, name in self.processes.values())
+
+    def left(self) -> list[str]:
+        """What of it is still on this machine: a process (same pid and start time), or the
+        bridge, its link, its node namespaces and veths."""
+        table = _process_table()
+        left = [f"{name} (pid {pid})" for pid, (started, name) in self.processes.items()
+                if pid in table and table[pid][1] == started]
+        if self.bridge is not None:
+            left += node_networking(self.bridge)
+            left += [self.bridge] if link_exists(self.bridge) else []
+            left += [str(path) for path in Path("/etc/netns").glob(f"{self.bridge}-*")]
+        return left
+
+    def wait_gone(self, since: float, timeout: float = 60.0) -> float:
+        """Wait until nothing of it is left; return the seconds from `since` (a monotonic time,
+        when its process was told to end) until then."""
+        while left := self.left():
+            if time.monotonic() - since > timeout:
+                pytest.fail(f"Left {timeout:g} s after the platform's process was ended: {left}")
+            time.sleep(0.05)
+        return time.monotonic() - since
+
+
 class Pools:
     """Provisions `local/process` pools and work requirements through the SDK; tears down."""
 
-    def __init__(self, platform: LocalPlatform) -> None:
+    def __init__(self, platform: LocalPlatform | None, client: PlatformClient | None = None
+                 ) -> None:
         self.platform = platform
-        self.client: PlatformClient = platform.make_client(max_attempts=3, initial_interval=0.05)
+        self.client: PlatformClient = client or platform.make_client(
+            max_attempts=3, initial_interval=0.05)
         self.namespace = f"ns-{uuid.uuid4().hex[:8]}"
         self.pool_ids: list[str] = []
         self.requirement_ids: list[str] = []

@@ -5,6 +5,7 @@ First the agent on its own, then process nodes through the platform and the unmo
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -20,11 +21,13 @@ from yellowdog_client.model import NodeSearch, TaskStatus
 
 from prefect_raydog.local import LocalPlatform
 from prefect_raydog.local.agent import ProcessAgent
-from prefect_raydog.local.network import BridgeNetwork, IsolationUnavailable
+from prefect_raydog.local.network import LOCK_DIR, BridgeNetwork, IsolationUnavailable
 from prefect_raydog.local.nodes import TaskLaunch
 
 PRINT_ENVIRONMENT = 'echo "node $(hostname) pid $$"; env | sort; exit {code}'
 IGNORES_SIGTERM = 'trap "" TERM; (trap "" TERM; sleep 300) & sleep 300 & wait; wait'
+RECORDS_SIGTERM = 'trap "echo got TERM" TERM; (trap "" TERM; sleep 300) & echo started; wait; wait'
+"""Says whether it got a SIGTERM before the SIGKILL that ends it: `at once` means none."""
 
 
 class Exits:
@@ -136,10 +139,9 @@ def test_abort_runs_the_exit_trap_and_ends_the_whole_tree(agent: ProcessAgent) -
     agent.run_task("ydid:node:000000:n1", task, exits.callback(task.task_id))
     wait_for(lambda: "started" in agent.task_output(task.task_id), what="the task to start")
     assert len(agent.processes()) >= 4
-    started = time.monotonic()
     agent.abort_task(task.task_id)
+    # Ended by the SIGTERM, not by the SIGKILL that would come after the grace (-9).
     assert exits.wait(task.task_id) in (143, -15)
-    assert time.monotonic() - started < ABORT_GRACE_S
     assert "trap ran" in agent.task_output(task.task_id)
     assert agent.processes() == []
 
@@ -168,20 +170,22 @@ def test_abort_kills_a_tree_that_ignores_sigterm_after_the_grace_period(
     agent.abort_task(task.task_id)
     agent.abort_task(task.task_id)
     assert exits.wait(task.task_id) == -9
-    assert ABORT_GRACE_S <= time.monotonic() - started < ABORT_GRACE_S + 2
+    assert time.monotonic() - started >= ABORT_GRACE_S
     assert agent.processes() == []
 
 
 def test_killing_a_node_ends_its_tasks_at_once_and_leaves_other_nodes_running(
         agent: ProcessAgent) -> None:
     exits = Exits()
-    tasks = {node: launch(IGNORES_SIGTERM) for node in ("n1", "n2")}
+    tasks = {"n2": launch(IGNORES_SIGTERM), "n1": launch(RECORDS_SIGTERM)}
     for node, task in tasks.items():
         agent.boot_node(f"ydid:node:000000:{node}", f"yd-{node}")
         agent.run_task(f"ydid:node:000000:{node}", task, exits.callback(task.task_id))
-    wait_for(lambda: len(agent.processes()) >= 8, what="both trees to start")
+        wait_for(lambda: len(agent.processes()) >= 4, what="the tree to start")
+    wait_for(lambda: "started" in agent.task_output(tasks["n1"].task_id), what="n1 to start")
     agent.stop_node("ydid:node:000000:n1", kill=True)
-    assert exits.wait(tasks["n1"].task_id, timeout=ABORT_GRACE_S / 2) == -9
+    assert exits.wait(tasks["n1"].task_id) == -9
+    assert "got TERM" not in agent.task_output(tasks["n1"].task_id)
     assert tasks["n2"].task_id not in exits.codes
     agent.stop_node("ydid:node:000000:n1", kill=True)
     agent.stop_node("ydid:node:000000:n2")
@@ -226,7 +230,9 @@ def test_concurrent_bridges_get_distinct_subnets_and_leave_nothing() -> None:
         assert not first.subnet.overlaps(second.subnet)
         started = time.monotonic()
         sandbox = first.add_node("yd-timing")
-        assert time.monotonic() - started < 0.5
+        # A guard against per-node work taking seconds (it takes about 50 ms), not a benchmark:
+        # wide, because other agents' tests on the 2 shared cores stall any process at times.
+        assert time.monotonic() - started < 5
         assert sandbox.name in node_networking(first.bridge)
     finally:
         first.close()
@@ -236,25 +242,46 @@ def test_concurrent_bridges_get_distinct_subnets_and_leave_nothing() -> None:
 
 
 CRASHING_PLATFORM = """
-import sys, time
-from prefect_raydog.local.network import BridgeNetwork, IsolationUnavailable
+import subprocess, sys, time
+from prefect_raydog.local.network import BridgeNetwork
 network = BridgeNetwork()
-network.add_node("yd-orphan")
-print(network.bridge, flush=True)
+sandbox = network.add_node("yd-orphan")
+subprocess.Popen(["ip", "netns", "exec", sandbox.name, "sleep", "300"], start_new_session=True)
+print(network.bridge, sandbox.name, network.reaper.pid, flush=True)
 time.sleep(300)
 """
+"""A bridge with one node that runs a process which would outlive the platform by itself."""
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="bridges need root")
-def test_leftovers_of_a_platform_that_died_are_removed_by_the_next_one() -> None:
+def _crash_a_platform(kill_its_reaper: bool) -> str:
+    """SIGKILL a process that holds a bridge with a node (and its reaper if asked); its bridge."""
     crashing = subprocess.Popen([sys.executable, "-c", CRASHING_PLATFORM], stdout=subprocess.PIPE,
                                 text=True)
     try:
-        bridge = crashing.stdout.readline().strip()
+        bridge, namespace, reaper = crashing.stdout.readline().split()
+        wait_for(lambda: subprocess.run(["ip", "netns", "pids", namespace], capture_output=True,
+                                        text=True).stdout.split(), what="the node's process")
         assert link_exists(bridge) and len(node_networking(bridge)) == 2
+        if kill_its_reaper:
+            os.kill(int(reaper), signal.SIGKILL)
     finally:
         crashing.kill()
         crashing.wait()
+    return bridge
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="bridges need root")
+def test_a_platform_killed_with_sigkill_leaves_nothing_once_its_reaper_is_done() -> None:
+    bridge = _crash_a_platform(kill_its_reaper=False)
+    wait_for(lambda: not link_exists(bridge) and node_networking(bridge) == [], 30,
+             what=f"the reaper to remove bridge {bridge}")
+    assert not list(Path("/etc/netns").glob(f"{bridge}-*"))
+    assert not (LOCK_DIR / f"{bridge}.lock").exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="bridges need root")
+def test_leftovers_of_a_platform_that_died_with_its_reaper_are_removed_by_the_next_one() -> None:
+    bridge = _crash_a_platform(kill_its_reaper=True)
     BridgeNetwork().close()
     assert not link_exists(bridge) and node_networking(bridge) == []
     assert not list(Path("/etc/netns").glob(f"{bridge}-*"))
@@ -301,7 +328,8 @@ def test_cancelling_with_abort_kills_a_task_tree_that_ignores_sigterm(pools: Poo
     started = time.monotonic()
     pools.client.work_client.cancel_task_by_id(task.id, True)
     pools.wait_task(task.id, TaskStatus.ABORTED)
-    wait_for(lambda: not pools.platform.live_entities()["processes"], ABORT_GRACE_S + 5,
+    # Generous: the grace plus whatever 2 shared cores take; the lower bound below is the point.
+    wait_for(lambda: not pools.platform.live_entities()["processes"], ABORT_GRACE_S + 30,
              what="the task's processes to end")
     assert time.monotonic() - started >= ABORT_GRACE_S
 
@@ -309,15 +337,13 @@ def test_cancelling_with_abort_kills_a_task_tree_that_ignores_sigterm(pools: Poo
 def test_killing_a_process_node_ends_its_processes_at_once(pools: Pools) -> None:
     pool_id = pools.provision(1, "kill")
     pools.wait_idle(pool_id)
-    task = pools.run("kill", [IGNORES_SIGTERM])[0]
+    task = pools.run("kill", [RECORDS_SIGTERM])[0]
     pools.wait_task(task.id, TaskStatus.EXECUTING)
-    wait_for(lambda: len(pools.platform.live_entities()["processes"]) >= 4,
-             what="the task's tree to start")
+    wait_for(lambda: "started" in pools.platform.task_output(task.id), what="the task to start")
     node = pools.client.worker_pool_client.find_nodes(NodeSearch(workerPoolId=pool_id))[0]
-    started = time.monotonic()
     pools.platform.kill_node(node.id)
-    wait_for(lambda: not pools.platform.live_entities()["processes"], ABORT_GRACE_S,
+    wait_for(lambda: not pools.platform.live_entities()["processes"], 30,
              what="the node's processes to die")
-    assert time.monotonic() - started < ABORT_GRACE_S
+    assert "got TERM" not in pools.platform.task_output(task.id)
     failed = pools.wait_task(task.id, TaskStatus.FAILED)
     assert failed.errors[-1].errorType == "ALLOCATION_LOST"

@@ -1,5 +1,6 @@
 """`prefect-raydog local start` runs the platform in the foreground, prints what a client needs,
-and stops cleanly on Ctrl-C; a bad templates file is an error that says what is wrong."""
+and stops cleanly on Ctrl-C, SIGTERM or SIGHUP; killed, it leaves no node process or namespace
+either; a bad templates file is an error that says what is wrong."""
 
 from __future__ import annotations
 
@@ -8,23 +9,29 @@ import re
 import signal
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
+from conftest import wait_for
+from process_nodes import Footprint, Pools
 from yellowdog_client import PlatformClient
-from yellowdog_client.model import ApiKey, ServicesSchema, WorkerPoolSearch
+from yellowdog_client.model import ApiKey, ServicesSchema, TaskStatus, WorkerPoolSearch
 
 START = [sys.executable, "-c", "from prefect_raydog.cli import app; app()", "local", "start"]
 ENVIRONMENT = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1", "RAY_AUTH_MODE": "disabled"}
+TREE = "sleep 300 & sleep 300 & echo started; wait"
 
 
-def test_local_start_prints_url_and_key_and_stops_on_ctrl_c() -> None:
-    process = subprocess.Popen(
-        [*START, "--network", "loopback"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=ENVIRONMENT,
-    )
+@contextmanager
+def local_start(*options: str) -> Iterator[tuple[subprocess.Popen[str], PlatformClient]]:
+    """`local start` in a child process, and a client of the platform it printed; afterwards the
+    child is ended and nothing of it is left."""
+    process = subprocess.Popen([*START, *options], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, env=ENVIRONMENT)
+    footprint = None
     try:
         printed = ""
         for line in process.stdout:
@@ -34,14 +41,40 @@ def test_local_start_prints_url_and_key_and_stops_on_ctrl_c() -> None:
         url = re.search(r"(http://127\.0\.0\.1:\d+)", printed).group(1)
         key_id = re.search(r"key id:\s+(\S+)", printed).group(1)
         key_secret = re.search(r"key secret:\s+(\S+)", printed).group(1)
-        client = PlatformClient.create(ServicesSchema(defaultUrl=url), ApiKey(key_id, key_secret))
-        assert client.worker_pool_client.get_worker_pools(WorkerPoolSearch()).list_all() == []
-        process.send_signal(signal.SIGINT)
-        assert process.wait(30) == 0
+        footprint = Footprint.of(process.pid)
+        yield process, PlatformClient.create(ServicesSchema(defaultUrl=url),
+                                             ApiKey(key_id, key_secret))
     finally:
         if process.poll() is None:
             process.kill()
-            process.wait()
+        process.wait()
+        if footprint is not None:
+            footprint.wait_gone(time.monotonic())
+
+
+def test_local_start_prints_url_and_key_and_stops_on_ctrl_c() -> None:
+    with local_start("--network", "loopback") as (process, client):
+        assert client.worker_pool_client.get_worker_pools(WorkerPoolSearch()).list_all() == []
+        process.send_signal(signal.SIGINT)
+        assert process.wait(30) == 0
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGKILL],
+                         ids=["SIGTERM", "SIGHUP", "SIGKILL"])
+def test_local_start_ended_by_a_signal_leaves_no_node_process_or_namespace(signum) -> None:
+    with local_start() as (process, client):
+        pools = Pools(None, client)
+        pools.wait_idle(pools.provision(2, "tree"), timeout=60)
+        for task in pools.run("tree", [TREE, TREE]):
+            pools.wait_task(task.id, TaskStatus.EXECUTING, timeout=60)
+        footprint = wait_for(lambda: (found := Footprint.of(process.pid)).names().count(
+            "sleep") == 4 and found, timeout=60, what="both task trees to start")
+        assert (footprint.bridge is not None) == (os.geteuid() == 0)
+        ended = time.monotonic()
+        process.send_signal(signum)
+        assert process.wait(60) == (-signal.SIGKILL if signum == signal.SIGKILL else 0)
+        seconds = footprint.wait_gone(ended)
+    print(f"{signum.name}: nothing of the platform left {seconds:.2f} s after the signal")
 
 
 def test_local_start_refuses_a_bad_templates_file(tmp_path: Path) -> None:

@@ -9,11 +9,12 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 import ray
 from conftest import wait_for
-from flow_scripts import LONG_FLOW
+from flow_scripts import LOCAL_PRESET_FLOW, LONG_FLOW
 from prefect import flow, get_run_logger, task
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
@@ -28,6 +29,7 @@ from prefect.client.schemas.filters import (
 from prefect.runtime import flow_run
 from prefect.settings import PREFECT_API_URL
 from prefect.testing.utilities import prefect_test_harness
+from process_nodes import Footprint
 
 from prefect_raydog.blocks import RayDogClusterConfig
 from prefect_raydog.task_runners import RayDogTaskRunner, placement
@@ -249,6 +251,7 @@ def test_signal_to_a_running_flow_process_tears_the_cluster_down(
     try:
         wait_for(marker.exists, timeout=180, interval=0.2, what="tasks submitted")
         assert platform.live_entities()["workRequirements"]
+        footprint = Footprint.of(process.pid)
         process.send_signal(getattr(signal, signum))
         process.wait(timeout=120)
     finally:
@@ -256,3 +259,28 @@ def test_signal_to_a_running_flow_process_tears_the_cluster_down(
             process.kill()
             process.wait()
     assert process.returncode != 0
+    footprint.wait_gone(time.monotonic())
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_a_flow_on_the_local_preset_ended_by_a_signal_leaves_no_node_process_or_namespace(
+    prefect_api, tmp_path, signum
+):
+    script, marker = tmp_path / "flow.py", tmp_path / "submitted"
+    script.write_text(LOCAL_PRESET_FLOW)
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "RAY_AUTH_MODE": "disabled"}
+    process = subprocess.Popen([sys.executable, str(script), str(marker)], env=env)
+    try:
+        wait_for(marker.exists, timeout=300, interval=0.2, what="tasks submitted")
+        footprint = wait_for(lambda: (found := Footprint.of(process.pid)).names().count(
+            "raylet") == 3 and found, timeout=60, what="a raylet on each of the three nodes")
+        assert (footprint.bridge is not None) == (os.geteuid() == 0)
+        ended = time.monotonic()
+        process.send_signal(signum)
+        process.wait(timeout=120)
+        seconds = footprint.wait_gone(ended, timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    print(f"{signum.name}: nothing of the flow's platform left {seconds:.2f} s after the signal")
