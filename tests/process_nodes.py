@@ -8,7 +8,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -67,11 +67,13 @@ def _process_table() -> dict[int, tuple[int, str, str]]:
 @dataclass(frozen=True)
 class Footprint:
     """What a process that runs a local platform has on this machine: its descendants (node
-    processes, raylets, the bridge's reaper), by pid and start time, and the bridge it holds."""
+    processes, raylets, a bridge's reaper), by pid and start time, and the bridges that it or a
+    descendant holds."""
 
     processes: dict[int, tuple[str, str]]
     """pid -> (start time, command name)."""
-    bridge: str | None
+    bridges: dict[str, str]
+    """bridge -> pid of the process that claimed it."""
 
     @classmethod
     def of(cls, pid: int) -> Footprint:
@@ -83,23 +85,31 @@ class Footprint:
                 if ppid == parent and child not in found:
                     found[child] = (started, name)
                     pending.append(child)
-        bridges = [lock.stem for lock in LOCK_DIR.glob("ydl*.lock")
-                   if lock.read_text().split() == [str(pid)]]
-        return cls(found, bridges[0] if bridges else None)
+        holders = {str(holder) for holder in (pid, *found)}
+        return cls(found, {bridge: holder for bridge, holder in _bridge_holders().items()
+                           if holder in holders})
+
+    def __or__(self, other: Footprint) -> Footprint:
+        return Footprint({**self.processes, **other.processes}, {**self.bridges, **other.bridges})
+
+    @property
+    def bridge(self) -> str | None:
+        return next(iter(self.bridges), None)
 
     def names(self) -> list[str]:
         return sorted(name for _, name in self.processes.values())
 
     def left(self) -> list[str]:
-        """What of it is still on this machine: a process (same pid and start time), or the
-        bridge, its link, its node namespaces and veths."""
+        """What of it is still on this machine: a process (same pid and start time), or a
+        bridge, its link, node namespaces and veths (unless another platform claimed it since)."""
         table = _process_table()
         left = [f"{name} (pid {pid})" for pid, (started, name) in self.processes.items()
                 if pid in table and table[pid][1] == started]
-        if self.bridge is not None:
-            left += node_networking(self.bridge)
-            left += [self.bridge] if link_exists(self.bridge) else []
-            left += [str(path) for path in Path("/etc/netns").glob(f"{self.bridge}-*")]
+        holders = _bridge_holders()
+        for bridge, holder in self.bridges.items():
+            if holders.get(bridge, holder) == holder:
+                left += node_networking(bridge) + ([bridge] if link_exists(bridge) else [])
+                left += [str(path) for path in Path("/etc/netns").glob(f"{bridge}-*")]
         return left
 
     def wait_gone(self, since: float, timeout: float = 60.0) -> float:
@@ -110,6 +120,35 @@ class Footprint:
                 pytest.fail(f"Left {timeout:g} s after the platform's process was ended: {left}")
             time.sleep(0.05)
         return time.monotonic() - since
+
+
+def _bridge_holders() -> dict[str, str]:
+    """bridge -> pid written in its lock file by the platform that claimed it."""
+    holders = {}
+    for lock in LOCK_DIR.glob("ydl*.lock"):
+        with suppress(OSError):
+            holders[lock.stem] = (lock.read_text().split() or [""])[-1]
+    return holders
+
+
+def run_leaving_nothing(command: list[str], timeout: float, **options
+                        ) -> subprocess.CompletedProcess[str]:
+    """`subprocess.run(command, capture_output=True, text=True)` that watches what the child
+    starts while it runs and, once it has ended, waits until none of that is left."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, **options)
+    deadline, footprint, outputs = time.monotonic() + timeout, Footprint({}, {}), None
+    with process:
+        while outputs is None:
+            footprint |= Footprint.of(process.pid)
+            try:
+                outputs = process.communicate(timeout=0.2)
+            except subprocess.TimeoutExpired:
+                if time.monotonic() > deadline:
+                    process.kill()
+                    raise
+    footprint.wait_gone(time.monotonic())
+    return subprocess.CompletedProcess(command, process.returncode, *outputs)
 
 
 class Pools:

@@ -4,11 +4,11 @@ object with the figures its issue asks for. The figures themselves are measured 
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from process_nodes import run_leaving_nothing
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -22,10 +22,8 @@ EXPECTED_KEYS = {
 
 @pytest.mark.parametrize("script", sorted(EXPECTED_KEYS))
 def test_benchmark_smoke_run_prints_its_figures(script):
-    result = subprocess.run(
-        [sys.executable, str(BENCHMARKS / script), "--quick", "--json"],
-        capture_output=True, text=True, timeout=600,
-    )
+    result = run_leaving_nothing(
+        [sys.executable, str(BENCHMARKS / script), "--quick", "--json"], timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     assert EXPECTED_KEYS[script] <= figures.keys()

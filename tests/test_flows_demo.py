@@ -1,24 +1,24 @@
 """The example flows run as users run them: `flows/local_platform_demo.py` exits 0 after printing
-what each of its two bash tasks printed, each on its own node. (`flows/quickstart.py`, the
-README's main command, is run as a new user runs it in `test_readme_commands.py`.)"""
+what each of its two bash tasks printed, each on its own node, and leaves nothing running.
+(`flows/quickstart.py`, the README's main command, is run as a new user runs it in
+`test_readme_commands.py`.)"""
 
 from __future__ import annotations
 
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
+
+from process_nodes import run_leaving_nothing
 
 FLOWS = Path(__file__).parent.parent / "flows"
 DEMO = FLOWS / "local_platform_demo.py"
 
 
 def test_local_platform_demo_runs_a_task_on_each_node_and_ends_cleanly() -> None:
-    result = subprocess.run(
+    result = run_leaving_nothing(
         [sys.executable, str(DEMO)],
-        capture_output=True,
-        text=True,
         timeout=120,
         env={**os.environ, "COLUMNS": "200", "NO_COLOR": "1"},
     )

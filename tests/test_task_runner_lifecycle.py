@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from datetime import timedelta
 
@@ -22,6 +23,7 @@ from prefect.settings import PREFECT_API_URL
 from prefect.states import Cancelling
 from prefect.testing.utilities import prefect_test_harness
 from prefect.workers.process import ProcessWorker
+from process_nodes import Footprint
 
 from prefect_raydog.blocks import RayDogClusterConfig
 
@@ -73,12 +75,14 @@ def test_sigkilled_flow_process_leaves_the_cluster_to_the_platform_backstop(
     try:
         wait_for(marker.exists, timeout=SHORT_LIFETIME.total_seconds(), interval=0.2,
                  what="tasks submitted")
+        footprint = Footprint.of(process.pid)
         os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=30)
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+    footprint.wait_gone(time.monotonic())
     assert platform.live_entities()["workRequirements"]
     wait_for(lambda: not _live(platform), timeout=SHORT_LIFETIME.total_seconds() + 30,
              interval=0.5, what="the platform to end the orphaned cluster")
@@ -127,12 +131,14 @@ def deployment(saved_configs, local_platform, tmp_path_factory):
     try:
         yield "deployed/lifecycle"
     finally:
+        footprint = Footprint.of(worker.pid)
         os.killpg(worker.pid, signal.SIGTERM)
         try:
             worker.wait(timeout=30)
         except subprocess.TimeoutExpired:
             os.killpg(worker.pid, signal.SIGKILL)
             worker.wait()
+        footprint.wait_gone(time.monotonic())
 
 
 def _flow_run_state(flow_run_id: uuid.UUID):
