@@ -16,12 +16,19 @@ from pathlib import Path
 
 import pytest
 from conftest import wait_for
-from process_nodes import ABORT_GRACE_S, Pools, link_exists, node_networking, process_pools
+from process_nodes import (
+    ABORT_GRACE_S,
+    Footprint,
+    Pools,
+    link_exists,
+    node_networking,
+    process_pools,
+)
 from yellowdog_client.model import NodeSearch, TaskStatus
 
 from prefect_raydog.local import LocalPlatform
 from prefect_raydog.local.agent import ProcessAgent
-from prefect_raydog.local.network import LOCK_DIR, BridgeNetwork, IsolationUnavailable
+from prefect_raydog.local.network import BridgeNetwork, IsolationUnavailable
 from prefect_raydog.local.nodes import TaskLaunch
 
 PRINT_ENVIRONMENT = 'echo "node $(hostname) pid $$"; env | sort; exit {code}'
@@ -253,8 +260,8 @@ time.sleep(300)
 """A bridge with one node that runs a process which would outlive the platform by itself."""
 
 
-def _crash_a_platform(kill_its_reaper: bool) -> str:
-    """SIGKILL a process that holds a bridge with a node (and its reaper if asked); its bridge."""
+def _crash_a_platform(kill_its_reaper: bool) -> Footprint:
+    """SIGKILL a process that holds a bridge with a node (and its reaper if asked); what it had."""
     crashing = subprocess.Popen([sys.executable, "-c", CRASHING_PLATFORM], stdout=subprocess.PIPE,
                                 text=True)
     try:
@@ -262,26 +269,24 @@ def _crash_a_platform(kill_its_reaper: bool) -> str:
         wait_for(lambda: subprocess.run(["ip", "netns", "pids", namespace], capture_output=True,
                                         text=True).stdout.split(), what="the node's process")
         assert link_exists(bridge) and len(node_networking(bridge)) == 2
+        footprint = Footprint.of(crashing.pid)
+        assert footprint.bridge == bridge
         if kill_its_reaper:
             os.kill(int(reaper), signal.SIGKILL)
     finally:
         crashing.kill()
         crashing.wait()
-    return bridge
+    return footprint
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="bridges need root")
 def test_a_platform_killed_with_sigkill_leaves_nothing_once_its_reaper_is_done() -> None:
-    bridge = _crash_a_platform(kill_its_reaper=False)
-    wait_for(lambda: not link_exists(bridge) and node_networking(bridge) == [], 30,
-             what=f"the reaper to remove bridge {bridge}")
-    assert not list(Path("/etc/netns").glob(f"{bridge}-*"))
-    assert not (LOCK_DIR / f"{bridge}.lock").exists()
+    _crash_a_platform(kill_its_reaper=False).wait_gone(time.monotonic(), timeout=30)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="bridges need root")
 def test_leftovers_of_a_platform_that_died_with_its_reaper_are_removed_by_the_next_one() -> None:
-    bridge = _crash_a_platform(kill_its_reaper=True)
+    bridge = _crash_a_platform(kill_its_reaper=True).bridge
     BridgeNetwork().close()
     assert not link_exists(bridge) and node_networking(bridge) == []
     assert not list(Path("/etc/netns").glob(f"{bridge}-*"))
