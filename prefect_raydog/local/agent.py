@@ -4,7 +4,6 @@ does, inside the node's own namespaces so that nodes on one machine act like sep
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import shutil
 import signal
@@ -23,8 +22,14 @@ TASK_TYPES = {"bash": "/bin/bash"}
 
 AGENT_USER = "yd-agent"
 
-PR_SET_PDEATHSIG = 1
-_LIBC = ctypes.CDLL(None, use_errno=True)
+DIE_WITH_PLATFORM = ("setpriv", "--pdeathsig", "KILL", "--",
+                     "/bin/sh", "-c", 'test "$PPID" = "$0" && exec "$@"')
+"""Prefix (then the platform's PID) of a task's command: the kernel SIGKILLs the task's first
+process when the platform's thread that started it ends, however the platform dies, and the
+check after it closes the race with a platform that died first. That process becomes the
+`unshare` whose PID namespace ends with it (`--kill-child`), so the whole task tree goes. Not
+`preexec_fn`: Python code between fork and exec can hang in a process with gRPC threads (a
+flow's Ray client)."""
 
 ENTER_NODE = r"""
 set -e
@@ -183,15 +188,16 @@ class ProcessAgent:
                     self._command(node, task, [run_command, *launch.arguments]),
                     cwd=task.directory, env=self._environment(node, launch),
                     stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
-                    start_new_session=True, preexec_fn=_die_with(os.getpid()))
+                    start_new_session=True)
             return task.process.wait()
 
     def _command(self, node: _Node, task: _Task, command: list[str]) -> list[str]:
         sandbox = node.sandbox
         hosts = "" if sandbox.hosts_file_in_netns else str(node.hosts_file)
         keep = _under_tmp([node.root, *IMAGE_PATHS])
-        return [*sandbox.enter, "/bin/bash", "-c", ENTER_NODE, "enter-node", sandbox.hostname,
-                hosts, str(node.tmp), str(task.directory), *keep, "--", *command]
+        return [*DIE_WITH_PLATFORM, str(os.getpid()), *sandbox.enter, "/bin/bash", "-c",
+                ENTER_NODE, "enter-node", sandbox.hostname, hosts, str(node.tmp),
+                str(task.directory), *keep, "--", *command]
 
     def _environment(self, node: _Node, launch: TaskLaunch) -> dict[str, str]:
         """A fresh machine's agent service environment: nothing of the platform's own."""
@@ -269,17 +275,6 @@ class ProcessAgent:
 
 def _file_name(ydid: str) -> str:
     return ydid.replace(":", "_").replace("/", "_")
-
-
-def _die_with(platform_pid: int) -> Callable[[], None]:
-    """What a task's first process runs before its command: the kernel SIGKILLs it when the
-    platform's thread that started it ends, however the platform dies. That process becomes the
-    `unshare` whose PID namespace ends with it (`--kill-child`), so the whole task tree goes."""
-    def die_with_platform() -> None:
-        _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != platform_pid:  # the platform died before the line above
-            os.kill(os.getpid(), signal.SIGKILL)
-    return die_with_platform
 
 
 def _signal_group(process: subprocess.Popen[bytes], signal_number: int) -> None:
