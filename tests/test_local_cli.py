@@ -59,22 +59,26 @@ def test_local_start_prints_url_and_key_and_stops_on_ctrl_c() -> None:
         assert process.wait(30) == 0
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGKILL],
-                         ids=["SIGTERM", "SIGHUP", "SIGKILL"])
-def test_local_start_ended_by_a_signal_leaves_no_node_process_or_namespace(signum) -> None:
-    with local_start() as (process, client):
+@pytest.mark.parametrize(("signum", "network"), [
+    (signal.SIGTERM, "auto"), (signal.SIGHUP, "auto"), (signal.SIGKILL, "auto"),
+    # No bridge, so no reaper: the kernel alone ends the nodes (parent-death signal).
+    (signal.SIGKILL, "loopback"),
+], ids=["SIGTERM", "SIGHUP", "SIGKILL", "SIGKILL-loopback"])
+def test_local_start_ended_by_a_signal_leaves_no_node_process_or_namespace(
+        signum: signal.Signals, network: str) -> None:
+    with local_start("--network", network) as (process, client):
         pools = Pools(None, client)
         pools.wait_idle(pools.provision(2, "tree"), timeout=60)
         for task in pools.run("tree", [TREE, TREE]):
             pools.wait_task(task.id, TaskStatus.EXECUTING, timeout=60)
         footprint = wait_for(lambda: (found := Footprint.of(process.pid)).names().count(
             "sleep") == 4 and found, timeout=60, what="both task trees to start")
-        assert (footprint.bridge is not None) == (os.geteuid() == 0)
+        assert (footprint.bridge is not None) == (network == "auto" and os.geteuid() == 0)
         ended = time.monotonic()
         process.send_signal(signum)
         assert process.wait(60) == (-signal.SIGKILL if signum == signal.SIGKILL else 0)
         seconds = footprint.wait_gone(ended)
-    print(f"{signum.name}: nothing of the platform left {seconds:.2f} s after the signal")
+    print(f"{signum.name} ({network}): nothing of the platform left {seconds:.2f} s after it")
 
 
 def test_local_start_refuses_a_bad_templates_file(tmp_path: Path) -> None:
