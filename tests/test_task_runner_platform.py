@@ -271,7 +271,9 @@ def test_a_flow_on_the_local_preset_ended_by_a_signal_leaves_no_node_process_or_
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "RAY_AUTH_MODE": "disabled"}
     process = subprocess.Popen([sys.executable, str(script), str(marker)], env=env)
     try:
-        wait_for(marker.exists, timeout=300, interval=0.2, what="tasks submitted")
+        wait_for(lambda: marker.exists() or process.poll() is not None, timeout=300,
+                 interval=0.2, what="tasks submitted")
+        assert marker.exists(), f"the flow ended ({process.returncode}) before submitting tasks"
         footprint = wait_for(lambda: (found := Footprint.of(process.pid)).names().count(
             "raylet") == 3 and found, timeout=60, what="a raylet on each of the three nodes")
         assert (footprint.bridge is not None) == (os.geteuid() == 0)
