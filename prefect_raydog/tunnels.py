@@ -43,6 +43,8 @@ class RayTunnels:
     ) -> None:
         if private_key_file is None and password is None:
             raise ValueError("RayTunnels needs private_key_file or password to log in")
+        if private_key_file is not None:
+            private_key_file = Path(private_key_file).expanduser()
         if private_key_file is not None and not Path(private_key_file).is_file():
             raise ValueError(f"private_key_file {str(private_key_file)!r} is not a readable file")
         if local_ports is not None and len(local_ports) != len(remote_ports):

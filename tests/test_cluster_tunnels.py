@@ -117,3 +117,11 @@ def test_a_wrong_key_fails_with_a_clear_connection_error(sshd, tmp_path):
 def test_missing_key_file_is_rejected_before_connecting(tmp_path):
     with pytest.raises(ValueError, match="private_key_file .* is not a readable file"):
         RayTunnels("127.0.0.1", "root", private_key_file=tmp_path / "absent")
+
+
+def test_a_key_file_under_home_is_found_through_tilde(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "k")],
+                   check=True)
+    tunnels = RayTunnels("127.0.0.1", "root", private_key_file="~/k")
+    assert tunnels._forwarder.ssh_pkeys
