@@ -1,5 +1,6 @@
 """Figures of the RayDog Builder on the local platform's simulated nodes: how soon build() returns
-after the head task runs, how long shutdown takes, and how API calls grow with a cluster's size.
+after the head task runs, how many API requests a build makes while its nodes boot, how long
+shutdown takes, and how API calls grow with a cluster's size.
 
     python benchmarks/builder.py --json      # full figures
     python benchmarks/builder.py --quick     # a smoke run of a few seconds
@@ -21,15 +22,21 @@ from prefect_raydog.local import LocalPlatform
 from prefect_raydog.spec import ClusterSpec, NodeGroupSpec, WorkerPoolSpec
 
 SIMULATED = "local/simulated"
+SLOW_BOOT = "benchmark/slow-boot"
+TEMPLATES_TOML = f"""
+[templates."{SLOW_BOOT}"]
+mode = "simulated"
+boot_delay_s = {{boot_s}}
+"""
 
 
-def _spec(name: str, pools: int, nodes: int) -> ClusterSpec:
+def _spec(name: str, pools: int, nodes: int, template: str = SIMULATED) -> ClusterSpec:
     return ClusterSpec(
         name=name,
         namespace="benchmark",
-        head=NodeGroupSpec(template_id=SIMULATED, script="sleep infinity"),
+        head=NodeGroupSpec(template_id=template, script="sleep infinity"),
         worker_pools=[
-            WorkerPoolSpec(template_id=SIMULATED, count=nodes, script="sleep infinity")
+            WorkerPoolSpec(template_id=template, count=nodes, script="sleep infinity")
             for _ in range(pools)
         ],
     )
@@ -54,6 +61,17 @@ def build_overhead_s(platform: LocalPlatform, repeats: int) -> float:
         cluster.shut_down()
         _wait_until_nothing_live(platform)
     return statistics.median(lags)
+
+
+def build_api_requests(platform: LocalPlatform) -> int:
+    """API requests made by build() of a head and two pools whose nodes take a while to boot."""
+    cluster = RayDogCluster(_spec("slow-boot", 2, 1, SLOW_BOOT), client=_client(platform))
+    platform.reset_api_calls()
+    cluster.build()
+    calls = sum(platform.api_calls().values())
+    cluster.shut_down()
+    _wait_until_nothing_live(platform)
+    return calls
 
 
 def shutdown_s(platform: LocalPlatform, pools: int) -> float:
@@ -89,27 +107,36 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object only")
     parser.add_argument("--quick", action="store_true", help="a small smoke run")
     args = parser.parse_args()
-    repeats, pools, nodes = (2, 10, 10) if args.quick else (5, 100, 100)
-    with (
-        tempfile.TemporaryDirectory() as data_dir,
-        LocalPlatform(network="loopback", data_dir=Path(data_dir)) as platform,
-    ):
-        figures = {
-            "build_overhead_s": round(build_overhead_s(platform, repeats), 4),
-            "shutdown_s_1_pool": round(shutdown_s(platform, 1), 4),
-            "shutdown_s_10_pools": round(shutdown_s(platform, 10), 4),
-        }
-        large = large_cluster(platform, pools, nodes)
-        figures |= {
-            f"api_calls_{pools * nodes}_nodes": large["calls"],
-            f"build_s_{pools * nodes}_nodes": round(large["build_s"], 3),
-            f"shutdown_s_{pools * nodes}_nodes": round(large["shutdown_s"], 3),
-        }
+    repeats, pools, nodes, boot_s = (2, 10, 10, 1) if args.quick else (5, 100, 100, 30)
+    with tempfile.TemporaryDirectory() as data_dir:
+        templates = Path(data_dir) / "templates.toml"
+        templates.write_text(TEMPLATES_TOML.format(boot_s=boot_s))
+        with LocalPlatform(
+            network="loopback", data_dir=Path(data_dir), templates=templates
+        ) as platform:
+            figures = _figures(platform, repeats, pools, nodes, boot_s)
     if not args.json:
         print(
             f"RayDog Builder on simulated nodes ({pools} pools x {nodes} nodes):", file=sys.stderr
         )
     print(json.dumps(figures))
+
+
+def _figures(
+    platform: LocalPlatform, repeats: int, pools: int, nodes: int, boot_s: int
+) -> dict[str, float]:
+    figures = {
+        "build_overhead_s": round(build_overhead_s(platform, repeats), 4),
+        f"build_api_requests_{boot_s}s_boot": build_api_requests(platform),
+        "shutdown_s_1_pool": round(shutdown_s(platform, 1), 4),
+        "shutdown_s_10_pools": round(shutdown_s(platform, 10), 4),
+    }
+    large = large_cluster(platform, pools, nodes)
+    return figures | {
+        f"api_calls_{pools * nodes}_nodes": large["calls"],
+        f"build_s_{pools * nodes}_nodes": round(large["build_s"], 3),
+        f"shutdown_s_{pools * nodes}_nodes": round(large["shutdown_s"], 3),
+    }
 
 
 if __name__ == "__main__":

@@ -16,8 +16,11 @@ NAME_MAX_LENGTH = 60
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 NAME_RULE = "lower-case letters, digits, '-' and '_', starting with a letter or digit"
 
-# The longest suffix the Builder appends to the cluster name (the observability worker tag).
-LONGEST_DERIVED_SUFFIX = "-observability-00"
+# The Builder names each build's entities `{cluster name}-{build ID}-...` so that it can tell
+# what it made from what another build of the same name made; the longest such suffix is the
+# observability worker tag's.
+BUILD_ID_LENGTH = 6
+LONGEST_DERIVED_SUFFIX = f"-{'0' * BUILD_ID_LENGTH}-observability-00"
 CLUSTER_NAME_MAX_LENGTH = NAME_MAX_LENGTH - len(LONGEST_DERIVED_SUFFIX)
 
 
@@ -164,8 +167,8 @@ class ClusterSpec(BaseModel):
     name: str = Field(
         title="Cluster name",
         description=(
-            "The work requirement's name and the prefix of every worker pool's name; unique "
-            f"among live clusters in the namespace, at most {CLUSTER_NAME_MAX_LENGTH} characters."
+            "The prefix of the work requirement's and every worker pool's name (each build adds "
+            f"its own build ID), at most {CLUSTER_NAME_MAX_LENGTH} characters."
         ),
     )
     namespace: str = Field(

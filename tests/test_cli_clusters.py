@@ -4,6 +4,7 @@ platform with simulated nodes, through typer's CliRunner."""
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -71,7 +72,7 @@ def test_up_status_down(platform: LocalPlatform, tmp_path: Path, tag: str) -> No
 
     status = invoke(platform, "status", "--namespace", NAMESPACE, "--tag", tag)
     assert status.exit_code == 0, status.output
-    assert name in status.output and f"{name}-01-wrkrs" in status.output
+    assert name in status.output and re.search(rf"{name}-[0-9a-f]{{6}}-01-wrkrs", status.output)
 
     down = invoke(platform, "down", str(state))
     assert down.exit_code == 0, down.output

@@ -65,8 +65,8 @@ def test_build_starts_the_head_then_one_worker_task_per_node_with_the_head_addre
             client.worker_pool_client.get_worker_pool_by_id(i) for i in cluster.worker_pool_ids
         ]
         assert [p.name for p in pools] == [
-            f"{cluster.spec.name}-01-wrkrs",
-            f"{cluster.spec.name}-02-wrkrs",
+            f"{cluster.build_name}-01-wrkrs",
+            f"{cluster.build_name}-02-wrkrs",
         ]
         assert cluster.worker_pool_internal_names == ["worker-nodes-01", "worker-nodes-02"]
     finally:
@@ -91,7 +91,7 @@ def test_every_group_gets_the_cluster_lifetime_and_pools_the_idle_shutdown(clien
         pool = client.worker_pool_client.get_worker_pool_by_id(cluster.worker_pool_ids[0])
         assert pool.properties.idleNodeShutdown.timeout == timedelta(seconds=30)
         assert pool.properties.idlePoolShutdown.enabled is False
-        assert pool.properties.workerTag == f"{spec.name}-01-wrkrs"
+        assert pool.properties.workerTag == f"{cluster.build_name}-01-wrkrs"
 
 
 def test_build_provisions_every_pool_concurrently(platform, client):
@@ -201,6 +201,8 @@ def test_saved_state_has_raydogs_keys_and_shuts_the_cluster_down_later(platform,
         "cluster_tag",
         "work_requirement_id",
         "worker_pool_ids",
+        "build_name",
+        "worker_pool_names",
     }
     assert state["worker_pool_ids"] == [*cluster.worker_pool_ids, cluster.head_node_worker_pool_id]
     del cluster
@@ -210,6 +212,18 @@ def test_saved_state_has_raydogs_keys_and_shuts_the_cluster_down_later(platform,
     assert len(report.ended) == 1 + 3 * 2 and not report.already_gone
     with pytest.raises(ClusterStateError, match="already shut down"):
         proxy.shut_down()
+
+
+def test_state_saved_before_build_ends_what_the_build_made_by_its_names(platform, client):
+    cluster = RayDogCluster(simulated_spec(pools=2), client=client)
+    saved = cluster.save_state_to_json()
+    assert json.loads(saved)["work_requirement_id"] is None
+    cluster.build()
+    del cluster  # as if the process died: only the state saved before the build is left
+    proxy = RayDogClusterProxy(fast_client(platform))
+    proxy.load_saved_state_from_json(saved)
+    report = proxy.shut_down()
+    assert len(report.ended) == 1 + 3 * 2 and not report.failed, report
 
 
 def test_stale_saved_state_ends_what_exists_and_reports_what_had_gone(platform, client):

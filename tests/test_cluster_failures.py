@@ -71,7 +71,7 @@ def test_an_unknown_template_for_the_second_pool_fails_the_build_and_ends_the_re
     message = str(failure.value)
     assert "pool 'gpu' from template 'nowhere/nothing'" in message
     assert "Unknown compute requirement template 'nowhere/nothing'" in message
-    assert "Cleaned up: " in message and f"{spec.name}-00-head" in message
+    assert "Cleaned up: " in message and f"{cluster.build_name}-00-head" in message
     assert len(failure.value.cleaned_up) == 2 * 2 and not failure.value.not_cleaned_up
     assert cluster.shut_down() is not None
 

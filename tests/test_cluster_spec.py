@@ -10,6 +10,7 @@ import pytest
 from pydantic import ValidationError
 
 from prefect_raydog import scripts
+from prefect_raydog.cluster import RayDogCluster
 from prefect_raydog.spec import ClusterSpec, NodeGroupSpec, WorkerPoolSpec
 
 HEAD = {"template_id": "ns/head"}
@@ -30,7 +31,7 @@ def _error(**fields) -> str:
     [
         ({"name": "Upper"}, "name", "may contain only lower-case letters"),
         ({"name": "has space"}, "name", "may contain only"),
-        ({"name": "x" * 44}, "name", "44 characters long; at most 43 allowed"),
+        ({"name": "x" * 37}, "name", "37 characters long; at most 36 allowed"),
         ({"name": ""}, "name", "must not be empty"),
         ({"namespace": "ns/x"}, "namespace", "may contain only"),
         ({"tag": "-x"}, "tag", "starting with a letter or digit"),
@@ -80,8 +81,9 @@ def test_bad_input_names_the_field_and_the_reason(fields, field, reason):
 
 
 def test_the_longest_cluster_name_still_fits_every_derived_name():
-    spec = _spec(name="x" * 43)
-    assert len(f"{spec.name}-observability-00") == 60
+    spec = _spec(name="x" * 36)
+    cluster = RayDogCluster(spec, key_id="k", key_secret="s", url="http://127.0.0.1:9")
+    assert len(f"{cluster.build_name}-observability-00") == 60
 
 
 def test_scripts_come_from_text_a_file_or_the_package_defaults(tmp_path):

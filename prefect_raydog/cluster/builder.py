@@ -4,6 +4,7 @@ requirement plus one provisioned worker pool per node group, resizes it and shut
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -14,19 +15,17 @@ from typing import Any, Literal, NamedTuple
 
 from pydantic import SecretStr
 from yellowdog_client import PlatformClient
-from yellowdog_client.model import Task, WorkRequirement
+from yellowdog_client.model import Task, TaskGroupStatus, WorkRequirement
 
 from prefect_raydog.cluster.client import (
     DEFAULT_API_URL,
     _client_or_credentials,
     _Deadline,
-    _is_not_found,
     _parallel,
 )
 from prefect_raydog.cluster.nodes import (
     NodeGroup,
     append_task_group,
-    check_head_still_running,
     head_group,
     live_task_ids,
     node_addresses,
@@ -34,23 +33,32 @@ from prefect_raydog.cluster.nodes import (
     observability_group,
     provision_pool,
     task_group,
-    wait_for_workers,
-    wait_until_executing,
     worker_group,
 )
 from prefect_raydog.cluster.saved import saved_state_json
-from prefect_raydog.cluster.teardown import ShutdownReport, _Teardown
+from prefect_raydog.cluster.teardown import ShutdownReport, _Teardown, end_work_requirement_named
+from prefect_raydog.cluster.waits import (
+    RequirementWatch,
+    check_head_still_running,
+    wait_for_workers,
+    wait_until_executing,
+)
 from prefect_raydog.errors import (
     ClusterBuildError,
     ClusterShutdownError,
     ClusterStateError,
     UnknownWorkerPoolError,
 )
-from prefect_raydog.spec import ClusterSpec, WorkerPoolSpec
+from prefect_raydog.spec import BUILD_ID_LENGTH, ClusterSpec, WorkerPoolSpec
 
 logger = logging.getLogger("prefect_raydog.cluster")
 
 _LOST = object()
+_FINISHED_TASK_GROUP = {
+    TaskGroupStatus.COMPLETED,
+    TaskGroupStatus.FAILED,
+    TaskGroupStatus.CANCELLED,
+}
 
 
 class HeadNodeAddress(NamedTuple):
@@ -66,6 +74,8 @@ class RayDogCluster:
     Everything RayDog's Builder does, from a validated `ClusterSpec`: `build()` provisions every
     pool at once and returns the head node's addresses; pools can be added, resized and removed;
     `shut_down()` ends everything in parallel; a failure anywhere tears down what was created.
+    Every name it gives starts with `build_name` (the cluster name and this object's own build
+    ID), so that it only ever ends what it made, even beside another build of the same name.
     """
 
     def __init__(
@@ -79,8 +89,11 @@ class RayDogCluster:
     ) -> None:
         self._owns_client = client is None
         self.spec = spec
+        self.build_id = secrets.token_hex(BUILD_ID_LENGTH // 2)
+        self.build_name = f"{spec.name}-{self.build_id}"
         self.yd_client = _client_or_credentials("RayDogCluster", client, key_id, key_secret, url)
         self._lock = threading.RLock()
+        self._requirement_lock = threading.Lock()
         self._state: Literal["new", "building", "built", "shut_down"] = "new"
         self._closing = threading.Event()
         self._task_counter = 0
@@ -97,22 +110,23 @@ class RayDogCluster:
         self._environment: dict[str, str] = {}
         self._step = "starting"
         self.timings: dict[str, float] = {}
-        self._head = head_group(spec)
-        self._observability = observability_group(spec)
+        self._head = head_group(spec, self.build_name)
+        self._observability = observability_group(spec, self.build_name)
         self._workers: list[NodeGroup] = []
         for pool in spec.worker_pools:
             self._add_worker_group(pool)
 
     def __repr__(self) -> str:
         return (
-            f"RayDogCluster(name={self.spec.name!r}, namespace={self.spec.namespace!r}, "
+            f"RayDogCluster(name={self.spec.name!r}, build_name={self.build_name!r}, "
+            f"namespace={self.spec.namespace!r}, "
             f"state={self._state!r}, work_requirement_id={self.work_requirement_id!r})"
         )
 
     # ----- groups and names -------------------------------------------------------------------
 
     def _add_worker_group(self, spec: WorkerPoolSpec) -> NodeGroup:
-        group = worker_group(self.spec.name, self._next_pool_number, spec)
+        group = worker_group(self.build_name, self._next_pool_number, spec)
         if group.internal_name in self.worker_pool_internal_names:
             raise ValueError(f"worker pool name {group.internal_name!r} is already in use")
         self._next_pool_number += 1
@@ -181,8 +195,10 @@ class RayDogCluster:
         """Provision every pool at once, submit the work requirement, start the head node (after
         the observability node, if any), start the worker nodes, and return the head's addresses.
 
-        Waits until `workers_to_join` worker tasks run (the spec's value when None). Any failure,
-        timeout or interrupt tears down what was created before the error propagates.
+        Waits until `workers_to_join` worker tasks run (the spec's value when None), at most
+        `timeout` (the spec's `build_timeout` when None). A node task that fails ends the build at
+        once. Any failure, timeout, interrupt or `shut_down()` from another thread tears down what
+        was created before the error propagates; nothing of another build is touched.
         `on_step(step)` is called as each step starts, the first before any provisioning call,
         and with "built" at the end: e.g. to show progress, or to save the state as it grows.
         """
@@ -194,7 +210,7 @@ class RayDogCluster:
             self._state = "building"
         if isinstance(timeout, (int, float)):
             timeout = timedelta(seconds=timeout)
-        deadline = _Deadline(timeout or self.spec.build_timeout)
+        deadline = _Deadline(self.spec.build_timeout if timeout is None else timeout)
         joined = self.spec.workers_to_join if workers_to_join is None else workers_to_join
         started = time.monotonic()
         logger.info("Building Ray cluster %s in namespace %s", self.spec.name, self.spec.namespace)
@@ -204,21 +220,13 @@ class RayDogCluster:
             self.timings["pools_provisioned_s"] = time.monotonic() - started
             self._enter_step("submitting the work requirement", on_step)
             self._submit_work_requirement()
-            self._enter_step("starting the observability node", on_step)
-            environment = self._start_observability_node(deadline)
-            self._enter_step("starting the head node", on_step)
-            self._start_head_node(environment, deadline)
-            self.timings["head_executing_s"] = time.monotonic() - started
-            self._enter_step("adding the worker node tasks", on_step)
-            _parallel([lambda g=g: self._add_worker_tasks(g, g.spec.count) for g in self._workers])
-            self._enter_step("waiting for the worker nodes", on_step)
-            if joined:
-                self._wait_for_workers(joined, deadline)
-                self.timings["workers_joined_s"] = time.monotonic() - started
-            else:
-                self._check_head_still_running()
-        with self._lock:
-            if self._state == "building":
+            watch = RequirementWatch(self.yd_client, self.work_requirement_id)
+            try:
+                self._start_nodes(watch, joined, deadline, started, on_step)
+            finally:
+                watch.close()
+            with self._lock:
+                self._check_not_closing()
                 self._state = "built"
         if on_step is not None:
             on_step("built")
@@ -237,6 +245,30 @@ class RayDogCluster:
         if on_step is not None:
             on_step(step)
 
+    def _start_nodes(
+        self,
+        watch: RequirementWatch,
+        joined: int,
+        deadline: _Deadline,
+        started: float,
+        on_step: Callable[[str], None] | None,
+    ) -> None:
+        self._enter_step("starting the observability node", on_step)
+        environment = self._start_observability_node(watch, deadline)
+        self._enter_step("starting the head node", on_step)
+        self._start_head_node(watch, environment, deadline)
+        self.timings["head_executing_s"] = time.monotonic() - started
+        self._enter_step("adding the worker node tasks", on_step)
+        _parallel([lambda g=g: self._add_worker_tasks(g, g.spec.count) for g in self._workers])
+        self._enter_step("waiting for the worker nodes", on_step)
+        if joined:
+            self._wait_for_workers(watch, joined, deadline)
+            self.timings["workers_joined_s"] = time.monotonic() - started
+        else:
+            check_head_still_running(
+                self.yd_client, self.head_node_task_id, self.spec.name, self._check_not_closing
+            )
+
     @contextmanager
     def _teardown_on_failure(
         self, action: str, groups: list[NodeGroup] | None = None
@@ -251,6 +283,8 @@ class RayDogCluster:
                     self._state = "shut_down"
                     if not report.failed:
                         self._shutdown_report = report
+                if self._owns_client and not report.failed:
+                    self.yd_client.close()
             else:
                 report = _Teardown(self.yd_client).run([], groups, self.spec.namespace)
             cause = error.what_failed if isinstance(error, ClusterBuildError) else error
@@ -281,7 +315,7 @@ class RayDogCluster:
         groups = self._all_groups()
         requirement = WorkRequirement(
             namespace=self.spec.namespace,
-            name=self.spec.name,
+            name=self.build_name,
             taskGroups=[task_group(group, self.spec) for group in groups],
             tag=self.spec.tag,
         )
@@ -306,20 +340,28 @@ class RayDogCluster:
         group.task_ids.extend(ids)
         return ids
 
-    def _start_observability_node(self, deadline: _Deadline) -> dict[str, str]:
+    def _start_observability_node(
+        self, watch: RequirementWatch, deadline: _Deadline
+    ) -> dict[str, str]:
         if self._observability is None:
             return {}
         (task_id,) = self._add_tasks(self._observability, 1, {})
-        task = self._wait_until_executing(task_id, "observability node", deadline)
+        task = self._wait_until_executing(
+            watch, self._observability, task_id, "observability node", deadline
+        )
         self.observability_node_private_ip, _ = node_addresses(
             self.yd_client, self._observability, task
         )
         return {"OBSERVABILITY_HOST": self.observability_node_private_ip}
 
-    def _start_head_node(self, environment: dict[str, str], deadline: _Deadline) -> None:
+    def _start_head_node(
+        self, watch: RequirementWatch, environment: dict[str, str], deadline: _Deadline
+    ) -> None:
         self._environment = environment
         (self.head_node_task_id,) = self._add_tasks(self._head, 1, environment)
-        task = self._wait_until_executing(self.head_node_task_id, "head node", deadline)
+        task = self._wait_until_executing(
+            watch, self._head, self.head_node_task_id, "head node", deadline
+        )
         self.head_node_started_time = task.startedTime
         self.head_node_node_id = task.nodeId
         self.head_node_private_ip, self.head_node_public_ip = node_addresses(
@@ -336,21 +378,22 @@ class RayDogCluster:
     def _add_worker_tasks(self, group: NodeGroup, count: int) -> list[str]:
         return self._add_tasks(group, count, self._worker_environment()) if count else []
 
-    def _wait_until_executing(self, task_id: str, what: str, deadline: _Deadline) -> Task:
+    def _wait_until_executing(
+        self, watch: RequirementWatch, group: NodeGroup, task_id: str, what: str,
+        deadline: _Deadline,
+    ) -> Task:
         return wait_until_executing(
-            self.yd_client, task_id, what, self.spec.name, deadline, self._check_not_closing
+            self.yd_client, watch, group.task_group_id, task_id, what, self.spec.name, deadline,
+            self._check_not_closing,
         )
 
-    def _check_head_still_running(self) -> None:
-        check_head_still_running(self.yd_client, self.head_node_task_id, self.spec.name)
-
-    def _wait_for_workers(self, count: int, deadline: _Deadline) -> None:
-        """Wait until `count` worker node tasks are EXECUTING (one search per poll)."""
+    def _wait_for_workers(self, watch: RequirementWatch, count: int, deadline: _Deadline) -> None:
+        """Wait until `count` worker node tasks are EXECUTING, failing as soon as one ends."""
         group_ids = {group.task_group_id for group in self._workers}
         wait_for_workers(
             self.yd_client,
-            self.work_requirement_id,
-            self.head_node_task_id,
+            watch,
+            (self._head.task_group_id, self.head_node_task_id),
             group_ids,
             count,
             self.spec.name,
@@ -365,9 +408,10 @@ class RayDogCluster:
 
         Before `build()` the pool is only recorded and None is returned. After, it is provisioned,
         its task group appended to the work requirement and its tasks added; returns its pool ID.
-        A failure ends the new pool before the error propagates.
+        A failure ends the new pool before the error propagates. Keywords given with a spec
+        replace its fields.
         """
-        spec = spec or WorkerPoolSpec(**fields)
+        spec = WorkerPoolSpec(**{**dict(spec or {}), **fields})
         with self._lock:
             if self._state in ("building", "shut_down"):
                 raise ClusterStateError(f"Cannot add a worker pool: cluster is {self._state}")
@@ -378,13 +422,18 @@ class RayDogCluster:
             self._step = "adding its task group and tasks"
             try:
                 self._provision_group(group)
-                append_task_group(self.yd_client, self.work_requirement_id, group, self.spec)
+                self._append_task_group(group)
                 self._add_worker_tasks(group, spec.count)
             except BaseException:
                 self._workers.remove(group)
                 raise
         logger.info("Added %s to cluster %s", group.describe(), self.spec.name)
         return group.pool_id
+
+    def _append_task_group(self, group: NodeGroup) -> None:
+        # Appending reads, changes and writes the whole work requirement: one at a time.
+        with self._requirement_lock:
+            append_task_group(self.yd_client, self.work_requirement_id, group, self.spec)
 
     def remove_worker_pool(self, worker_pool_id: str) -> ShutdownReport:
         """Shut the pool down and terminate its compute requirement; its Ray nodes end."""
@@ -394,8 +443,7 @@ class RayDogCluster:
         return self._remove_group(self._worker_group(internal_name))
 
     def _remove_group(self, group: NodeGroup) -> ShutdownReport:
-        with self._lock:
-            self._workers.remove(group)
+        """End the pool; it stays the cluster's (for a retry or `shut_down()`) until it has."""
         report = _Teardown(self.yd_client).run([], [group], self.spec.namespace)
         logger.info(
             "Removed worker pool %s from cluster %s: %s",
@@ -404,6 +452,9 @@ class RayDogCluster:
             report,
         )
         report.raise_if_failed(group.describe())
+        with self._lock:
+            if group in self._workers:
+                self._workers.remove(group)
         return report
 
     def resize_worker_pool(self, internal_name: str, count: int) -> None:
@@ -423,6 +474,7 @@ class RayDogCluster:
             return
         live = live_task_ids(self.yd_client, self.work_requirement_id, group)
         if count > len(live):
+            self._reopen_if_finished(group)
             self._add_worker_tasks(group, count - len(live))
         elif count < len(live):
             work = self.yd_client.work_client
@@ -433,6 +485,20 @@ class RayDogCluster:
             "Resized worker pool %s of cluster %s to %d nodes", internal_name, self.spec.name, count
         )
 
+    def _reopen_if_finished(self, group: NodeGroup) -> None:
+        """A task group whose tasks all ended has finished and takes no more tasks: give the pool
+        a new task group (same workers) to grow into."""
+        requirement = self.yd_client.work_client.get_work_requirement_by_id(
+            self.work_requirement_id
+        )
+        current = next(tg for tg in requirement.taskGroups or [] if tg.id == group.task_group_id)
+        if current.status is None or current.status not in _FINISHED_TASK_GROUP:
+            return
+        group.generation += 1
+        group.task_group_name = f"{group.task_group_base}-{group.generation}"
+        group.task_ids = []
+        self._append_task_group(group)
+
     # ----- shutdown ---------------------------------------------------------------------------
 
     def _end_everything(self) -> ShutdownReport:
@@ -441,7 +507,10 @@ class RayDogCluster:
             requirement = self._work_requirement_to_end()
         report = ShutdownReport()
         if requirement is _LOST:
-            report.merge(self._end_lost_work_requirement())
+            lost, self.work_requirement_id = end_work_requirement_named(
+                self.yd_client, self.spec.namespace, self.build_name
+            )
+            report.merge(lost)
             requirement = None
         report.merge(
             _Teardown(self.yd_client).run(
@@ -454,21 +523,6 @@ class RayDogCluster:
         if self.work_requirement_id:
             return self.work_requirement_id
         return _LOST if self._work_requirement_attempted else None
-
-    def _end_lost_work_requirement(self) -> ShutdownReport:
-        """The work requirement was submitted but its answer was lost: find it by name."""
-        try:
-            requirement = self.yd_client.work_client.get_work_requirement_by_name(
-                self.spec.namespace, self.spec.name
-            )
-        except Exception as error:  # noqa: BLE001
-            if _is_not_found(error):
-                return ShutdownReport()
-            return ShutdownReport(failed=[f"work requirement {self.spec.name}: {error}"])
-        if requirement.status is None or requirement.status.finished:
-            return ShutdownReport()
-        self.work_requirement_id = requirement.id
-        return _Teardown(self.yd_client).run([requirement.id], [], self.spec.namespace)
 
     def shut_down(self) -> ShutdownReport:
         """Cancel the work requirement (aborting its tasks), terminate the compute requirements and
@@ -506,17 +560,20 @@ class RayDogCluster:
     # ----- saved state ------------------------------------------------------------------------
 
     def save_state_to_json(self) -> str:
-        """The state needed to shut the cluster down later, with RayDog's keys. While the cluster
-        is being built, what is known so far: a proxy ends its pools by name when it has no IDs."""
-        if self._state not in ("built", "building"):
-            raise ClusterStateError(
-                f"Cluster {self.spec.name!r} is {self._state}; "
-                "only a built cluster, or one being built, has state to save"
-            )
-        observability = [self._observability] if self._observability else []
-        groups = [*self._workers, self._head, *observability]
-        pool_ids = [group.pool_id for group in groups if group.pool_id]
-        return saved_state_json(self.spec, self.work_requirement_id, pool_ids)
+        """The state needed to shut the cluster down later, with RayDog's keys. Saved before
+        `build()`, it names what the build will make, so that a build that dies half-way can
+        still be ended from it (`RayDogClusterProxy` finds the entities by name)."""
+        if self._state == "shut_down":
+            raise ClusterStateError(f"Cluster {self.spec.name!r} is shut down; nothing to save")
+        groups = [g for g in [*self._workers, self._head, self._observability] if g is not None]
+        built = self._state == "built"
+        return saved_state_json(
+            self.spec,
+            self.build_name,
+            self.work_requirement_id if built else None,
+            [group.pool_id for group in groups] if built else [],
+            [group.requirement_name for group in groups],
+        )
 
     def save_state_to_json_file(self, path: str | Path) -> None:
         Path(path).write_text(self.save_state_to_json())

@@ -4,7 +4,7 @@ classification, and waiting for a connected Ray cluster's nodes."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from datetime import timedelta
 from typing import TypeVar
@@ -18,7 +18,6 @@ from yellowdog_client.model.exceptions import InternalServerException
 DEFAULT_API_URL = "https://api.yellowdog.ai"
 MAX_PARALLEL_CALLS = 32
 FIRST_POLL_S = 0.02
-MAX_POLL_S = 0.25
 
 T = TypeVar("T")
 
@@ -58,19 +57,6 @@ class _Deadline:
 
     def remaining(self) -> float:
         return self._end - time.monotonic()
-
-
-def _polls(deadline: _Deadline, check_not_closing: Callable[[], None]) -> Iterator[None]:
-    """Yield once a poll, 20 ms apart at first and growing to 250 ms, until the deadline passes
-    (the caller then raises its timeout); `check_not_closing` runs before each poll."""
-    interval = FIRST_POLL_S
-    while True:
-        check_not_closing()
-        yield
-        if deadline.remaining() <= 0:
-            return
-        time.sleep(max(0.0, min(interval, deadline.remaining())))
-        interval = min(interval * 1.5, MAX_POLL_S)
 
 
 def _parallel(calls: Sequence[Callable[[], T]]) -> list[T]:

@@ -4,7 +4,6 @@ pool, its task group, and starting, locating and waiting for the node tasks."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Literal
@@ -24,8 +23,7 @@ from yellowdog_client.model import (
 )
 from yellowdog_client.model.exceptions import InvalidRequestException
 
-from prefect_raydog.cluster.client import _Deadline, _polls
-from prefect_raydog.errors import ClusterBuildError, ClusterBuildTimeout, NodeTaskFailed
+from prefect_raydog.errors import ClusterBuildError
 from prefect_raydog.spec import ClusterSpec, NodeGroupSpec, WorkerPoolSpec
 
 logger = logging.getLogger("prefect_raydog.cluster")
@@ -49,6 +47,8 @@ class NodeGroup:
     spec: NodeGroupSpec | None = None
     worker_tag: str = ""
     task_group_name: str = ""
+    task_group_base: str = ""
+    generation: int = 1
     script: str = ""
     node_limit: int = 1
     pool_id: str | None = None
@@ -61,15 +61,16 @@ class NodeGroup:
         return f"worker pool {self.requirement_name or '?'} ({self.pool_id or 'id unknown'})"
 
 
-def head_group(cluster: ClusterSpec) -> NodeGroup:
-    return _new_group(cluster.name, "head", cluster.head, HEAD_TASK_GROUP, "00-head", "head")
+def head_group(cluster: ClusterSpec, prefix: str) -> NodeGroup:
+    """The head node's group; `prefix` is the build's name, which every derived name starts with."""
+    return _new_group(prefix, "head", cluster.head, HEAD_TASK_GROUP, "00-head", "head")
 
 
-def observability_group(cluster: ClusterSpec) -> NodeGroup | None:
+def observability_group(cluster: ClusterSpec, prefix: str) -> NodeGroup | None:
     if not cluster.observability:
         return None
     return _new_group(
-        cluster.name,
+        prefix,
         "observability",
         cluster.observability,
         OBSERVABILITY_TASK_GROUP,
@@ -78,25 +79,25 @@ def observability_group(cluster: ClusterSpec) -> NodeGroup | None:
     )
 
 
-def worker_group(cluster_name: str, number: int, spec: WorkerPoolSpec) -> NodeGroup:
+def worker_group(prefix: str, number: int, spec: WorkerPoolSpec) -> NodeGroup:
     """The cluster's `number`th worker pool, named by the spec or else by its task group."""
     text = f"{number:02d}"
     group = _new_group(
-        cluster_name, "worker", spec, f"worker-nodes-{text}", f"{text}-wrkrs", "worker"
+        prefix, "worker", spec, f"worker-nodes-{text}", f"{text}-wrkrs", "worker"
     )
     group.internal_name = spec.name or group.task_group_name
     return group
 
 
 def _new_group(
-    cluster_name: str,
+    prefix: str,
     role: Role,
     spec: NodeGroupSpec,
     task_group: str,
     suffix: str,
     script_name: str,
 ) -> NodeGroup:
-    name = f"{cluster_name}-{suffix}"
+    name = f"{prefix}-{suffix}"
     worker_tag = f"{name}-00" if role == "observability" else name
     limit = spec.node_limit if isinstance(spec, WorkerPoolSpec) else 1
     return NodeGroup(
@@ -106,6 +107,7 @@ def _new_group(
         requirement_name=name,
         worker_tag=worker_tag,
         task_group_name=task_group,
+        task_group_base=task_group,
         script=spec.script_text(script_name),
         node_limit=limit,
     )
@@ -200,67 +202,6 @@ def node_tasks(group: NodeGroup, names: list[str], environment: dict[str, str]) 
     ]
 
 
-def wait_until_executing(
-    client: PlatformClient,
-    task_id: str,
-    what: str,
-    cluster_name: str,
-    deadline: _Deadline,
-    check_not_closing: Callable[[], None],
-) -> Task:
-    """Poll the task until it runs, ends or times out."""
-    for _ in _polls(deadline, check_not_closing):
-        task = client.work_client.get_task_by_id(task_id)
-        if task.status == TaskStatus.EXECUTING:
-            return task
-        if task.status is not None and task.status.finished:
-            raise NodeTaskFailed(
-                f"The {what} of cluster {cluster_name!r} did not start: its task {task_id} "
-                f"ended {_describe_task_end(task)}"
-            )
-    raise ClusterBuildTimeout(
-        f"The {what} of cluster {cluster_name!r} did not start within "
-        f"{deadline.timeout}: its task {task_id} is still {task.status}"
-    )
-
-
-def wait_for_workers(
-    client: PlatformClient,
-    work_requirement_id: str | None,
-    head_task_id: str | None,
-    group_ids: set[str | None],
-    count: int,
-    cluster_name: str,
-    deadline: _Deadline,
-    check_not_closing: Callable[[], None],
-) -> None:
-    """Wait until `count` worker node tasks of the task groups are EXECUTING (one search per
-    poll), checking that the head node still runs."""
-    search = TaskSearch(workRequirementId=work_requirement_id, statuses=[TaskStatus.EXECUTING])
-    for _ in _polls(deadline, check_not_closing):
-        tasks = list(client.work_client.get_tasks(search).iterate())
-        if not any(task.id == head_task_id for task in tasks):
-            check_head_still_running(client, head_task_id, cluster_name)
-        executing = sum(1 for task in tasks if task.taskGroupId in group_ids)
-        if executing >= count:
-            return
-    raise ClusterBuildTimeout(
-        f"Only {executing} of the {count} required worker nodes of cluster "
-        f"{cluster_name!r} started within {deadline.timeout}"
-    )
-
-
-def check_head_still_running(
-    client: PlatformClient, head_task_id: str | None, cluster_name: str
-) -> None:
-    task = client.work_client.get_task_by_id(head_task_id)
-    if task.status is not None and task.status.finished:
-        raise NodeTaskFailed(
-            f"The head node of cluster {cluster_name!r} stopped while the cluster was being "
-            f"built: its task {task.id} ended {_describe_task_end(task)}"
-        )
-
-
 def live_task_ids(
     client: PlatformClient, work_requirement_id: str | None, group: NodeGroup
 ) -> list[str]:
@@ -272,16 +213,6 @@ def live_task_ids(
     )
     live = {task.id for task in client.work_client.get_tasks(search).iterate()}
     return [task_id for task_id in group.task_ids if task_id in live]
-
-
-def _describe_task_end(task: Task) -> str:
-    text = str(task.status)
-    for error in task.errors or []:
-        text += f" ({error.errorType}"
-        if error.processExitCode is not None:
-            text += f", exit code {error.processExitCode}"
-        text += f": {error.error})" if error.error else ")"
-    return text
 
 
 def node_addresses(client: PlatformClient, group: NodeGroup, task: Task) -> tuple[str, str | None]:

@@ -20,7 +20,7 @@ from yellowdog_client.model import (
 
 from prefect_raydog.cluster.client import DEFAULT_API_URL, _client_or_credentials
 from prefect_raydog.cluster.nodes import NodeGroup
-from prefect_raydog.cluster.teardown import ShutdownReport, _Teardown
+from prefect_raydog.cluster.teardown import ShutdownReport, _Teardown, end_work_requirement_named
 from prefect_raydog.errors import ClusterStateError
 from prefect_raydog.spec import ClusterSpec
 
@@ -37,9 +37,14 @@ _RAYDOG_POOL_NAME = re.compile(r"^(?P<cluster>.+)-(\d{2,}-head|\d{2,}-wrkrs|obse
 
 
 def saved_state_json(
-    spec: ClusterSpec, work_requirement_id: str | None, pool_ids: list[str | None]
+    spec: ClusterSpec,
+    build_name: str,
+    work_requirement_id: str | None,
+    pool_ids: list[str | None],
+    pool_names: list[str],
 ) -> str:
-    """The state needed to shut the cluster down later, with RayDog's keys."""
+    """The state needed to shut the cluster down later: RayDog's keys, plus the build's names for
+    state saved before the build made anything (then the IDs are null and empty)."""
     return json.dumps(
         {
             "cluster_name": spec.name,
@@ -47,6 +52,8 @@ def saved_state_json(
             "cluster_tag": spec.tag,
             "work_requirement_id": work_requirement_id,
             "worker_pool_ids": pool_ids,
+            "build_name": build_name,
+            "worker_pool_names": pool_names,
         },
         indent=2,
     )
@@ -77,17 +84,15 @@ class RayDogClusterProxy:
             raise ClusterStateError(f"Saved cluster state is not JSON: {error}") from error
         if not isinstance(state, dict):
             raise ClusterStateError("Saved cluster state must be a JSON object")
-        if not isinstance(state.get("work_requirement_id"), str | None):
-            raise ClusterStateError("Saved cluster state's 'work_requirement_id' must be a string")
-        if state.get("work_requirement_id") is None and not isinstance(
-            state.get("cluster_name"), str
-        ):
-            raise ClusterStateError(
-                "Saved cluster state lacks 'work_requirement_id' and 'cluster_name'"
-            )
-        pool_ids = state.get("worker_pool_ids")
-        if not isinstance(pool_ids, list) or not all(isinstance(i, str) for i in pool_ids):
-            raise ClusterStateError("Saved cluster state's 'worker_pool_ids' must be a list of IDs")
+        by_name = state.get("work_requirement_id") is None and isinstance(
+            state.get("build_name"), str
+        )
+        if not by_name and not isinstance(state.get("work_requirement_id"), str):
+            raise ClusterStateError("Saved cluster state lacks 'work_requirement_id' (a string)")
+        key = "worker_pool_names" if by_name else "worker_pool_ids"
+        pools = state.get(key)
+        if not isinstance(pools, list) or not all(isinstance(i, str) for i in pools):
+            raise ClusterStateError(f"Saved cluster state's {key!r} must be a list of strings")
         if not isinstance(state.get("cluster_namespace"), str):
             raise ClusterStateError("Saved cluster state lacks 'cluster_namespace' (a string)")
         self._state = state
@@ -106,67 +111,86 @@ class RayDogClusterProxy:
             raise ClusterStateError(
                 f"Cluster {self._state.get('cluster_name')!r} is already shut down"
             )
-        groups = [_saved_pool(pool_id) for pool_id in self._state["worker_pool_ids"]]
-        work_requirement_id = self._state["work_requirement_id"]
-        if work_requirement_id is None:
-            # Saved before the build finished: pools may exist whose IDs never reached the file.
-            groups += self._pools_named_for(self._state["cluster_name"], groups)
-        report = _Teardown(self.yd_client, check_first=True).run(
-            [work_requirement_id] if work_requirement_id else [], groups,
-            self._state["cluster_namespace"],
+        state, namespace = self._state, self._state["cluster_namespace"]
+        report = ShutdownReport()
+        requirement_id = state["work_requirement_id"]
+        if requirement_id is None:
+            # Saved before the build made anything: find what it made by the build's names.
+            report, _ = end_work_requirement_named(self.yd_client, namespace, state["build_name"])
+            groups = [_named_pool(name) for name in state["worker_pool_names"]]
+        else:
+            groups = [_saved_pool(pool_id) for pool_id in state["worker_pool_ids"]]
+        report.merge(
+            _Teardown(self.yd_client, check_first=True).run(
+                [requirement_id] if requirement_id else [], groups, namespace
+            )
         )
-        self._shut_down = True
+        # Only a complete shutdown is final: after a partial failure, shut_down() can retry.
+        self._shut_down = not report.failed
         logger.info("Shut down saved Ray cluster %s: %s", self._state.get("cluster_name"), report)
         report.raise_if_failed(f"saved cluster {self._state.get('cluster_name')!r}")
         return report
-
-
-    def _pools_named_for(self, cluster: str, known: list[NodeGroup]) -> list[NodeGroup]:
-        search = WorkerPoolSearch(namespace=self._state["cluster_namespace"], statuses=_LIVE_POOL)
-        known_ids = {group.pool_id for group in known}
-        return [
-            _saved_pool(pool.id, pool.name or "")
-            for pool in self.yd_client.worker_pool_client.get_worker_pools(search).iterate()
-            if pool.id not in known_ids
-            and (match := _RAYDOG_POOL_NAME.match(pool.name or "")) and match["cluster"] == cluster
-        ]
 
 
 def _saved_pool(pool_id: str, name: str = "") -> NodeGroup:
     return NodeGroup(role="worker", internal_name=name, requirement_name=name, pool_id=pool_id)
 
 
+def _named_pool(name: str) -> NodeGroup:
+    return NodeGroup(
+        role="worker", internal_name=name, requirement_name=name, provision_attempted=True
+    )
+
+
 def sweep(client: PlatformClient, namespace: str, tag: str) -> ShutdownReport:
     """End every RayDog cluster in the namespace whose tag matches: live work requirements with
     the tag, and live pools named like a RayDog cluster's whose compute requirement has the tag
     (so pools provisioned by a process killed before it submitted its work requirement too)."""
+    report = ShutdownReport()
     work = client.work_client
+    search = WorkRequirementSearch(namespace=namespace, tag=tag, statuses=_LIVE_WORK_REQUIREMENT)
     requirements = [
         summary
-        for summary in work.get_work_requirements(
-            WorkRequirementSearch(namespace=namespace, tag=tag, statuses=_LIVE_WORK_REQUIREMENT)
-        ).iterate()
+        for summary in _listed(report, "work requirements", work.get_work_requirements(search))
         if summary.tag == tag
     ]
     clusters = {summary.name for summary in requirements}
     groups: list[NodeGroup] = []
-    compute = client.compute_client
-    for pool in client.worker_pool_client.get_worker_pools(
+    pools = client.worker_pool_client.get_worker_pools(
         WorkerPoolSearch(namespace=namespace, statuses=_LIVE_POOL)
-    ).iterate():
+    )
+    for pool in _listed(report, "worker pools", pools):
         match = _RAYDOG_POOL_NAME.match(pool.name or "")
         if match is None:
             continue
-        if match["cluster"] not in clusters and not _pool_has_tag(client, compute, pool.id, tag):
-            continue
+        if match["cluster"] not in clusters:
+            try:
+                if not _pool_has_tag(client, pool.id, tag):
+                    continue
+            except Exception as error:  # noqa: BLE001 - one pool must not stop the sweep
+                report.failed.append(f"worker pool {pool.name} ({pool.id}): {error}")
+                continue
         groups.append(_saved_pool(pool.id, pool.name or ""))
-    report = _Teardown(client).run([summary.id for summary in requirements], groups, namespace)
+    report.merge(
+        _Teardown(client).run([summary.id for summary in requirements], groups, namespace)
+    )
     logger.info("Swept namespace %s for clusters tagged %s: %s", namespace, tag, report)
     return report
 
 
-def _pool_has_tag(client: PlatformClient, compute: Any, pool_id: str, tag: str) -> bool:
+def _listed(report: ShutdownReport, what: str, search: Any) -> list[Any]:
+    """What a search finds; on an error, what it found so far, and the error in the report."""
+    found: list[Any] = []
+    try:
+        for item in search.iterate():
+            found.append(item)
+    except Exception as error:  # noqa: BLE001 - sweep ends what it found, then reports
+        report.failed.append(f"listing the {what}: {error}")
+    return found
+
+
+def _pool_has_tag(client: PlatformClient, pool_id: str, tag: str) -> bool:
     pool = client.worker_pool_client.get_worker_pool_by_id(pool_id)
     if not pool.computeRequirementId:
         return False
-    return compute.get_compute_requirement_by_id(pool.computeRequirementId).tag == tag
+    return client.compute_client.get_compute_requirement_by_id(pool.computeRequirementId).tag == tag

@@ -180,3 +180,19 @@ class _Teardown:
         group.requirement_name = pool.name or group.requirement_name
         group.compute_requirement_id = pool.computeRequirementId
         return True
+
+
+def end_work_requirement_named(
+    client: PlatformClient, namespace: str, name: str
+) -> tuple[ShutdownReport, str | None]:
+    """End the live work requirement with this name (one a build submitted but whose answer was
+    lost, or one saved state knows only by name); also return its ID, if found."""
+    try:
+        requirement = client.work_client.get_work_requirement_by_name(namespace, name)
+    except Exception as error:  # noqa: BLE001
+        if _is_not_found(error):
+            return ShutdownReport(), None
+        return ShutdownReport(failed=[f"work requirement {name}: {error}"]), None
+    if requirement.status is None or requirement.status.finished:
+        return ShutdownReport(already_gone=[f"work requirement {requirement.id}"]), requirement.id
+    return _Teardown(client).run([requirement.id], [], namespace), requirement.id
