@@ -37,6 +37,14 @@ def test_ray_tasks_run_on_the_worker_pools_and_pools_can_be_added_resized_remove
     spec = ClusterSpec.for_local_platform(
         unique_name("ray"), NAMESPACE, pool_sizes=[1, 1], workers_to_join=2
     )
+    # Each pool's node offers its own resource, so where a task runs is decided, not hoped for.
+    pools = [
+        pool.model_copy(
+            update={"environment": {**pool.environment, "RAY_RESOURCES": f'{{"pool-{n}": 100}}'}}
+        )
+        for n, pool in enumerate(spec.worker_pools)
+    ]
+    spec = spec.model_copy(update={"worker_pools": pools})
     with RayDogCluster(spec, client=fast_client(platform)) as cluster:
         _connect_ray(f"ray://{cluster.head_node_private_ip}:10001")
         try:
@@ -46,9 +54,18 @@ def test_ray_tasks_run_on_the_worker_pools_and_pools_can_be_added_resized_remove
             def where() -> str:
                 return ray.util.get_node_ip_address()
 
-            addresses = ray.get([where.remote() for _ in range(50)])
-            assert cluster.head_node_private_ip not in addresses
-            assert len(set(addresses)) == 2
+            on_pool = [where.options(resources={f"pool-{n}": 1}) for n in range(2)]
+            ran = {n: set(ray.get([on_pool[n].remote() for _ in range(5)])) for n in range(2)}
+            nodes = {
+                resource: node["NodeManagerAddress"]
+                for node in ray.nodes()
+                if node["Alive"]
+                for resource in node["Resources"]
+                if resource.startswith("pool-")
+            }
+            assert ran == {0: {nodes["pool-0"]}, 1: {nodes["pool-1"]}}
+            assert nodes["pool-0"] != nodes["pool-1"]
+            assert cluster.head_node_private_ip not in nodes.values()
 
             late = spec.worker_pools[0].model_copy(update={"name": "late", "max_count": 2})
             pool_id = cluster.add_worker_pool(late)

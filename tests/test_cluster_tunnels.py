@@ -62,11 +62,14 @@ def sshd(tmp_path: Path):
     )
     Path("/run/sshd").mkdir(exist_ok=True)
     process = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
+    deadline = time.monotonic() + 30
+    while True:
         with socket.socket() as sock:
             if sock.connect_ex(("127.0.0.1", port)) == 0:
                 break
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"sshd did not start: {process.communicate()[1].decode()[-2000:]}")
         time.sleep(0.05)
     try:
         yield port, key
@@ -99,8 +102,11 @@ def test_default_tunnels_are_ray_client_and_dashboard(sshd):
     assert tunnels.remote_ports == (10001, 8265)
     tunnels.start_tunnels()
     try:
-        assert tunnels.ray_client_address.startswith("ray://127.0.0.1:")
-        assert tunnels.dashboard_url.startswith("http://127.0.0.1:")
+        local = tunnels.local_ports
+        assert tunnels.ray_client_address == f"ray://127.0.0.1:{local[10001]}"
+        assert tunnels.dashboard_url == f"http://127.0.0.1:{local[8265]}"
+        for local_port in local.values():  # each one is a listening end of the tunnel
+            socket.create_connection(("127.0.0.1", local_port), timeout=5).close()
     finally:
         tunnels.stop_tunnels()
 

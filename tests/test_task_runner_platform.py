@@ -32,7 +32,7 @@ from prefect.testing.utilities import prefect_test_harness
 from process_nodes import Footprint
 
 from prefect_raydog.blocks import RayDogClusterConfig
-from prefect_raydog.task_runners import RayDogTaskRunner, placement
+from prefect_raydog.task_runners import POOL_RESOURCE_PREFIX, RayDogTaskRunner, placement
 
 pytestmark = pytest.mark.ray
 BLOCK = "local-test-cluster"
@@ -183,13 +183,32 @@ def test_runner_pickles_without_the_secret(runner):
     assert saved_secret().encode() not in pickle.dumps(runner)
 
 
-def test_placement_sends_tasks_to_the_named_pool(runner):
-    @flow(task_runner=runner)
-    def placed():
-        with placement(worker_pool="workers"):
-            return node_ip.submit(1).result()
+@pytest.fixture
+def two_pool_runner(saved_config, platform):
+    pool = saved_config.worker_pools[0]
+    pools = [pool.model_copy(update={"name": name, "count": 1}) for name in ("a", "b")]
+    saved_config.model_copy(update={"worker_pools": pools}).save(f"{BLOCK}-2", overwrite=True)
+    return RayDogTaskRunner(cluster=f"{BLOCK}-2", api_relay_address=platform.host_address)
 
-    assert placed()[0] == 2
+
+def _pool_ips() -> dict[str, str]:
+    return {resource.removeprefix(POOL_RESOURCE_PREFIX): node["NodeManagerAddress"]
+            for node in ray.nodes() if node["Alive"]
+            for resource in node["Resources"] if resource.startswith(POOL_RESOURCE_PREFIX)}
+
+
+def test_placement_sends_tasks_to_the_named_pool(two_pool_runner):
+    @flow(task_runner=two_pool_runner)
+    def placed():
+        futures = {}
+        for pool in ("a", "b"):
+            with placement(worker_pool=pool):
+                futures[pool] = [node_ip.submit(x) for x in range(4)]
+        return {pool: {f.result()[1] for f in fs} for pool, fs in futures.items()}, _pool_ips()
+
+    ran, pool_ips = placed()
+    assert pool_ips["a"] != pool_ips["b"]
+    assert ran == {"a": {pool_ips["a"]}, "b": {pool_ips["b"]}}
 
 
 def _worker_node_ids(platform) -> list[str]:

@@ -19,6 +19,9 @@ from prefect_raydog.errors import ClusterBuildTimeout, NodeTaskFailed
 MAX_READ_INTERVAL_S = 3.0
 # How often a waiter looks at its closing flag while no update comes (no request is made).
 CHECK_INTERVAL_S = 0.1
+# A stream's first event comes at once; without one by then, the stream is failing (the SDK
+# retries a 5xx silently, every 3 s) and the wait reads the requirement itself.
+FIRST_EVENT_S = 5.0
 
 _ENDED = [status for status in TaskStatus if status.finished]
 
@@ -33,6 +36,7 @@ class RequirementWatch(SubscriptionEventListener[WorkRequirement]):
         self._latest: WorkRequirement | None = None
         self._stamp = datetime.min
         self._streaming = True
+        self._started = time.monotonic()
         client.work_client.add_work_requirement_listener_by_id(work_requirement_id, self)
 
     def updated(self, obj: WorkRequirement) -> None:
@@ -66,6 +70,8 @@ class RequirementWatch(SubscriptionEventListener[WorkRequirement]):
             check_not_closing()
             with self._changed:
                 latest, streaming = self._latest, self._streaming
+            if latest is None and time.monotonic() - self._started > FIRST_EVENT_S:
+                streaming = False
             if latest is not None and done(latest):
                 return latest
             remaining = deadline.remaining()
