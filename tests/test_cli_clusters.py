@@ -63,6 +63,21 @@ def write_spec(tmp_path: Path, tag: str | None = None, **overrides: object) -> t
     return path, name
 
 
+def test_up_saves_the_state_before_it_provisions_anything(
+    platform: LocalPlatform, tmp_path: Path, tag: str
+) -> None:
+    node = {"template_id": "nowhere/nothing", "script": "x"}
+    spec, name = write_spec(tmp_path, tag=tag, worker_pools=[node])
+    state = tmp_path / "state.json"
+    up = invoke(platform, "up", str(spec), "--state-file", str(state))
+    assert up.exit_code == 1, up.output
+    saved = json.loads(state.read_text())
+    assert saved["work_requirement_id"] is None
+    assert re.fullmatch(rf"{name}-[0-9a-f]{{6}}", saved["build_name"])
+    down = invoke(platform, "down", str(state))
+    assert down.exit_code == 0, down.output
+
+
 def test_up_status_down(platform: LocalPlatform, tmp_path: Path, tag: str) -> None:
     spec, name = write_spec(tmp_path, tag=tag)
     state = tmp_path / "state.json"

@@ -195,3 +195,16 @@ def test_a_build_whose_update_stream_fails_reads_the_requirement_instead(platfor
     with RayDogCluster(simulated_spec(pools=1), client=client) as cluster:
         assert cluster.head_node_private_ip
     assert platform.api_calls().get("GET /work/requirements/{requirement_id}", 0) >= 1
+
+
+def test_a_client_the_cluster_made_is_closed_after_a_failed_build(platform, client):
+    spec = simulated_spec(head=NodeGroupSpec(template_id="nowhere/nothing", script="x"))
+    cluster = RayDogCluster(
+        spec, key_id=platform.key_id, key_secret=platform.key_secret, url=platform.url
+    )
+    closed = []
+    close = cluster.yd_client.close
+    cluster.yd_client.close = lambda: (closed.append(True), close())
+    with pytest.raises(ClusterBuildError, match="nowhere/nothing"):
+        cluster.build()
+    assert closed == [True]

@@ -184,10 +184,13 @@ def test_runner_pickles_without_the_secret(runner):
 
 
 @pytest.fixture
-def two_pool_runner(saved_config, platform):
-    pool = saved_config.worker_pools[0]
-    pools = [pool.model_copy(update={"name": name, "count": 1}) for name in ("a", "b")]
-    saved_config.model_copy(update={"worker_pools": pools}).save(f"{BLOCK}-2", overwrite=True)
+def two_pool_runner(prefect_api, local_platform, platform):
+    config = RayDogClusterConfig.local(
+        local_platform.url, local_platform.key_id, local_platform.key_secret
+    )
+    pool = config.worker_pools[0]
+    config.worker_pools = [pool.model_copy(update={"name": n, "count": 1}) for n in ("a", "b")]
+    config.save(f"{BLOCK}-2", overwrite=True)
     return RayDogTaskRunner(cluster=f"{BLOCK}-2", api_relay_address=platform.host_address)
 
 
