@@ -32,7 +32,8 @@ from prefect.testing.utilities import prefect_test_harness
 from process_nodes import Footprint
 
 from prefect_raydog.blocks import RayDogClusterConfig
-from prefect_raydog.task_runners import POOL_RESOURCE_PREFIX, RayDogTaskRunner, placement
+from prefect_raydog.runner.placement import POOL_RESOURCE_PREFIX
+from prefect_raydog.task_runners import RayDogTaskRunner, placement
 
 pytestmark = pytest.mark.ray
 BLOCK = "local-test-cluster"
