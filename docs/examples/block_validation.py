@@ -12,7 +12,7 @@ CPU = {"template_id": "yd-demo/rayworker", "name": "cpu"}
 BAD_CONFIGS = [
     ({"cluster_name_prefix": "x" * 40, "head": {"template_id": " "}}, [
         "cluster_name_prefix",
-        "  Value error, 'xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx' is 40 characters long; at most 34 allowed",  # noqa: E501
+        "  Value error, 'xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx' is 40 characters long; at most 27 allowed",  # noqa: E501
         "head.template_id",
         "  Value error, must name a compute requirement template, not be blank",
     ]),
