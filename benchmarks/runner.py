@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import statistics
 import time
@@ -36,6 +37,7 @@ from prefect_raydog.blocks import RayDogClusterConfig  # noqa: E402
 from prefect_raydog.cluster import RayDogCluster, wait_for_ray_nodes  # noqa: E402
 from prefect_raydog.local import LocalPlatform  # noqa: E402
 from prefect_raydog.runner.relay import _TcpRelay  # noqa: E402
+from prefect_raydog.runner.session import _connect  # noqa: E402
 from prefect_raydog.task_runners import RayDogTaskRunner  # noqa: E402
 
 WARM_UP = 20
@@ -159,7 +161,7 @@ def _provisioned(platform: LocalPlatform, config: RayDogClusterConfig) -> Iterat
     spec = config.to_spec(config.cluster_name())
     with RayDogCluster(spec, client=config.credentials.get_client()) as cluster:
         address = f"ray://{cluster.head_node_private_ip}:10001"
-        ray.init(address, log_to_driver=False)
+        _connect(address, {}, logging.getLogger("benchmark"))  # retries while the head starts
         try:
             wait_for_ray_nodes(1 + WORKER_NODES, timeout=180)
         finally:
