@@ -62,11 +62,15 @@ def sshd(tmp_path: Path):
     )
     Path("/run/sshd").mkdir(exist_ok=True)
     process = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
+    deadline = time.monotonic() + 30
+    while True:
         with socket.socket() as sock:
             if sock.connect_ex(("127.0.0.1", port)) == 0:
                 break
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            _, stderr = process.communicate(timeout=10)
+            pytest.fail(f"sshd did not start listening on port {port}: {stderr.decode()[-2000:]}")
         time.sleep(0.05)
     try:
         yield port, key
