@@ -1,33 +1,47 @@
-"""Per-task overhead of RayDogTaskRunner against prefect_ray.RayTaskRunner on the same Ray cluster.
+"""Per-task overhead of RayDogTaskRunner against prefect_ray.RayTaskRunner on the path users take.
 
 `python benchmarks/runner.py --json` prints one JSON object; `--quick` is a small smoke run.
-Both runners attach to one local Ray instance started here, and report to one Prefect server;
-`first_task_after_ready_s` provisions a cluster on an embedded local platform.
+One cluster is provisioned on an embedded local platform; both runners attach to it through
+Ray Client (`ray://HEAD:10001`), in alternating rounds, and report to one Prefect server that
+the nodes reach through a relay on the platform's host-side bridge address. Ray never runs on
+this machine's own network. `first_task_after_ready_s` provisions a second cluster through the
+runner itself.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import os
+import statistics
 import time
+from collections.abc import Iterator
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-import ray  # noqa: E402
 from prefect import flow, task  # noqa: E402
 from prefect.client.orchestration import get_client  # noqa: E402
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId  # noqa: E402
 from prefect.runtime import flow_run  # noqa: E402
+from prefect.settings import PREFECT_API_URL, temporary_settings  # noqa: E402
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 from prefect_ray import RayTaskRunner  # noqa: E402
 
+from prefect_raydog.blocks import RayDogClusterConfig  # noqa: E402
+from prefect_raydog.cluster import RayDogCluster, wait_for_ray_nodes  # noqa: E402
+from prefect_raydog.local import LocalPlatform  # noqa: E402
+from prefect_raydog.runner.relay import _TcpRelay  # noqa: E402
+from prefect_raydog.runner.session import _connect  # noqa: E402
 from prefect_raydog.task_runners import RayDogTaskRunner  # noqa: E402
 
 WARM_UP = 20
+WORKER_NODES = 2
 
 
 @task
@@ -78,83 +92,137 @@ def _until_states_saved(runner: Any, n: int) -> tuple[float, float]:
     return elapsed, time.perf_counter() - map_started
 
 
-def _first_task_after_start(runner: Any) -> float:
+def _first_task_at(runner: Any) -> float:
+    """When (epoch seconds) the first task of a new flow run started on a node."""
+
     @flow(task_runner=runner)
     def first() -> float:
         return started_at.submit().result()
 
+    return first()
+
+
+def _first_task_after_start(runner: Any) -> float:
     start = time.time()
-    return first() - start
+    return _first_task_at(runner) - start
 
 
-def _first_task_after_platform_ready() -> float:
+def _first_task_after_platform_ready(platform: LocalPlatform, config: RayDogClusterConfig
+                                     ) -> float:
     """Seconds from the platform running every node task to the first Prefect task running,
-    for a cluster provisioned on the local platform: the runner's own start-up cost."""
+    for a cluster the runner provisions: the runner's own start-up cost."""
     from yellowdog_client.model import TaskSearch, WorkRequirementSearch
 
-    from prefect_raydog.blocks import RayDogClusterConfig
-    from prefect_raydog.local import LocalPlatform
-
-    with LocalPlatform() as platform:
-        RayDogClusterConfig.local(platform.url, platform.key_id, platform.key_secret).save(
-            "benchmark-local", overwrite=True
-        )
-        runner = RayDogTaskRunner(cluster="benchmark-local",
-                                  api_relay_address=platform.host_address)
-
-        @flow(task_runner=runner)
-        def first() -> float:
-            return started_at.submit().result()
-
-        first_task = first()
-        work = platform.client.work_client
-        requirement = next(iter(work.get_work_requirements(
-            WorkRequirementSearch(namespace="local")).iterate()))
-        tasks = work.get_tasks(TaskSearch(workRequirementId=requirement.id)).iterate()
-        ready = max(task.startedTime.timestamp() for task in tasks)
+    runner = RayDogTaskRunner(cluster=config, api_relay_address=platform.host_address)
+    first_task = _first_task_at(runner)
+    work = platform.client.work_client
+    requirements = list(work.get_work_requirements(
+        WorkRequirementSearch(namespace=config.namespace)).iterate())
+    newest = max(requirements, key=lambda requirement: requirement.createdTime)
+    tasks = work.get_tasks(TaskSearch(workRequirementId=newest.id)).iterate()
+    ready = max(task.startedTime.timestamp() for task in tasks)
     return first_task - ready
 
 
-def _driver_rss_mib(runner: Any, n: int) -> float:
-    @flow(task_runner=runner)
-    def many() -> None:
-        add_one.map(range(n)).wait()
-
-    many()
+def _rss_kib() -> int:
     with open("/proc/self/status") as status:
-        rss_kib = next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
-    return rss_kib / 1024
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
 
 
-def run(quick: bool) -> dict[str, Any]:
-    """Every figure; the provisioned cluster comes first, before this process attaches to Ray."""
-    first_task_after_ready = _first_task_after_platform_ready()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        figures = run_attached(quick)
-    finally:
-        ray.shutdown()
-    figures["first_task_after_ready_s"] = round(first_task_after_ready, 2)
+def _driver_rss_kib(runner: Any, n: int) -> int:
+    """The driver's resident memory while a flow holds the futures of `n` finished tasks."""
+
+    @flow(task_runner=runner)
+    def many() -> int:
+        futures = add_one.map(range(n))
+        futures.wait()
+        return _rss_kib()
+
+    return many()
+
+
+@contextlib.contextmanager
+def _api_for_nodes(host: str) -> Iterator[str]:
+    """Relay the loopback Prefect API on `host` (reached by this process and by the nodes),
+    and make that the API URL of this process and of every task run."""
+    api_url = PREFECT_API_URL.value()
+    parts = urlsplit(api_url)
+    with _TcpRelay(host, (parts.hostname, parts.port or 80)) as relay:
+        relayed = urlunsplit(parts._replace(netloc=f"{host}:{relay.port}"))
+        with temporary_settings(updates={PREFECT_API_URL: relayed}):
+            yield relayed
+
+
+@contextlib.contextmanager
+def _provisioned(platform: LocalPlatform, config: RayDogClusterConfig) -> Iterator[str]:
+    """One cluster on the platform, its Ray workers joined; yields its Ray Client address."""
+    import ray
+
+    spec = config.to_spec(config.cluster_name())
+    with RayDogCluster(spec, client=config.credentials.get_client()) as cluster:
+        address = f"ray://{cluster.head_node_private_ip}:10001"
+        _connect(address, {}, logging.getLogger("benchmark"))  # retries while the head starts
+        try:
+            wait_for_ray_nodes(1 + WORKER_NODES, timeout=180)
+        finally:
+            ray.shutdown()
+        yield address
+
+
+def _client_figures(address: str, quick: bool) -> dict[str, Any]:
+    """Both runners through Ray Client to the same cluster, alternating round by round."""
+    n, rounds = (20, 1) if quick else (500, 2)
+    runners = {"ours": RayDogTaskRunner(address=address),
+               "theirs": RayTaskRunner(address=address)}
+    results: dict[str, list[float]] = {"ours": [], "theirs": []}
+    saved: dict[str, list[float]] = {"ours": [], "theirs": []}
+    for _ in range(rounds):
+        for name, runner in runners.items():
+            elapsed, until_saved = _until_states_saved(runner, n)
+            results[name].append(elapsed)
+            saved[name].append(until_saved)
+    ours, theirs = statistics.median(results["ours"]), statistics.median(results["theirs"])
+    ours_saved = statistics.median(saved["ours"])
+    theirs_saved = statistics.median(saved["theirs"])
+    figures = {
+        "tasks": n,
+        "rounds": rounds,
+        "client_per_task_ms": round(1000 * ours / n, 2),
+        "client_prefect_ray_per_task_ms": round(1000 * theirs / n, 2),
+        "client_ratio_vs_prefect_ray": round(ours / theirs, 3),
+        "client_states_saved_per_task_ms": round(1000 * ours_saved / n, 2),
+        "client_prefect_ray_states_saved_per_task_ms": round(1000 * theirs_saved / n, 2),
+        "client_states_saved_ratio_vs_prefect_ray": round(ours_saved / theirs_saved, 3),
+    }
+    if not quick:
+        figures["first_task_attached_s"] = round(_first_task_after_start(runners["ours"]), 3)
     return figures
 
 
-def run_attached(quick: bool) -> dict[str, Any]:
-    n = 50 if quick else 500
-    raydog, prefect_ray = RayDogTaskRunner(address="local"), RayTaskRunner(address="local")
-    ours_results, ours_saved = _until_states_saved(raydog, n)
-    theirs_results, theirs_saved = _until_states_saved(prefect_ray, n)
-    figures = {
-        "tasks": n,
-        "per_task_ms": round(1000 * ours_results / n, 2),
-        "prefect_ray_per_task_ms": round(1000 * theirs_results / n, 2),
-        "ratio_vs_prefect_ray": round(ours_results / theirs_results, 3),
-        "states_saved_per_task_ms": round(1000 * ours_saved / n, 2),
-        "prefect_ray_states_saved_per_task_ms": round(1000 * theirs_saved / n, 2),
-        "states_saved_ratio_vs_prefect_ray": round(ours_saved / theirs_saved, 3),
-        "first_task_attached_s": round(_first_task_after_start(raydog), 3),
+def _memory_figures(address: str, quick: bool) -> dict[str, Any]:
+    small, large = (50, 200) if quick else (1000, 10000)
+    runner = RayDogTaskRunner(address=address)
+    if not quick:
+        _driver_rss_kib(runner, small)  # warm up: imports, connections, caches
+    before = _driver_rss_kib(runner, small)
+    after = _driver_rss_kib(runner, large)
+    return {
+        f"driver_rss_mib_{small}": round(before / 1024, 1),
+        f"driver_rss_mib_{large}": round(after / 1024, 1),
+        "driver_kb_per_task": round(max(0, after - before) * 1.024 / (large - small), 2),
     }
-    for label, count in (("1000", 100 if quick else 1000), ("10000", 200 if quick else 10000)):
-        figures[f"driver_rss_mib_{label}"] = round(_driver_rss_mib(raydog, count), 1)
+
+
+def run(quick: bool) -> dict[str, Any]:
+    """Every figure, on clusters provisioned on one local platform."""
+    with LocalPlatform() as platform:
+        config = RayDogClusterConfig.local(platform.url, platform.key_id, platform.key_secret,
+                                           worker_nodes=WORKER_NODES)
+        first_task_after_ready = _first_task_after_platform_ready(platform, config)
+        with _api_for_nodes(platform.host_address), _provisioned(platform, config) as address:
+            figures = _client_figures(address, quick)
+            figures.update(_memory_figures(address, quick))
+    figures["first_task_after_ready_s"] = round(first_task_after_ready, 2)
     return figures
 
 
@@ -169,7 +237,7 @@ def main() -> None:
         print(json.dumps(figures))
     else:
         for key, value in figures.items():
-            print(f"{key:40} {value}")
+            print(f"{key:45} {value}")
 
 
 if __name__ == "__main__":

@@ -69,7 +69,8 @@ def sshd(tmp_path: Path):
                 break
         if process.poll() is not None or time.monotonic() > deadline:
             process.kill()
-            pytest.fail(f"sshd did not start: {process.communicate()[1].decode()[-2000:]}")
+            _, stderr = process.communicate(timeout=10)
+            pytest.fail(f"sshd did not start listening on port {port}: {stderr.decode()[-2000:]}")
         time.sleep(0.05)
     try:
         yield port, key

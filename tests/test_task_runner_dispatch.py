@@ -1,22 +1,29 @@
-"""Dispatch behaviour of RayDogTaskRunner on a plain local Ray instance and a real Prefect API."""
+"""Dispatch behaviour of RayDogTaskRunner attached through Ray Client to a cluster on the local
+platform, with a real Prefect API that the nodes reach through a relay."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import pickle
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import ray
 from prefect import flow, tags, task
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.testing.utilities import prefect_test_harness
 
+from prefect_raydog.blocks import RayDogClusterConfig
+from prefect_raydog.cluster import RayDogCluster
+from prefect_raydog.runner.relay import _TcpRelay
+from prefect_raydog.runner.session import _connect
 from prefect_raydog.task_runners import RayDogTaskRunner
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+pytestmark = pytest.mark.ray
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -25,14 +32,29 @@ def prefect_api():
         yield
 
 
-@pytest.fixture(scope="module", autouse=True)
-def local_ray(prefect_api):
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+@pytest.fixture(scope="module")
+def address(prefect_api, local_platform):
+    """A cluster on the local platform, this process connected to it through Ray Client."""
+    config = RayDogClusterConfig.local(
+        local_platform.url, local_platform.key_id, local_platform.key_secret
+    )
+    api = urlsplit(PREFECT_API_URL.value())
+    host = local_platform.host_address
+    with _TcpRelay(host, (api.hostname, api.port)) as relay, temporary_settings(
+        updates={PREFECT_API_URL: urlunsplit(api._replace(netloc=f"{host}:{relay.port}"))}
+    ), RayDogCluster(config.to_spec(config.cluster_name()),
+                     client=config.credentials.get_client()) as cluster:
+        address = f"ray://{cluster.head_node_private_ip}:10001"
+        _connect(address, {}, logging.getLogger(__name__))
+        try:
+            yield address
+        finally:
+            ray.shutdown()
 
 
-RUNNER = RayDogTaskRunner(address="local")
+@pytest.fixture
+def runner(address):
+    return RayDogTaskRunner(address=address)
 
 
 @task
@@ -77,8 +99,8 @@ def _task_runs(flow_run_id):
                 return runs
 
 
-def test_mapped_tasks_return_correct_results_from_other_processes():
-    @flow(task_runner=RUNNER)
+def test_mapped_tasks_return_correct_results_from_other_processes(runner):
+    @flow(task_runner=runner)
     def mapped():
         return add_one.map(range(200)).result(), where.submit().result()
 
@@ -87,8 +109,8 @@ def test_mapped_tasks_return_correct_results_from_other_processes():
     assert pid != os.getpid()
 
 
-def test_dependencies_pass_results_downstream():
-    @flow(task_runner=RUNNER)
+def test_dependencies_pass_results_downstream(runner):
+    @flow(task_runner=runner)
     def chain():
         a = add_one.submit(1)
         b = add_one.submit(a)
@@ -98,16 +120,16 @@ def test_dependencies_pass_results_downstream():
     assert chain() == 4
 
 
-def test_async_tasks_run():
-    @flow(task_runner=RUNNER)
+def test_async_tasks_run(runner):
+    @flow(task_runner=runner)
     async def async_flow():
         return double_async.map(range(5)).result()
 
     assert asyncio.run(async_flow()) == [0, 2, 4, 6, 8]
 
 
-def test_failing_task_fails_the_flow():
-    @flow(task_runner=RUNNER)
+def test_failing_task_fails_the_flow(runner):
+    @flow(task_runner=runner)
     def failing():
         return fail.submit(3).result()
 
@@ -115,8 +137,8 @@ def test_failing_task_fails_the_flow():
         failing()
 
 
-def test_task_run_states_reach_the_api():
-    @flow(task_runner=RUNNER)
+def test_task_run_states_reach_the_api(runner):
+    @flow(task_runner=runner)
     def mapped():
         add_one.map(range(20)).wait()
         from prefect.runtime import flow_run
@@ -129,8 +151,8 @@ def test_task_run_states_reach_the_api():
     assert {r.state.type.value for r in runs} == {"COMPLETED"}
 
 
-def test_tags_changed_between_submits_reach_each_task_run():
-    @flow(task_runner=RUNNER)
+def test_tags_changed_between_submits_reach_each_task_run(runner):
+    @flow(task_runner=runner)
     def tagged():
         plain = current_tags.submit()
         with tags("blue"):
@@ -165,11 +187,11 @@ def sleep_long() -> str:
     return "not cancelled"
 
 
-def test_cancel_all_on_the_template_reaches_the_running_copy():
+def test_cancel_all_on_the_template_reaches_the_running_copy(address):
     import threading
     import time
 
-    runner = RayDogTaskRunner(address="local", init_kwargs={"namespace": "cancel-test"})
+    runner = RayDogTaskRunner(address=address, init_kwargs={"namespace": "cancel-test"})
 
     @flow(task_runner=runner)
     def cancellable():
@@ -184,7 +206,7 @@ def test_cancel_all_on_the_template_reaches_the_running_copy():
     assert waited < 30
 
 
-def test_entering_inside_a_ray_worker_attaches_without_provisioning():
+def test_entering_inside_a_ray_worker_attaches_without_provisioning(address):
     @ray.remote
     def enter_on_worker():
         runner = RayDogTaskRunner(cluster="never-loaded")

@@ -180,6 +180,27 @@ def test_a_retried_flow_run_reuses_its_cluster(runner, platform):
     assert platform.api_calls().get("POST /work/requirements", 0) == 1
 
 
+@task
+def submits_from_its_worker(x: int) -> tuple[tuple[int, str], str]:
+    return node_ip.submit(x).result(), ray.util.get_node_ip_address()
+
+
+def test_a_task_running_on_a_worker_submits_another_task_to_the_cluster(runner, platform):
+    @flow(task_runner=runner)
+    def nested():
+        return submits_from_its_worker.submit(1).result(), _head_ips(), flow_run.id
+
+    ((inner_value, inner_ip), outer_ip), head_ips, flow_run_id = nested()
+    assert inner_value == 2
+    assert inner_ip not in head_ips and outer_ip not in head_ips
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    assert sorted(run.name.split("-")[0] for run in runs if run.state.is_completed()) == [
+        "node_ip", "submits_from_its_worker"]
+    assert platform.api_calls().get("POST /work/requirements", 0) == 1
+
+
 def test_runner_pickles_without_the_secret(runner):
     assert saved_secret().encode() not in pickle.dumps(runner)
 

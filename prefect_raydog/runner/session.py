@@ -25,6 +25,7 @@ from prefect_raydog.runner.node import _Outcome, _run_on_node
 from prefect_raydog.runner.placement import _with_pool_resources
 from prefect_raydog.runner.recorded import wait_for_final_states
 from prefect_raydog.runner.relay import _TcpRelay
+from prefect_raydog.runner.shipping import refuse_loopback_api
 from prefect_raydog.runner.stats import _ClusterStats
 
 if TYPE_CHECKING:
@@ -114,6 +115,10 @@ class _Session:
         if relay_host and not self.node_api_url:
             self.node_api_url = self._relay_api(relay_host)
             logger.info("Nodes reach the Prefect API at %s.", self.node_api_url)
+        elif not self.node_api_url:
+            from prefect.settings import PREFECT_API_URL
+
+            refuse_loopback_api(PREFECT_API_URL.value())  # before anything is provisioned
         spec = _with_pool_resources(config.to_spec(config.cluster_name(self.flow_run_id)))
         self.cluster_name = spec.name
         self.stats.pools = [(p.name or f"pool-{i}", p.count)

@@ -42,11 +42,18 @@ def _rewrite_api_url(context: dict[str, Any], node_api_url: str | None) -> None:
     url = api.get("url")
     if node_api_url:
         api["url"] = node_api_url
-    elif url and urlsplit(url).hostname in _LOOPBACK_HOSTS and _nodes_are_remote():
+    elif url and _nodes_are_remote():
+        refuse_loopback_api(url)
+
+
+def refuse_loopback_api(url: str | None) -> None:
+    """Raise if `url` (None: Prefect's temporary server) is on loopback, out of the nodes' reach."""
+    if url is None or urlsplit(url).hostname in _LOOPBACK_HOSTS:
         raise RuntimeError(
-            f"The Prefect API URL {url} is on loopback, which the cluster's nodes cannot "
-            "reach. Serve the API on an address the nodes reach, or pass "
-            "RayDogTaskRunner(node_api_url=...)."
+            f"The Prefect API URL {url or '(a temporary local server)'} is on loopback, which "
+            "the cluster's nodes cannot reach. Serve the API on an address the nodes reach, "
+            "or pass RayDogTaskRunner(node_api_url=...) or RayDogTaskRunner("
+            "api_relay_address=...)."
         )
 
 
