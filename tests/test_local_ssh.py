@@ -76,13 +76,16 @@ def test_a_key_in_userdata_opens_ssh_on_the_nodes_public_address(
     pools.wait_task(task.id, TaskStatus.EXECUTING)
 
     result = ssh(key, node.details.publicIpAddress,
-                 'hostname; echo "$HOME"; whoami; cat /tmp/mark; command -v python3')
+                 'hostname; echo "$HOME"; whoami; cat /tmp/mark; command -v python3; '
+                 'cat /proc/1/cmdline | tr "\\0" " "; echo; ls /proc | grep -c "^[0-9]"')
     assert result.returncode == 0, result.stderr
-    hostname, home, user, mark, python = result.stdout.split("\n")[:5]
+    hostname, home, user, mark, python, first, count = result.stdout.split("\n")[:7]
     assert hostname == node.details.hostname
     assert Path(home).name == "home" and user == "root"
     assert mark == "from-the-task"
     assert python.startswith("/")
+    # The login shares the task's PID namespace, as on a VM: it sees the task and few others.
+    assert first.strip() == "/bin/bash taskdata.txt" and int(count) < 10
 
     other = tmp_path / "other"
     make_key(other)

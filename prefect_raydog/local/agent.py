@@ -141,7 +141,7 @@ class ProcessAgent:
             raise NodeBootError(
                 f"cannot create the directories of node {node_id}: {error}") from error
         keys = ssh.authorized_keys(user_data)
-        if keys and self.network.mode == "bridge":
+        if keys and node.sandbox.enter_sharing_pids:
             self._start_sshd(node, keys)
         with self._lock:
             self._nodes[node_id] = node
@@ -150,13 +150,16 @@ class ProcessAgent:
 
     def _start_sshd(self, node: _Node, keys: list[str]) -> None:
         """Accept SSH on the node's own address, as a VM booted with these keys does."""
+        # The node's image has the platform's Python first on a login's PATH.
+        path = f"{Path(sys.executable).parent}:{os.environ.get('PATH', os.defpath)}"
         try:
             config = ssh.prepare(node.root, node.home, node.sandbox.address, keys,
-                                 ssh.host_key(self.data_dir),
-                                 os.environ.get("PATH", os.defpath))
+                                 ssh.host_key(self.data_dir), path)
             log = node.root / "sshd.log"
-            node.sshd = ssh.start(self._enter(node, node.home, [], node.sandbox.enter), node.root,
-                                  config, log)
+            # Host PIDs stay visible to sshd, so that a login can join a task's PID namespace.
+            node.sshd = ssh.start(
+                self._enter(node, node.home, [], node.sandbox.enter_sharing_pids), node.root,
+                config, log)
             ssh.wait_listening(node.sandbox.address, node.sshd, log)
         except (OSError, subprocess.CalledProcessError) as error:
             self.network.remove_node(node.sandbox)
@@ -210,6 +213,8 @@ class ProcessAgent:
                     cwd=task.directory, env=self._environment(node, launch),
                     stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
                     start_new_session=True)
+            if node.sshd is not None:
+                ssh.publish_task(node.root, task.process)
             return task.process.wait()
 
     def _enter(self, node: _Node, directory: Path, command: list[str],

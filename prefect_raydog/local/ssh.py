@@ -34,6 +34,22 @@ exec "$2" -D -e -f "$3"
 """Runs inside the node: makes the agent user known (as uid 0, home the node's home), then
 becomes sshd. The mount is private to the node's mount namespace."""
 
+ENTER_TASK = r"""#!/bin/bash
+pid="$(cat "$(dirname "$0")/task.pid" 2>/dev/null || true)"
+if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
+    enter=(nsenter --target "$pid" --pid --mount --uts --)
+else
+    enter=(unshare --pid --fork --mount-proc --)
+fi
+if [ -n "${SSH_ORIGINAL_COMMAND:-}" ]; then
+    exec "${enter[@]}" /bin/bash -c "$SSH_ORIGINAL_COMMAND"
+fi
+exec "${enter[@]}" /bin/bash -l
+"""
+"""sshd's ForceCommand: a login joins the PID and mount namespaces of the task running on the
+node, so it sees the node's processes as on a VM (Ray finds its raylet by listing processes);
+with no task running, it gets a PID namespace of its own."""
+
 _host_key_lock = threading.Lock()
 
 
@@ -70,13 +86,16 @@ def prepare(root: Path, home: Path, address: str, keys: list[str], host_key_path
     profile = f'export PATH="{path_variable}"\nexport RAY_USAGE_STATS_ENABLED=0\n'
     for name in (".bashrc", ".profile"):
         (home / name).write_text(profile)
+    enter_task = ssh_dir / "enter-task.sh"
+    enter_task.write_text(ENTER_TASK)
+    enter_task.chmod(0o755)
     config = ssh_dir / "sshd_config"
     config.write_text(
         f"ListenAddress {address}:{SSH_PORT}\nHostKey {node_host_key}\n"
         f"AuthorizedKeysFile {keys_file}\nPidFile none\nUsePAM no\nStrictModes no\n"
         "PermitRootLogin prohibit-password\nPasswordAuthentication no\n"
         "KbdInteractiveAuthentication no\nPrintMotd no\nAllowTcpForwarding yes\n"
-        f"AllowUsers {SSH_USER} root\nSubsystem sftp internal-sftp\n")
+        f"AllowUsers {SSH_USER} root\nForceCommand {enter_task}\n")
     return config
 
 
@@ -88,6 +107,20 @@ def start(enter: list[str], root: Path, config: Path, log: Path) -> subprocess.P
              SSHD, str(config)],
             stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
             start_new_session=True)
+
+
+def publish_task(root: Path, process: subprocess.Popen[bytes], timeout: float = 5.0) -> None:
+    """Record the first process inside a task's namespaces (the child of its `unshare`), for
+    logins to join; the task is `process`."""
+    children = Path(f"/proc/{process.pid}/task/{process.pid}/children")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        with contextlib.suppress(OSError):
+            first = children.read_text().split()
+            if first:
+                (root / "ssh" / "task.pid").write_text(first[0])
+                return
+        time.sleep(0.01)
 
 
 def wait_listening(address: str, process: subprocess.Popen[bytes], log: Path,
