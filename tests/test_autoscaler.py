@@ -27,6 +27,15 @@ from prefect_raydog.local import LocalPlatform
 
 pytestmark = pytest.mark.ray
 
+RESTARTED_MONITORS_VIEW = """
+import json, os, yaml
+from prefect_raydog.autoscaler import RayDogNodeProvider
+
+config = yaml.safe_load(open(os.path.expanduser("~/ray_bootstrap_config.yaml")))
+provider = RayDogNodeProvider(config["provider"], config["cluster_name"])
+print("VIEW", json.dumps({n: provider.node_tags(n) for n in provider.non_terminated_nodes({})}))
+"""
+
 NEEDS_THREE_CPUS = """
 import time
 import ray
@@ -140,6 +149,23 @@ def test_a_second_ray_up_reattaches_to_the_running_cluster(cluster: RayCluster) 
     assert "No head node found" not in result.stdout + result.stderr
     (after,) = _live_requirements(cluster)
     assert after.id == before.id
+
+
+def test_a_restarted_monitor_finds_the_same_nodes_and_tags(
+        cluster: RayCluster, tmp_path: Path) -> None:
+    script = tmp_path / "view.py"
+    script.write_text(RESTARTED_MONITORS_VIEW)
+    output = cluster.ray("submit", str(cluster.path), str(script)).stdout
+    view = json.loads(output.split("VIEW ", 1)[1].splitlines()[0])
+    work = cluster.platform.client.work_client
+    (requirement,) = _live_requirements(cluster)
+    head_tasks = [task.id for task in work.get_tasks(TaskSearch(
+        workRequirementId=requirement.id)).iterate() if not task.status.finished]
+    assert list(view) == head_tasks
+    tags = view[head_tasks[0]]
+    # Written by `ray up` on this machine, read by a new provider on the head.
+    assert tags["ray-node-kind"] == "head" and tags["ray-node-status"] == "up-to-date"
+    assert tags["ray-launch-config"]
 
 
 def test_ray_down_leaves_nothing(cluster: RayCluster) -> None:

@@ -25,6 +25,7 @@ from prefect_raydog.autoscaler.remote import RemoteShell
 from prefect_raydog.autoscaler.tags import TAGS_DIR, FileTags, RemoteTags, TagStore
 from prefect_raydog.autoscaler.yellowdog import (
     ClusterRecord,
+    HeadNodeFailed,
     LiveNode,
     NodeType,
     YellowDogCluster,
@@ -202,10 +203,16 @@ class RayDogNodeProvider(NodeProvider):
         node_type = self._node_type(settings, type_name, is_head=True)
         workers = [name for name, info in self._node_types().items() if not info["is_head"]]
         task_id = cluster.create(node_type, workers, dict(self.settings.task_environment))
+
+        def check_head() -> None:
+            failure = cluster.head_failure(task_id)
+            if failure is not None:
+                raise failure
+
         try:
             head = cluster.wait_for_head(task_id, self.settings.build_timeout)
             shell = self._shell(head.public_ip)
-            shell.wait_until_reachable(self.settings.build_timeout.total_seconds())
+            shell.wait_until_reachable(self.settings.build_timeout.total_seconds(), check_head)
             key = yaml_keys.credentials(self.settings, self._home)
             key.url = self.settings.head_api_url or key.url
             shell.run(f"umask 077 && mkdir -p ~/{yaml_keys.RAYDOG_DIR} && "
@@ -214,8 +221,11 @@ class RayDogNodeProvider(NodeProvider):
             with self._lock:
                 self._store = RemoteTags(shell)
             self.set_node_tags(task_id, tags)
-        except BaseException:
+        except BaseException as error:
+            failure = None if isinstance(error, HeadNodeFailed) else cluster.head_failure(task_id)
             cluster.shut_down()
+            if failure is not None:
+                raise failure from error
             raise
         logger.info("Head node of cluster %s runs at %s", self.cluster_name, head.public_ip)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +28,7 @@ class RemoteShell:
     key_file: Path
     port: int = 22
 
-    def run(self, command: str, stdin: str | None = None, timeout: float = 60.0) -> str:
+    def run(self, command: str, stdin: str | None = None, timeout: float = 30.0) -> str:
         """Run `command` (text on stdin, never in argv) and return its output."""
         result = subprocess.run(
             ["ssh", "-i", str(self.key_file), "-p", str(self.port), *SSH_OPTIONS,
@@ -39,14 +40,16 @@ class RemoteShell:
                 f"{result.stderr.strip()}")
         return result.stdout
 
-    def wait_until_reachable(self, timeout: float) -> None:
-        """Wait until SSH logins work (a booting machine starts sshd late)."""
+    def wait_until_reachable(self, timeout: float, check: Callable[[], None]) -> None:
+        """Wait until SSH logins work (a booting machine starts sshd late); `check()` raises
+        to stop waiting (when the machine's task has ended)."""
         deadline = time.monotonic() + timeout
         while True:
             try:
                 self.run("true", timeout=15)
                 return
             except (RemoteCommandFailed, subprocess.TimeoutExpired):
+                check()
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(1.0)

@@ -212,15 +212,22 @@ class YellowDogCluster:
                     return LiveNode(task_id, HEAD_TASK_GROUP, True, task.status, node_id,
                                     private_ip, public_ip or private_ip)
             elif task.status is not None and task.status.finished:
-                raise HeadNodeFailed(
-                    f"The head node of cluster {self.cluster_name!r} did not start: its task "
-                    f"{task_id} ended {_describe_task_end(task)}")
+                raise self.head_failure(task_id)
             if time.monotonic() > deadline:
                 raise HeadNodeFailed(
                     f"The head node of cluster {self.cluster_name!r} did not start within "
                     f"{timeout}: its task {task_id} is still {task.status}")
             time.sleep(interval)
             interval = min(interval * 1.5, MAX_POLL_S)
+
+    def head_failure(self, task_id: str) -> HeadNodeFailed | None:
+        """Why the head task has ended, or None while it is live."""
+        task = self.client.work_client.get_task_by_id(task_id)
+        if task.status is None or not task.status.finished:
+            return None
+        return HeadNodeFailed(
+            f"The head node of cluster {self.cluster_name!r} did not start: its task "
+            f"{task_id} ended {_describe_task_end(task)}")
 
     def add_workers(self, node_type: NodeType, count: int, environment: dict[str, str]
                     ) -> list[str]:
