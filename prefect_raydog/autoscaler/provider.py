@@ -16,7 +16,10 @@ from ray.autoscaler.node_provider import NodeProvider
 from ray.autoscaler.tags import (
     NODE_KIND_HEAD,
     NODE_KIND_WORKER,
+    STATUS_UNINITIALIZED,
+    STATUS_UP_TO_DATE,
     TAG_RAY_NODE_KIND,
+    TAG_RAY_NODE_STATUS,
     TAG_RAY_USER_NODE_TYPE,
 )
 
@@ -126,10 +129,15 @@ class RayDogNodeProvider(NodeProvider):
 
     def node_tags(self, node_id: str) -> dict[str, str]:
         node = self._nodes.get(node_id)
-        derived = {} if node is None else {
-            TAG_RAY_NODE_KIND: NODE_KIND_HEAD if node.is_head else NODE_KIND_WORKER,
-            TAG_RAY_USER_NODE_TYPE: node.node_type}
-        return {**derived, **self._tags.get(node_id, {})}
+        if node is None:
+            return dict(self._tags.get(node_id, {}))
+        tags = {TAG_RAY_NODE_KIND: NODE_KIND_HEAD if node.is_head else NODE_KIND_WORKER,
+                TAG_RAY_USER_NODE_TYPE: node.node_type, **self._tags.get(node_id, {})}
+        if not node.is_head:
+            # No node updater runs on workers: a worker is up to date once its task runs.
+            tags[TAG_RAY_NODE_STATUS] = (STATUS_UP_TO_DATE if node.private_ip
+                                         else STATUS_UNINITIALIZED)
+        return tags
 
     def external_ip(self, node_id: str) -> str | None:
         node = self._node(node_id)

@@ -44,6 +44,7 @@ _LIVE_TASK = [status for status in TaskStatus if not status.finished]
 _LIVE_POOL = [status for status in WorkerPoolStatus if not status.finished]
 FIRST_POLL_S = 0.05
 MAX_POLL_S = 0.5
+CACHE_S = 1.0
 
 
 class HeadNodeFailed(RuntimeError):
@@ -118,6 +119,7 @@ class YellowDogCluster:
     _groups: dict[str, tuple[bool, str]] = field(default_factory=dict)
     _addresses: dict[str, tuple[str | None, str | None, str | None]] = field(default_factory=dict)
     _lock: threading.RLock = field(default_factory=threading.RLock)
+    _cache: tuple[float, list[LiveNode]] | None = None
 
     # ---- finding -----------------------------------------------------------------------------
 
@@ -136,9 +138,19 @@ class YellowDogCluster:
         return None
 
     def live_nodes(self) -> list[LiveNode]:
-        """Every live task of the cluster (one search), with its node's addresses once known."""
+        """Every live task of the cluster (one search), with its node's addresses once known.
+        Ray asks several times per autoscaler update: answers within `CACHE_S` are shared."""
         if self.record is None:
             return []
+        with self._lock:
+            if self._cache is not None and time.monotonic() - self._cache[0] < CACHE_S:
+                return list(self._cache[1])
+        nodes = self._search_live_nodes()
+        with self._lock:
+            self._cache = (time.monotonic(), nodes)
+        return list(nodes)
+
+    def _search_live_nodes(self) -> list[LiveNode]:
         groups = self._task_groups()
         search = TaskSearch(workRequirementId=self.record.work_requirement_id, statuses=_LIVE_TASK)
         nodes = []
@@ -287,6 +299,7 @@ class YellowDogCluster:
                       environment=dict(environment)) for _ in range(count)]
         added = self.client.work_client.add_tasks_to_task_group_by_name(
             self.namespace, self.record.full_name, group_name, tasks)
+        self._cache = None
         return [task.id for task in added]
 
     # ---- ending ------------------------------------------------------------------------------
@@ -295,6 +308,7 @@ class YellowDogCluster:
         """Abort the node's task; its machine then goes by idle node shutdown."""
         self.client.work_client.cancel_task_by_id(task_id, True)
         self._addresses.pop(task_id, None)
+        self._cache = None
 
     def shut_down(self) -> ShutdownReport:
         """Cancel the work requirement (aborting every task) and shut down every pool whose
@@ -313,6 +327,7 @@ class YellowDogCluster:
             "worker_pool_ids": sorted(pool_ids)}))
         report = proxy.shut_down()
         self._pools.clear()
+        self._cache = None
         return report
 
 
