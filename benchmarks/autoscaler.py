@@ -134,7 +134,6 @@ class Session:
 
     def workers(self) -> int:
         status = self._status()
-        print(status[-600:], file=sys.stderr)
         return sum(int(line.split()[0]) for line in status.splitlines()
                    if line.strip().endswith(" cpu") and line.split()[0].isdigit())
 

@@ -4,6 +4,8 @@ is provisioned."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -34,3 +36,9 @@ def test_a_bad_node_config_key_is_refused_by_name_before_anything_is_provisioned
     assert result.returncode != 0
     assert "available_node_types.cpu.node_config.instance_typo" in result.stdout + result.stderr
     assert platform.api_calls().get("POST /workerPools/provisioned/template", 0) == 0
+
+
+def test_the_provider_imports_without_prefect() -> None:
+    code = ("import sys, prefect_raydog.autoscaler; "
+            "assert not [m for m in sys.modules if m.split('.')[0] == 'prefect'], 'prefect'")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

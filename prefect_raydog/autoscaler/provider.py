@@ -16,10 +16,7 @@ from ray.autoscaler.node_provider import NodeProvider
 from ray.autoscaler.tags import (
     NODE_KIND_HEAD,
     NODE_KIND_WORKER,
-    STATUS_UNINITIALIZED,
-    STATUS_UP_TO_DATE,
     TAG_RAY_NODE_KIND,
-    TAG_RAY_NODE_STATUS,
     TAG_RAY_USER_NODE_TYPE,
 )
 
@@ -66,6 +63,7 @@ class RayDogNodeProvider(NodeProvider):
         self._store: TagStore | None = None
         self._tags: dict[str, dict[str, str]] = {}
         self._nodes: dict[str, LiveNode] = {}
+        self._head_task_id: str | None = None
 
     # ---- the cluster and its tag store, found lazily -----------------------------------------
 
@@ -117,8 +115,19 @@ class RayDogNodeProvider(NodeProvider):
     # ---- NodeProvider ------------------------------------------------------------------------
 
     def non_terminated_nodes(self, tag_filters: dict[str, str]) -> list[str]:
-        return [node.task_id for node in self._refresh()
+        nodes = self._refresh()
+        if self._head_task_id and not any(n.task_id == self._head_task_id for n in nodes):
+            self._head_ended()
+        return [node.task_id for node in nodes
                 if all(self.node_tags(node.task_id).get(k) == v for k, v in tag_filters.items())]
+
+    def _head_ended(self) -> None:
+        """The head this `ray up` started has ended: end the cluster and say why."""
+        failure = self._cluster.head_failure(self._head_task_id)
+        self._head_task_id = None
+        self._cluster.shut_down()
+        if failure is not None:
+            raise failure
 
     def is_running(self, node_id: str) -> bool:
         node = self._node(node_id)
@@ -129,15 +138,10 @@ class RayDogNodeProvider(NodeProvider):
 
     def node_tags(self, node_id: str) -> dict[str, str]:
         node = self._nodes.get(node_id)
-        if node is None:
-            return dict(self._tags.get(node_id, {}))
-        tags = {TAG_RAY_NODE_KIND: NODE_KIND_HEAD if node.is_head else NODE_KIND_WORKER,
-                TAG_RAY_USER_NODE_TYPE: node.node_type, **self._tags.get(node_id, {})}
-        if not node.is_head:
-            # No node updater runs on workers: a worker is up to date once its task runs.
-            tags[TAG_RAY_NODE_STATUS] = (STATUS_UP_TO_DATE if node.private_ip
-                                         else STATUS_UNINITIALIZED)
-        return tags
+        derived = {} if node is None else {
+            TAG_RAY_NODE_KIND: NODE_KIND_HEAD if node.is_head else NODE_KIND_WORKER,
+            TAG_RAY_USER_NODE_TYPE: node.node_type}
+        return {**derived, **self._tags.get(node_id, {})}
 
     def external_ip(self, node_id: str) -> str | None:
         node = self._node(node_id)
@@ -186,6 +190,7 @@ class RayDogNodeProvider(NodeProvider):
             logger.info("Shut down cluster %s: %s", self.cluster_name, report)
             with self._lock:
                 self._nodes, self._tags, self._store = {}, {}, None
+                self._head_task_id = None
             return None
         for node_id in node_ids:
             cluster.end_node(node_id)
@@ -229,6 +234,7 @@ class RayDogNodeProvider(NodeProvider):
             with self._lock:
                 self._store = RemoteTags(shell)
             self.set_node_tags(task_id, tags)
+            self._head_task_id = task_id
         except BaseException as error:
             failure = None if isinstance(error, HeadNodeFailed) else cluster.head_failure(task_id)
             cluster.shut_down()
