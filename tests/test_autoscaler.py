@@ -14,6 +14,13 @@ import pytest
 from autoscaler_helpers import RayCluster
 from conftest import assert_nothing_left, wait_for
 from process_nodes import node_networking
+from ray.autoscaler.tags import (
+    NODE_KIND_HEAD,
+    STATUS_UP_TO_DATE,
+    TAG_RAY_LAUNCH_CONFIG,
+    TAG_RAY_NODE_KIND,
+    TAG_RAY_NODE_STATUS,
+)
 from yellowdog_client.model import (
     NodeSearch,
     NodeStatus,
@@ -162,10 +169,10 @@ def test_a_restarted_monitor_finds_the_same_nodes_and_tags(
     head_tasks = [task.id for task in work.get_tasks(TaskSearch(
         workRequirementId=requirement.id)).iterate() if not task.status.finished]
     assert sorted(view) == sorted(head_tasks), (view, head_tasks)
-    (tags,) = [tags for tags in view.values() if tags.get("ray-node-kind") == "head"] or [view]
+    (tags,) = view.values()
     # Written by `ray up` on this machine, read by a new provider on the head.
-    assert tags["ray-node-kind"] == "head" and tags["ray-node-status"] == "up-to-date"
-    assert tags["ray-launch-config"]
+    assert tags[TAG_RAY_NODE_KIND] == NODE_KIND_HEAD
+    assert tags[TAG_RAY_NODE_STATUS] == STATUS_UP_TO_DATE and tags[TAG_RAY_LAUNCH_CONFIG]
 
 
 def test_ray_down_leaves_nothing(cluster: RayCluster) -> None:
