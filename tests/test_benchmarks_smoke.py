@@ -15,6 +15,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 EXPECTED_KEYS = {
     "local_platform.py": {"get_task_p50_ms", "get_task_p95_ms", "add_1000_tasks_s"},
     "builder.py": {"build_overhead_s", "shutdown_s_1_pool", "shutdown_s_10_pools"},
+    "autoscaler.py": {"scale_up_s", "api_calls_per_scale_up", "node_seconds_ratio_vs_fixed"},
     "runner.py": {"client_per_task_ms", "client_prefect_ray_per_task_ms",
                   "client_ratio_vs_prefect_ray", "client_states_saved_ratio_vs_prefect_ray",
                   "driver_kb_per_task", "first_task_after_ready_s"},

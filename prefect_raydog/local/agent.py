@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from prefect_raydog.local import ssh
 from prefect_raydog.local.network import NodeNetwork, NodeSandbox, open_network
 from prefect_raydog.local.nodes import NodeAddress, NodeBootError, TaskLaunch
 
@@ -74,6 +75,7 @@ class _Node:
     sandbox: NodeSandbox
     root: Path
     tasks: set[str] = field(default_factory=set)
+    sshd: subprocess.Popen[bytes] | None = None
 
     @property
     def home(self) -> Path:
@@ -121,7 +123,7 @@ class ProcessAgent:
         `IsolationUnavailable` saying why when this machine cannot isolate nodes."""
         return cls(Path(data_dir), open_network(network), abort_grace_s)
 
-    def boot_node(self, node_id: str, hostname: str) -> NodeAddress:
+    def boot_node(self, node_id: str, hostname: str, user_data: str | None = None) -> NodeAddress:
         with self._lock:
             if node_id in self._nodes:
                 raise NodeBootError(f"node {node_id} is already booted")
@@ -138,10 +140,30 @@ class ProcessAgent:
             self.network.remove_node(node.sandbox)
             raise NodeBootError(
                 f"cannot create the directories of node {node_id}: {error}") from error
+        keys = ssh.authorized_keys(user_data)
+        if keys and node.sandbox.enter_sharing_pids:
+            self._start_sshd(node, keys)
         with self._lock:
             self._nodes[node_id] = node
         address = node.sandbox.address
         return NodeAddress(private_ip=address, public_ip=address, hostname=hostname)
+
+    def _start_sshd(self, node: _Node, keys: list[str]) -> None:
+        """Accept SSH on the node's own address, as a VM booted with these keys does."""
+        # The node's image has the platform's Python first on a login's PATH.
+        path = f"{Path(sys.executable).parent}:{os.environ.get('PATH', os.defpath)}"
+        try:
+            config = ssh.prepare(node.root, node.home, node.sandbox.address, keys,
+                                 ssh.host_key(self.data_dir), path)
+            log = node.root / "sshd.log"
+            # Host PIDs stay visible to sshd, so that a login can join a task's PID namespace.
+            node.sshd = ssh.start(
+                self._enter(node, node.home, [], node.sandbox.enter_sharing_pids), node.root,
+                config, log)
+            ssh.wait_listening(node.sandbox.address, node.sshd, log)
+        except (OSError, subprocess.CalledProcessError) as error:
+            self.network.remove_node(node.sandbox)
+            raise NodeBootError(f"cannot start the SSH server of a node: {error}") from error
 
     def run_task(self, node_id: str, launch: TaskLaunch, on_exit: Callable[[int], None]) -> None:
         with self._lock:
@@ -185,19 +207,24 @@ class ProcessAgent:
                 if task.aborted:
                     return -signal.SIGTERM
                 task.process = subprocess.Popen(
-                    self._command(node, task, [run_command, *launch.arguments]),
+                    [*DIE_WITH_PLATFORM, str(os.getpid()),
+                     *self._enter(node, task.directory, [run_command, *launch.arguments],
+                                  node.sandbox.enter)],
                     cwd=task.directory, env=self._environment(node, launch),
                     stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
                     start_new_session=True)
+            if node.sshd is not None:
+                ssh.publish_task(node.root, task.process)
             return task.process.wait()
 
-    def _command(self, node: _Node, task: _Task, command: list[str]) -> list[str]:
+    def _enter(self, node: _Node, directory: Path, command: list[str],
+               enter: tuple[str, ...]) -> list[str]:
+        """`command` run in `directory` inside the node, entered through the `enter` prefix."""
         sandbox = node.sandbox
         hosts = "" if sandbox.hosts_file_in_netns else str(node.hosts_file)
         keep = _under_tmp([node.root, *IMAGE_PATHS])
-        return [*DIE_WITH_PLATFORM, str(os.getpid()), *sandbox.enter, "/bin/bash", "-c",
-                ENTER_NODE, "enter-node", sandbox.hostname, hosts, str(node.tmp),
-                str(task.directory), *keep, "--", *command]
+        return [*enter, "/bin/bash", "-c", ENTER_NODE, "enter-node", sandbox.hostname, hosts,
+                str(node.tmp), str(directory), *keep, "--", *command]
 
     def _environment(self, node: _Node, launch: TaskLaunch) -> dict[str, str]:
         """A fresh machine's agent service environment: nothing of the platform's own."""
@@ -242,6 +269,8 @@ class ProcessAgent:
             self._end(task, signal.SIGKILL if kill else signal.SIGTERM)
         for task in tasks:
             task.ended.wait(self.abort_grace_s + 5)
+        if node.sshd is not None:
+            ssh.stop(node.sshd)
         self.network.remove_node(node.sandbox)
         shutil.rmtree(node.tmp, ignore_errors=True)
 
@@ -259,6 +288,8 @@ class ProcessAgent:
         with self._lock:
             roots = {task.process.pid for task in self._tasks.values()
                      if task.process is not None and not task.ended.is_set()}
+            roots |= {node.sshd.pid for node in self._nodes.values()
+                      if node.sshd is not None and node.sshd.poll() is None}
         return _descendants_and_self(roots)
 
     def close(self) -> None:

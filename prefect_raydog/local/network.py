@@ -48,6 +48,9 @@ class NodeSandbox:
     """Prefix for a command to run it in fresh PID/mount/UTS namespaces inside the node."""
     hosts_file_in_netns: bool
     """True when `ip netns exec` already puts the node's own hosts file over `/etc/hosts`."""
+    enter_sharing_pids: tuple[str, ...] = ()
+    """Like `enter`, but in the host's PID namespace (for an SSH server whose logins join a
+    task's PID namespace); empty where the node has no network of its own."""
 
 
 class NodeNetwork(Protocol):
@@ -175,7 +178,9 @@ class BridgeNetwork:
             self._used[name] = host_number
         return NodeSandbox(name=name, address=address, hostname=hostname,
                            enter=("ip", "netns", "exec", name, "unshare", *NODE_NAMESPACES, "--"),
-                           hosts_file_in_netns=True)
+                           hosts_file_in_netns=True,
+                           enter_sharing_pids=("ip", "netns", "exec", name, "unshare", "--mount",
+                                               "--uts", "--"))
 
     def _create_namespace(self, name: str, address: str, hostname: str) -> None:
         config = NETNS_CONFIG / name

@@ -39,8 +39,9 @@ class NodeRunner(Protocol):
     host_address: str
     """The address on which node processes reach services running on the platform's host."""
 
-    def boot_node(self, node_id: str, hostname: str) -> NodeAddress:
-        """Give the node its isolation (namespaces, address) and return where it is reachable."""
+    def boot_node(self, node_id: str, hostname: str, user_data: str | None = None) -> NodeAddress:
+        """Give the node its isolation (namespaces, address) and return where it is reachable;
+        start an SSH server there when `user_data` holds OpenSSH public keys to authorize."""
         ...
 
     def run_task(self, node_id: str, launch: TaskLaunch, on_exit: Callable[[int], None]) -> None:

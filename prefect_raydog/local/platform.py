@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import socket
 import tempfile
 import threading
 import time
@@ -55,6 +56,7 @@ class LocalPlatform:
         self.url = ""
         self._client: PlatformClient | None = None
         self._server: uvicorn.Server | None = None
+        self._sockets: list[socket.socket] = []
         self._thread: threading.Thread | None = None
         self._temporary_dir: tempfile.TemporaryDirectory[str] | None = None
 
@@ -115,6 +117,7 @@ class LocalPlatform:
             timeout_keep_alive=30,
         )
         self._server = uvicorn.Server(config)
+        self._sockets = self._bind()
         self.faults.drop_connection = self._drop_connection
         self._thread = threading.Thread(target=self._serve, name="yd-local-http", daemon=True)
         self._thread.start()
@@ -128,9 +131,29 @@ class LocalPlatform:
         self.port = self._server.servers[0].sockets[0].getsockname()[1]
         self.url = f"http://{self.host}:{self.port}{self.base_path}"
 
+    def _bind(self) -> list[socket.socket]:
+        """The API's sockets: on `host`, and also on the nodes' bridge when `host` is loopback,
+        so that a node (e.g. a Ray head running Ray's autoscaler) reaches the API as a cloud
+        VM reaches YellowDog's."""
+        addresses = [self.host]
+        if self.host == "127.0.0.1" and self.host_address != self.host:
+            addresses.append(self.host_address)
+        sockets: list[socket.socket] = []
+        for address in addresses:
+            listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind((address, sockets[0].getsockname()[1] if sockets else self.port))
+            sockets.append(listener)
+        return sockets
+
+    @property
+    def node_url(self) -> str:
+        """The API's URL as process nodes reach it (the host's bridge address on a bridge)."""
+        return self.url.replace(f"//{self.host}:", f"//{self.host_address}:", 1)
+
     def _serve(self) -> None:
         assert self._server is not None
-        asyncio.run(self._server.serve())
+        asyncio.run(self._server.serve(sockets=self._sockets))
 
     def stop(self) -> None:
         """Stop the scheduler, every node and the server. Safe to call twice."""
@@ -144,6 +167,9 @@ class LocalPlatform:
         if self._thread is not None:
             self._thread.join(STARTUP_TIMEOUT_S)
         self._server = self._thread = self._client = None
+        for listener in self._sockets:
+            listener.close()
+        self._sockets = []
         if self._temporary_dir is not None:
             self._temporary_dir.cleanup()
             self._temporary_dir = None

@@ -25,6 +25,7 @@ class ComputeRequirement:
         self.source_id = f"ydid:compsrc:{ACCOUNT}:{self.uuid}:1"
         self.namespace, self.name, self.template = namespace, name, template
         self.tag = usage.get("requirementTag")
+        self.user_data: str | None = usage.get("userData")
         self.target = 0
         self.status = "PROVISIONING"
         self.next_status: str | None = None

@@ -153,7 +153,8 @@ class Simulation(Clock):
     def _boot_process_node(self, node: Node) -> None:
         assert self.runner is not None
         try:
-            address = self.runner.boot_node(node.id, node.hostname)
+            address = self.runner.boot_node(
+                node.id, node.hostname, node.pool.requirement.user_data)
         except Exception as error:  # whatever stops a node booting is its boot failure
             logger.warning(
                 "Node %s of worker pool %s failed to boot: %s", node.id, node.pool.id, error

@@ -1,0 +1,72 @@
+"""Helpers for tests of the RayDog Autoscaler: a cluster YAML from `docs/examples` adapted to a
+test (own namespace, fresh SSH key, small timeouts), and Ray's CLI run against it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from prefect_raydog.local import LocalPlatform
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "docs" / "examples" / "autoscaler-local.yaml"
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+class RayCluster:
+    """One `ray up` cluster on the local platform, driven through Ray's own CLI."""
+
+    def __init__(self, platform: LocalPlatform, directory: Path, **changes: Any) -> None:
+        self.platform = platform
+        self.directory = directory
+        self.namespace = f"ray-{uuid.uuid4().hex[:8]}"
+        key = directory / "id_ed25519"
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)],
+                       check=True)
+        config = yaml.safe_load(EXAMPLE.read_text())
+        config["provider"]["cluster_namespace"] = self.namespace
+        config["provider"]["task_environment"] = {"RAYDOG_VENV": sys.prefix}
+        config["provider"]["head_api_url"] = platform.node_url
+        config["auth"]["ssh_private_key"] = str(key)
+        for path, value in changes.items():
+            section = config
+            *parents, last = path.split("__")
+            for parent in parents:
+                section = section[parent]
+            section[last] = value
+        self.config = config
+        self.path = directory / "cluster.yaml"
+        self.path.write_text(yaml.safe_dump(config))
+
+    @property
+    def environment(self) -> dict[str, str]:
+        return {**os.environ, "YD_API_URL": self.platform.url,
+                "YD_API_KEY_ID": self.platform.key_id,
+                "YD_API_KEY_SECRET": self.platform.key_secret,
+                "RAY_UP_enable_autoscaler_v2": "0", "HOME": str(self.directory)}
+
+    def ray(self, *arguments: str, timeout: float = 300,
+            check: bool = True) -> subprocess.CompletedProcess[str]:
+        """Ray's CLI; with `check=False`, a failed command returns an empty stdout."""
+        result = subprocess.run([RAY, *arguments], capture_output=True, text=True,
+                                env=self.environment, timeout=timeout, cwd=self.directory)
+        if not check and result.returncode != 0:
+            result.stdout = ""
+        if check and result.returncode != 0:
+            raise AssertionError(f"ray {' '.join(arguments)} exited {result.returncode}:\n"
+                                 f"{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+        return result
+
+    def up(self, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+        return self.ray("up", "-y", "--no-config-cache", str(self.path), **kwargs)
+
+    def down(self) -> subprocess.CompletedProcess[str]:
+        return self.ray("down", "-y", str(self.path))
+
+    def exec(self, command: str) -> str:
+        return self.ray("exec", str(self.path), command).stdout
