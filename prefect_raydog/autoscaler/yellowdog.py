@@ -33,6 +33,7 @@ from yellowdog_client.model import (
 )
 
 from prefect_raydog.cluster import RayDogClusterProxy, ShutdownReport
+from prefect_raydog.cluster.waits import describe_task_end
 
 logger = logging.getLogger("prefect_raydog.autoscaler")
 
@@ -239,7 +240,7 @@ class YellowDogCluster:
             return None
         return HeadNodeFailed(
             f"The head node of cluster {self.cluster_name!r} did not start: its task "
-            f"{task_id} ended {_describe_task_end(task)}")
+            f"{task_id} ended {describe_task_end(task)}")
 
     def add_workers(self, node_type: NodeType, count: int, environment: dict[str, str]
                     ) -> list[str]:
@@ -333,12 +334,3 @@ class YellowDogCluster:
 
 _NO_REQUIREMENT = "ydid:workreq:000000:none"
 
-
-def _describe_task_end(task: Task) -> str:
-    text = str(task.status)
-    for error in task.errors or []:
-        text += f" ({error.errorType}"
-        if error.processExitCode is not None:
-            text += f", exit code {error.processExitCode}"
-        text += f": {error.error})" if error.error else ")"
-    return text
