@@ -8,7 +8,8 @@
 #   RAY_HEAD_PORT     GCS port (default 6379); RAY_CLIENT_PORT  Ray Client port (default 10001).
 #   RAY_HEAD_ARGS     extra `ray start` arguments; later flags win, e.g. --include-dashboard=true.
 # The dashboard is off by default: the project reaches Ray only through Ray Client and the GCS,
-# and the dashboard costs about 190 MiB and 2-3 s of start time on a 2-core machine.
+# and the dashboard costs about 190 MiB and 2-3 s of start time on a 2-core machine. No log
+# monitor either (a Python process per node): task output reaches Prefect through its API.
 set -euo pipefail
 RAYDOG_VENV="${RAYDOG_VENV:-}"
 if [[ -n "$RAYDOG_VENV" ]]; then
@@ -23,9 +24,12 @@ export RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0
 # on it stays pending for Ray's default keepalive (5 min + 2 min) before its owner gives up.
 export RAY_grpc_client_keepalive_time_ms=10000 RAY_grpc_client_keepalive_timeout_ms=10000
 
-# When the agent aborts the task (SIGTERM to its process group), stop this node's Ray.
-trap "ray stop" EXIT
+# This script is the first process of the node's own PID namespace: when it exits, the kernel
+# kills whatever of Ray is left on the node at once. So when the agent aborts the task (SIGTERM
+# to its process group) it exits without waiting seconds for Ray's graceful stop.
+trap 'exit 143' TERM
 
 ray start --head --port="${RAY_HEAD_PORT:-6379}" --ray-client-server-port="${RAY_CLIENT_PORT:-10001}" \
     --num-cpus=0 --memory=0 --object-store-memory=100000000 --include-dashboard=false \
-    ${RAY_NODE_IP_ARGS:-} ${RAY_HEAD_ARGS:-} --block
+    --include-log-monitor=false ${RAY_NODE_IP_ARGS:-} ${RAY_HEAD_ARGS:-} --block &
+wait $!

@@ -24,9 +24,13 @@ export RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0 RAY_gcs_rpc_server_reconnect_time
 # on it stays pending for Ray's default keepalive (5 min + 2 min) before its owner gives up.
 export RAY_grpc_client_keepalive_time_ms=10000 RAY_grpc_client_keepalive_timeout_ms=10000
 
-# When the agent aborts the task (SIGTERM to its process group), stop this node's Ray.
-trap "ray stop" EXIT
+# This script is the first process of the node's own PID namespace: when it exits, the kernel
+# kills whatever of Ray is left on the node at once. So when the agent aborts the task (SIGTERM
+# to its process group) it exits without waiting seconds for Ray's graceful stop.
+trap 'exit 143' TERM
 
 ray start --address="${RAY_HEAD_IP:?RAY_HEAD_IP is set by the RayDog Builder}:${RAY_HEAD_PORT:-6379}" \
-    --num-cpus="${RAY_NUM_CPUS:-1}" --object-store-memory=100000000 \
-    ${RAY_RESOURCES:+--resources="$RAY_RESOURCES"} ${RAY_NODE_IP_ARGS:-} ${RAY_WORKER_ARGS:-} --block
+    --num-cpus="${RAY_NUM_CPUS:-1}" --object-store-memory=100000000 --include-log-monitor=false \
+    ${RAY_RESOURCES:+--resources="$RAY_RESOURCES"} ${RAY_NODE_IP_ARGS:-} ${RAY_WORKER_ARGS:-} \
+    --block &
+wait $!
