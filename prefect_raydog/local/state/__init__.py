@@ -52,7 +52,8 @@ from prefect_raydog.local.state.errors import (
     NotFound,
     PlatformError,
 )
-from prefect_raydog.local.state.pool_service import PoolService
+from prefect_raydog.local.state.instance_service import InstanceService
+from prefect_raydog.local.state.node_action_service import NodeActionService
 from prefect_raydog.local.state.work_service import WorkService
 
 __all__ = [
@@ -64,6 +65,6 @@ __all__ = [
 ]
 
 
-class PlatformState(WorkService, PoolService, CatalogueService, Controls):
+class PlatformState(WorkService, InstanceService, NodeActionService, CatalogueService, Controls):
     """Every entity of the local platform, the scheduler that moves them along, and every
     operation the API calls."""
