@@ -328,7 +328,7 @@ def test_yd_node_actions_compute_stop_start_restart_reprovision_instantiate_and_
     [copy] = (platform.data_dir / "nodes").glob("*/home/copy.txt")
     assert copy.read_text() == "hello from an action"
     [queue] = yd.json("nodeaction", "--status", "--node", node_id)
-    assert (queue["Node ID"], queue["Status"]) == (node_id, "EMPTY")
+    assert (queue["nodeId"], queue["status"]) == (node_id, "EMPTY")
 
     work_id = _id_in(yd.run("submit", config="one.toml"), "workreq")
     executing = TaskSearch(workRequirementId=work_id, statuses=[TaskStatus.EXECUTING])
@@ -339,7 +339,7 @@ def test_yd_node_actions_compute_stop_start_restart_reprovision_instantiate_and_
     assert instances() == [InstanceStatus.STOPPED] and node_ids() == []
     assert platform.live_entities()["processes"] == []
     [task] = client.work_client.get_tasks(TaskSearch(workRequirementId=work_id)).list_all()
-    assert (task.status, task.errors[0].errorType) == (TaskStatus.FAILED, "ALLOCATION_LOST")
+    assert (task.status, task.errors[-1].errorType) == (TaskStatus.FAILED, "ALLOCATION_LOST")
 
     yd.run("compute-start", "--yes", requirement_id)
     wait_for(lambda: requirement_is(ComputeRequirementStatus.RUNNING), timeout=60)

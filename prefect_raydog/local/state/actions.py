@@ -43,7 +43,7 @@ class ActionQueue:
     def clear(self) -> None:
         """The node stopped: its agent forgets what it had still to do."""
         self.waiting.clear()
-        self.executing = None
+        self.executing = self.failed = None
 
     def to_wire(self) -> dict[str, Any]:
         return {
