@@ -74,6 +74,7 @@ LIST_TYPES = {
     "namespaces": (),
 }
 
+FINISHED = ("SHUTDOWN", "TERMINATED")
 NODE_ACTIONS = {
     "actions": [
         {"type": "writeFile", "path": "greeting.txt", "content": "hello from an action"},
@@ -367,9 +368,12 @@ def test_yd_node_actions_compute_stop_start_restart_reprovision_instantiate_and_
     wait_for(lambda: compute.get_instances(bare).list_all(), timeout=60)
     report = yd.run("provision", "--report")
     assert "Reports are only available for Dynamic Templates" in report
-    rows = yd.list_all()
-    assert [pool["id"] for pool in rows["worker-pools"]] == [pool_id]
-    assert {r["id"] for r in rows["compute-requirements"]} == {requirement_id, bare_id}
+    rows = {kind: yd.json("list", kind) for kind in ("worker-pools", "compute-requirements")}
+    assert [p["id"] for p in rows["worker-pools"] if p["status"] not in FINISHED] == [pool_id]
+    assert {r["id"] for r in rows["compute-requirements"] if r["status"] not in FINISHED} == {
+        requirement_id,
+        bare_id,
+    }
 
     yd.run("terminate", "--yes")
     for entity_id in (requirement_id, bare_id):
