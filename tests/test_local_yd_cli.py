@@ -1,7 +1,8 @@
 """YellowDog's own command line (`yellowdog-cli`: `yd-provision`, `yd-submit`, `yd-follow`,
-`yd-list`, `yd-show`, `yd-resize`, `yd-abort`, `yd-cancel`, `yd-shutdown`) drives the local
-platform as it drives YellowDog: each command runs unmodified, as a subprocess, against the
-platform's loopback URL."""
+`yd-list`, `yd-show`, `yd-resize`, `yd-abort`, `yd-cancel`, `yd-shutdown`, `yd-compute-stop`,
+`-start`, `-restart`, `-reprovision`, `yd-nodeaction`, `yd-instantiate`, `yd-terminate`) drives
+the local platform as it drives YellowDog: each command runs unmodified, as a subprocess,
+against the platform's loopback URL."""
 
 from __future__ import annotations
 
@@ -16,7 +17,16 @@ import pytest
 import requests
 from conftest import wait_for
 from yellowdog_client.model import (
+    ComputeRequirementStatus,
     ComputeRequirementTemplateUsage,
+    InstanceSearch,
+    InstanceStatus,
+    NodeActionGroup,
+    NodeActionQueueStatus,
+    NodeCreateWorkersAction,
+    NodeRunCommandAction,
+    NodeSearch,
+    NodeStatus,
     NodeWorkerTarget,
     ProvisionedWorkerPoolProperties,
     TaskSearch,
@@ -24,6 +34,7 @@ from yellowdog_client.model import (
     WorkerPoolSearch,
     WorkRequirementStatus,
 )
+from yellowdog_client.model.exceptions import InvalidRequestException
 
 from prefect_raydog.local import LocalPlatform
 
@@ -61,6 +72,14 @@ LIST_TYPES = {
     "compute-requirement-templates": ("--namespace", "local"),
     "compute-source-templates": ("--namespace", "local"),
     "namespaces": (),
+}
+
+FINISHED = ("SHUTDOWN", "TERMINATED")
+NODE_ACTIONS = {
+    "actions": [
+        {"type": "writeFile", "path": "greeting.txt", "content": "hello from an action"},
+        {"type": "runCommand", "path": "/bin/sh", "arguments": ["-c", "cp greeting.txt copy.txt"]},
+    ]
 }
 
 
@@ -125,6 +144,12 @@ def yd(platform: LocalPlatform, tmp_path: Path) -> YdCli:
             "echo hello from $YD_TASK_ID", "sleep 300"
         )
     )
+    (tmp_path / "one.toml").write_text(
+        CONFIG.replace("taskCount = 2", "taskCount = 1").replace(
+            "echo hello from $YD_TASK_ID", "sleep 300"
+        )
+    )
+    (tmp_path / "actions.json").write_text(json.dumps(NODE_ACTIONS))
     return YdCli(platform, tmp_path)
 
 
@@ -276,3 +301,133 @@ def test_templates_namespaces_and_application_read_as_yellowdog_documents(
     }
     details = platform.client.application_client.get_application_details()
     assert details.allNamespacesReadable and "local" in details.readableNamespaces
+
+
+def test_yd_node_actions_compute_stop_start_restart_reprovision_instantiate_and_terminate(
+    platform: LocalPlatform, yd: YdCli
+) -> None:
+    client, compute = platform.client, platform.client.compute_client
+    pool_id = _id_in(yd.run("provision"), "wrkrpool")
+    requirement_id = client.worker_pool_client.get_worker_pool_by_id(pool_id).computeRequirementId
+    running = NodeSearch(workerPoolId=pool_id, statuses=[NodeStatus.RUNNING])
+
+    def node_ids() -> list[str]:
+        return [node.id for node in client.worker_pool_client.get_nodes(running).list_all()]
+
+    def instances() -> list[InstanceStatus]:
+        search = InstanceSearch(computeRequirementId=requirement_id)
+        return [instance.status for instance in compute.get_instances(search).list_all()]
+
+    def requirement_is(status: ComputeRequirementStatus) -> bool:
+        return compute.get_compute_requirement_by_id(requirement_id).status == status
+
+    [node_id] = wait_for(node_ids, timeout=60, what="the pool's node running")
+
+    output = yd.run("nodeaction", "--yes", "--actions", "actions.json", "--node", node_id,
+                    "--follow", "--timeout", "60")
+    assert "All node action queues have finished" in output
+    [copy] = (platform.data_dir / "nodes").glob("*/home/copy.txt")
+    assert copy.read_text() == "hello from an action"
+    [queue] = yd.json("nodeaction", "--status", "--node", node_id)
+    assert (queue["nodeId"], queue["status"]) == (node_id, "EMPTY")
+
+    work_id = _id_in(yd.run("submit", config="one.toml"), "workreq")
+    executing = TaskSearch(workRequirementId=work_id, statuses=[TaskStatus.EXECUTING])
+    wait_for(lambda: client.work_client.get_tasks(executing).list_all(), timeout=60)
+    assert platform.live_entities()["processes"]
+    yd.run("compute-stop", "--yes", requirement_id)
+    wait_for(lambda: requirement_is(ComputeRequirementStatus.STOPPED), timeout=60)
+    assert instances() == [InstanceStatus.STOPPED] and node_ids() == []
+    assert platform.live_entities()["processes"] == []
+    [task] = client.work_client.get_tasks(TaskSearch(workRequirementId=work_id)).list_all()
+    assert (task.status, task.errors[-1].errorType) == (TaskStatus.FAILED, "ALLOCATION_LOST")
+
+    yd.run("compute-start", "--yes", requirement_id)
+    wait_for(lambda: requirement_is(ComputeRequirementStatus.RUNNING), timeout=60)
+    assert instances() == [InstanceStatus.RUNNING] and node_ids() == [node_id]
+
+    started = client.worker_pool_client.get_node_by_id(node_id).statusChangedTime
+    yd.run("compute-restart", "--yes", node_id)
+    wait_for(
+        lambda: client.worker_pool_client.get_node_by_id(node_id).statusChangedTime > started
+        and node_ids() == [node_id],
+        timeout=60,
+        what="the node back after its instance restarted",
+    )
+
+    platform.kill_node(node_id)
+    wait_for(lambda: instances() == [InstanceStatus.TERMINATED], timeout=60)
+    assert compute.get_compute_requirement_by_id(requirement_id).targetInstanceCount == 1
+    yd.run("compute-reprovision", "--yes", requirement_id)
+    [replacement] = wait_for(node_ids, timeout=60, what="the replacement node")
+    assert replacement != node_id
+    assert sorted(instances(), key=str) == [InstanceStatus.RUNNING, InstanceStatus.TERMINATED]
+
+    bare_id = _id_in(yd.run("instantiate"), "compreq")
+    bare = InstanceSearch(computeRequirementId=bare_id, statuses=[InstanceStatus.RUNNING])
+    wait_for(lambda: compute.get_instances(bare).list_all(), timeout=60)
+    report = yd.run("provision", "--report")
+    assert "Reports are only available for Dynamic Templates" in report
+    rows = {kind: yd.json("list", kind) for kind in ("worker-pools", "compute-requirements")}
+    assert [p["id"] for p in rows["worker-pools"] if p["status"] not in FINISHED] == [pool_id]
+    assert {r["id"] for r in rows["compute-requirements"] if r["status"] not in FINISHED} == {
+        requirement_id,
+        bare_id,
+    }
+
+    yd.run("terminate", "--yes")
+    for entity_id in (requirement_id, bare_id):
+        wait_for(
+            lambda entity_id=entity_id: compute.get_compute_requirement_by_id(entity_id).status
+            == ComputeRequirementStatus.TERMINATED,
+            timeout=60,
+        )
+
+
+def test_compute_and_node_action_requests_yellowdog_refuses_are_refused(
+    platform: LocalPlatform,
+) -> None:
+    client = platform.client
+    pool = client.worker_pool_client.provision_worker_pool(
+        ComputeRequirementTemplateUsage(
+            templateId="local/simulated",
+            requirementName="refusals",
+            requirementNamespace="yd-cli-refusals",
+            targetInstanceCount=1,
+        ),
+        ProvisionedWorkerPoolProperties(createNodeWorkers=NodeWorkerTarget.per_node(1)),
+    )
+    compute, pools = client.compute_client, client.worker_pool_client
+    try:
+        requirement_id = pool.computeRequirementId
+        wait_for(lambda: pools.get_nodes(NodeSearch(workerPoolId=pool.id)).list_all())
+        with pytest.raises(requests.HTTPError, match="InvalidComputeRequirementStatusException"):
+            compute.start_compute_requirement_by_id(requirement_id)
+        assert compute.stop_compute_requirement_by_id(requirement_id).status in (
+            ComputeRequirementStatus.STOPPING,
+            ComputeRequirementStatus.STOPPED,
+        )
+        with pytest.raises(requests.HTTPError, match="Invalid transition from STOPPED"):
+            compute.reprovision_compute_requirement_by_id(requirement_id)
+        compute.start_compute_requirement_by_id(requirement_id)
+        [node] = wait_for(
+            lambda: pools.get_nodes(
+                NodeSearch(workerPoolId=pool.id, statuses=[NodeStatus.RUNNING])
+            ).list_all()
+        )
+        pools.add_node_actions_by_id(
+            pool.id, NodeCreateWorkersAction(totalWorkers=2), NodeRunCommandAction(path="true")
+        )
+        queue = pools.get_node_actions_by_id(node.id)
+        assert queue.status == NodeActionQueueStatus.FAILED
+        assert queue.failed.action == "CREATE_WORKERS" and len(queue.waiting) == 1
+        with pytest.raises(InvalidRequestException, match="nodeIdFilter"):
+            pools.add_node_actions_grouped_by_id(
+                pool.id, [NodeActionGroup([NodeRunCommandAction(path="true")])], [node.id]
+            )
+        with pytest.raises(requests.HTTPError, match="404"):
+            compute.test_compute_requirement_template(
+                ComputeRequirementTemplateUsage(templateId="local/none", requirementName="x")
+            )
+    finally:
+        pools.shutdown_worker_pool_by_id(pool.id)

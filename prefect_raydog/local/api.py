@@ -4,12 +4,10 @@
 from __future__ import annotations
 
 import asyncio
-import gzip
 import json
 import math
 import threading
 import time
-import zlib
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -19,7 +17,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from prefect_raydog.local.api_catalogue import catalogue_routes
 from prefect_raydog.local.faults import FaultKind, FaultPlan
+from prefect_raydog.local.request_bodies import flag, json_body, json_list, object_body, params
 from prefect_raydog.local.state import InvalidRequest, PlatformError, PlatformState
 from prefect_raydog.local.wire import error_body
 
@@ -71,39 +71,6 @@ class _NormalisePath:
         await self.app(scope, receive, send)
 
 
-def _params(request: Request) -> dict[str, list[str]]:
-    params: dict[str, list[str]] = {}
-    for key, value in request.query_params.multi_items():
-        params.setdefault(key, []).append(value)
-    return params
-
-
-def _flag(value: str | None) -> bool:
-    return (value or "").lower() == "true"
-
-
-async def _json_body(request: Request) -> Any:
-    raw = await request.body()
-    if request.headers.get("content-encoding", "").lower() == "gzip":
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError, zlib.error):
-            raise InvalidRequest("Request body is not valid gzip") from None
-    if not raw.strip():
-        return None
-    try:
-        return json.loads(raw)
-    except ValueError as error:
-        raise InvalidRequest(f"Request body is not valid JSON: {error}") from None
-
-
-async def _object_body(request: Request, what: str) -> dict[str, Any]:
-    body = await _json_body(request)
-    if not isinstance(body, dict):
-        raise InvalidRequest(f"Request body must be a {what} object")
-    return body
-
-
 def create_app(
     state: PlatformState,
     faults: FaultPlan,
@@ -135,7 +102,7 @@ def create_app(
     _work_routes(yellowdog, state)
     _worker_pool_routes(yellowdog, state)
     _compute_routes(yellowdog, state)
-    _catalogue_routes(yellowdog, state)
+    catalogue_routes(yellowdog, state)
     control = APIRouter(prefix=CONTROL_PREFIX, dependencies=[Depends(authorise)])
     _control_routes(control, state, faults, api_calls)
 
@@ -237,15 +204,15 @@ def _updates(
 def _work_routes(router: APIRouter, state: PlatformState) -> None:
     @router.post("/work/requirements")
     async def add_work_requirement(request: Request) -> Any:
-        return state.add_work_requirement(await _object_body(request, "WorkRequirement"))
+        return state.add_work_requirement(await object_body(request, "WorkRequirement"))
 
     @router.put("/work/requirements")
     async def update_work_requirement(request: Request) -> Any:
-        return state.update_work_requirement(await _object_body(request, "WorkRequirement"))
+        return state.update_work_requirement(await object_body(request, "WorkRequirement"))
 
     @router.get("/work/requirements")
     def search_work_requirements(request: Request) -> Any:
-        return state.search_work_requirements(_params(request))
+        return state.search_work_requirements(params(request))
 
     @router.get("/work/requirements/{requirement_id}")
     def get_work_requirement(requirement_id: str) -> Any:
@@ -261,7 +228,7 @@ def _work_routes(router: APIRouter, state: PlatformState) -> None:
     def transition_work_requirement(
         requirement_id: str, status: str, abort: str | None = None
     ) -> Any:
-        return state.transition_work_requirement(requirement_id, status, _flag(abort))
+        return state.transition_work_requirement(requirement_id, status, flag(abort))
 
     @router.get("/work/namespaces/{namespace}/requirements/{name:path}")
     def get_work_requirement_by_name(namespace: str, name: str) -> Any:
@@ -280,7 +247,7 @@ def _work_routes(router: APIRouter, state: PlatformState) -> None:
 
     @router.get("/work/tasks")
     def search_tasks(request: Request) -> Any:
-        return state.search_tasks(_params(request))
+        return state.search_tasks(params(request))
 
     @router.get("/work/tasks/{task_id}")
     def get_task(task_id: str) -> Any:
@@ -288,22 +255,17 @@ def _work_routes(router: APIRouter, state: PlatformState) -> None:
 
     @router.put("/work/tasks/{task_id}/cancel")
     def cancel_task(task_id: str, abort: str | None = None) -> Any:
-        return state.cancel_task(task_id, _flag(abort))
+        return state.cancel_task(task_id, flag(abort))
 
 
 async def _task_list(request: Request) -> list[dict[str, Any]]:
-    body = await _json_body(request)
-    if body is None:
-        return []
-    if not isinstance(body, list):
-        raise InvalidRequest("Request body must be a JSON array of tasks")
-    return body
+    return await json_list(request, "Task")
 
 
 def _worker_pool_routes(router: APIRouter, state: PlatformState) -> None:
     @router.post("/workerPools/provisioned/template")
     async def provision_worker_pool(request: Request) -> Any:
-        return state.provision_worker_pool(await _object_body(request, "provision request"))
+        return state.provision_worker_pool(await object_body(request, "provision request"))
 
     @router.put("/workerPools/provisioned/{pool_id}")
     def resize_worker_pool(pool_id: str, size: int) -> Any:
@@ -311,15 +273,19 @@ def _worker_pool_routes(router: APIRouter, state: PlatformState) -> None:
 
     @router.get("/workerPools")
     def search_worker_pools(request: Request) -> Any:
-        return state.search_worker_pools(_params(request))
+        return state.search_worker_pools(params(request))
 
     @router.get("/workerPools/nodes")
     def search_nodes(request: Request) -> Any:
-        return state.search_nodes(_params(request))
+        return state.search_nodes(params(request))
 
     @router.get("/workerPools/nodes/{node_id}")
     def get_node(node_id: str) -> Any:
         return state.get_node(node_id)
+
+    @router.get("/workerPools/nodes/{node_id}/actions")
+    def get_node_actions(node_id: str) -> Any:
+        return state.get_node_actions(node_id)
 
     @router.delete("/workerPools/nodes/{node_id}")
     def shut_down_node(node_id: str) -> Any:
@@ -328,6 +294,11 @@ def _worker_pool_routes(router: APIRouter, state: PlatformState) -> None:
     @router.get("/workerPools/workers/{worker_id}/node")
     def get_node_by_worker(worker_id: str) -> Any:
         return state.get_node_by_worker(worker_id)
+
+    @router.post("/workerPools/{pool_id}/actions")
+    async def add_node_actions(pool_id: str, request: Request) -> Response:
+        state.add_node_actions(pool_id, await object_body(request, "AddNodeActionsRequest"))
+        return Response(status_code=200)
 
     @router.get("/workerPools/{pool_id}/updates")
     def worker_pool_updates(pool_id: str) -> Response:
@@ -350,12 +321,12 @@ def _worker_pool_routes(router: APIRouter, state: PlatformState) -> None:
 def _compute_routes(router: APIRouter, state: PlatformState) -> None:
     @router.get("/compute/requirements")
     def search_compute_requirements(request: Request) -> Any:
-        return state.search_compute_requirements(_params(request))
+        return state.search_compute_requirements(params(request))
 
     @router.put("/compute/requirements")
     async def update_compute_requirement(request: Request, reprovision: str | None = None) -> Any:
-        document = await _object_body(request, "ComputeRequirement")
-        return state.update_compute_requirement(document, _flag(reprovision))
+        document = await object_body(request, "ComputeRequirement")
+        return state.update_compute_requirement(document, flag(reprovision))
 
     @router.get("/compute/requirements/{requirement_id}")
     def get_compute_requirement(requirement_id: str) -> Any:
@@ -375,45 +346,20 @@ def _compute_routes(router: APIRouter, state: PlatformState) -> None:
 
     @router.get("/compute/instances")
     def search_instances(request: Request) -> Any:
-        return state.search_instances(_params(request))
+        return state.search_instances(params(request))
 
+    @router.put("/compute/requirements/{requirement_id}/instances/transition/{status}")
+    async def transition_instances(requirement_id: str, status: str, request: Request) -> Response:
+        instance_ids = await json_list(request, "InstanceId")
+        state.transition_instances(requirement_id, status, instance_ids)
+        return Response(status_code=200)
 
-def _catalogue_routes(router: APIRouter, state: PlatformState) -> None:
-    @router.get("/compute/templates/requirements")
-    def search_requirement_templates(request: Request) -> Any:
-        return state.search_requirement_templates(_params(request))
+    @router.put("/compute/requirements/{requirement_id}/instances/deprovision")
+    async def deprovision_instances(requirement_id: str, request: Request) -> Response:
+        instance_ids = await json_list(request, "InstanceId")
+        state.transition_instances(requirement_id, "TERMINATED", instance_ids, deprovision=True)
+        return Response(status_code=200)
 
-    @router.get("/compute/templates/requirements/{template_id}")
-    def get_requirement_template(template_id: str) -> Any:
-        return state.get_requirement_template(template_id)
-
-    @router.get("/compute/namespaces/{namespace}/templates/requirements/{name}")
-    def get_requirement_template_by_name(namespace: str, name: str) -> Any:
-        return state.get_requirement_template_by_name(namespace, name)
-
-    @router.get("/compute/templates/sources")
-    def search_source_templates(request: Request) -> Any:
-        return state.search_source_templates(_params(request))
-
-    @router.get("/compute/templates/sources/{template_id}")
-    def get_source_template(template_id: str) -> Any:
-        return state.get_source_template(template_id)
-
-    @router.get("/compute/namespaces/{namespace}/templates/sources/{name}")
-    def get_source_template_by_name(namespace: str, name: str) -> Any:
-        return state.get_source_template_by_name(namespace, name)
-
-    @router.get("/namespaces")
-    def search_namespaces(request: Request) -> Any:
-        return state.search_namespaces(_params(request))
-
-    @router.get("/namespaces/{namespace_id}")
-    def get_namespace(namespace_id: str) -> Any:
-        return state.get_namespace(namespace_id)
-
-    @router.get("/application")
-    def application_details() -> Any:
-        return state.application_details()
 
 
 def _control_routes(
@@ -421,7 +367,7 @@ def _control_routes(
 ) -> None:
     @router.post("/faults", status_code=201)
     async def add_fault(request: Request) -> Any:
-        body = await _object_body(request, "fault")
+        body = await object_body(request, "fault")
         try:
             fault = faults.add(
                 body.get("kind", ""),
@@ -449,7 +395,7 @@ def _control_routes(
 
     @router.post("/boot-failures", status_code=204)
     async def fail_node_boot(request: Request) -> Response:
-        body = await _json_body(request) or {}
+        body = await json_body(request) or {}
         state.fail_node_boot(int(body.get("count", 1)), body.get("workerPoolId"))
         return Response(status_code=204)
 

@@ -2,11 +2,12 @@
 requirements, task groups, tasks, worker pools, nodes, compute requirements, instances), with no
 HTTP in sight.
 
-The rooms: `work` and `compute` hold the entities and their wire forms, `search` the queries and
-pages, `clock` the lock, timers and scheduler thread, `simulation` what the scheduler does
-(claims, boot, idle shutdown and timeouts, node start and stop), and `work_service`,
-`pool_service`, `catalogue_service` (templates, namespaces, the application) and `controls` the
-operations the API's routes call. Everything is guarded by one
+The rooms: `work`, `compute` and `actions` hold the entities and their wire forms, `search` the
+queries and pages, `clock` the lock, timers and scheduler thread, `simulation` what the
+scheduler does (claims, boot, idle shutdown and timeouts, node start and stop), and
+`work_service`, `pool_service`, `instance_service` (stop, start, restart, reprovision,
+instantiate), `node_action_service`, `catalogue_service` (templates, namespaces, the
+application) and `controls` the operations the API's routes call. Everything is guarded by one
 lock. A scheduler thread runs `step()` whenever something changes and at least every 50 ms for
 timers: it boots nodes, lets idle workers claim waiting tasks, grows pools to meet waiting tasks,
 and ends timed-out tasks and idle nodes and pools. Process nodes' processes are run by a
@@ -33,8 +34,16 @@ Choices where YellowDog's behaviour is not documented (contract section 5 and 9.
   Results come in creation order, or by `sortField` (a field of the returned documents);
   `sortDirection=DESCENDING` reverses either. Names, and the tags of work and compute
   requirements, match as substrings; an empty value is no filter; everything is healthy.
-- A compute requirement's target is its pool's nodes not stopping; alive instances are the
-  PENDING or RUNNING ones. `/updates` streams end once their entity has finished.
+- A compute requirement's target is set by provisioning and resizing, follows its pool's growth
+  and idle node stops, and keeps lost instances until a reprovision replaces them; alive
+  instances are the PENDING or RUNNING ones.
+- Stopping an instance fails its task (ALLOCATION_LOST) and ends its processes; its node is
+  LOST until it starts again, with the same id and home. A compute requirement instantiated
+  without a pool keeps its instances in a pool that is never shown, whose nodes never
+  register a worker.
+- Node actions run in order, one at a time per node, as commands in the node from its home;
+  CREATE_WORKERS fails (one worker a node), and a failure stops the node's queue.
+- `/updates` streams end once their entity has finished.
 - Templates and their compute source templates have ids derived from `namespace/name`; the
   namespaces are those in use; the application reads them all.
 - Only RUNNING or HELD work requirements can be updated (PUT); new task groups are appended.
@@ -52,7 +61,8 @@ from prefect_raydog.local.state.errors import (
     NotFound,
     PlatformError,
 )
-from prefect_raydog.local.state.pool_service import PoolService
+from prefect_raydog.local.state.instance_service import InstanceService
+from prefect_raydog.local.state.node_action_service import NodeActionService
 from prefect_raydog.local.state.work_service import WorkService
 
 __all__ = [
@@ -64,6 +74,6 @@ __all__ = [
 ]
 
 
-class PlatformState(WorkService, PoolService, CatalogueService, Controls):
+class PlatformState(WorkService, InstanceService, NodeActionService, CatalogueService, Controls):
     """Every entity of the local platform, the scheduler that moves them along, and every
     operation the API calls."""

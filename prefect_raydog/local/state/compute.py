@@ -7,6 +7,7 @@ import uuid
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+from prefect_raydog.local.state.actions import ActionQueue
 from prefect_raydog.local.state.errors import InvalidRequest, auto_shutdown
 from prefect_raydog.local.templates import IMAGE, PROVIDER, REGION, NodeMode, Template
 from prefect_raydog.local.wire import ACCOUNT, TYPE_PREFIX, compact, iso_time, new_uuid, now
@@ -24,9 +25,12 @@ class ComputeRequirement:
         self.id = f"ydid:compreq:{ACCOUNT}:{self.uuid}"
         self.source_id = f"ydid:compsrc:{ACCOUNT}:{self.uuid}:1"
         self.namespace, self.name, self.template = namespace, name, template
+        self.usage = usage
         self.tag = usage.get("requirementTag")
         self.user_data: str | None = usage.get("userData")
         self.target = 0
+        self.stopped = False
+        self.starting = False
         self.status = "PROVISIONING"
         self.next_status: str | None = None
         self.created = self.status_changed = now()
@@ -38,16 +42,19 @@ class ComputeRequirement:
             self.status, self.status_changed = status, now()
 
     @property
+    def instances(self) -> list[Node]:
+        return self.pool.nodes if self.pool else []
+
+    @property
     def target_count(self) -> int:
-        """The instances wanted now: the pool's nodes not yet stopped, as it grows, resizes
-        and shuts nodes down."""
-        if self.pool is None:
-            return self.target
-        return sum(not n.stopping and n.instance_status != "TERMINATED" for n in self.pool.nodes)
+        """The instances wanted: set by provisioning and resizing, followed by the pool as it
+        grows for waiting tasks and stops idle nodes; lost or terminated instances still
+        count, until the requirement is reprovisioned."""
+        return self.target
 
     def _status_counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}
-        for node in self.pool.nodes if self.pool else []:
+        for node in self.instances:
             counts[node.instance_status] = counts.get(node.instance_status, 0) + 1
         return counts
 
@@ -84,9 +91,9 @@ class ComputeRequirement:
                 "expectedInstanceCount": expected,
                 "maintainInstanceCount": False,
                 "supportedOperations": {
-                    "canStopStart": False,
+                    "canStopStart": True,
                     "canScaleOut": True,
-                    "canReprovision": False,
+                    "canReprovision": True,
                 },
                 "provisionStrategy": {
                     "type": TYPE_PREFIX + "SingleSourceProvisionStrategy",
@@ -142,6 +149,7 @@ class WorkerPool:
         )
         self.status = "PENDING"
         self.created = self.status_changed = now()
+        self.visible = True
         self.nodes: list[Node] = []
         self.live = self.booting = self.registered = self.busy = 0
         self.idle_epoch = 0
@@ -161,6 +169,13 @@ class WorkerPool:
             value = getattr(node, attribute)
             if value is not None:
                 counts[value] = counts.get(value, 0) + 1
+        return counts
+
+    def _action_queue_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for node in self.nodes:
+            if node.status == "RUNNING":
+                counts[node.actions.status] = counts.get(node.actions.status, 0) + 1
         return counts
 
     def to_wire(self) -> dict[str, Any]:
@@ -183,7 +198,7 @@ class WorkerPool:
                 },
                 "nodeSummary": {
                     "statusCounts": self._counts("status"),
-                    "actionQueueStatuses": {"EMPTY": self.registered},
+                    "actionQueueStatuses": self._action_queue_counts(),
                     "lastUpdatedTime": stamp,
                 },
                 "properties": self.properties,
@@ -234,6 +249,9 @@ class Node:
         self.stopping = False
         self.boot_started = False
         self.draining = False
+        self.halted = False
+        self.restart = False
+        self.actions = ActionQueue()
 
     @property
     def simulated(self) -> bool:
@@ -266,7 +284,7 @@ class Node:
                 "registeredTime": iso_time(self.registered),
                 "deregisteredTime": iso_time(self.deregistered),
                 "agentVersion": "local",
-                "actionQueueStatus": "EMPTY",
+                "actionQueueStatus": self.actions.status,
                 "details": compact(
                     {
                         "instanceId": self.instance_id,

@@ -43,8 +43,9 @@ class Controls(Simulation):
             for requirement in self._requirements.values():
                 if requirement.status not in WR_FINISHED:
                     self._cancel_requirement(requirement, abort=True)
-            for pool in list(self._open_pools):
-                self._shut_down_pool(pool)
+            for pool in list(self._pools.values()):
+                if not pool.shut_down:
+                    self._shut_down_pool(pool)
             self._changed()
 
     def live_entities(self) -> dict[str, list[dict[str, Any]]]:
@@ -58,7 +59,7 @@ class Controls(Simulation):
                 "workerPools": [
                     _brief(p.id, p.status, p.name)
                     for p in self._pools.values()
-                    if p.status != "TERMINATED"
+                    if p.status != "TERMINATED" and p.visible
                 ],
                 "computeRequirements": [
                     _brief(c.id, c.status, c.name)
@@ -68,7 +69,7 @@ class Controls(Simulation):
                 "nodes": [
                     _brief(n.id, n.status, n.hostname)
                     for n in self._nodes.values()
-                    if n.status in ("RUNNING", "LATE")
+                    if n.status in ("RUNNING", "LATE") and n.pool.visible
                 ],
                 "instances": [
                     _brief(n.instance_id, n.instance_status, n.hostname)

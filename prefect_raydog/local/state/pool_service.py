@@ -25,10 +25,10 @@ class PoolService(Simulation):
     """Provision, resize, shut down and search worker pools, nodes, compute requirements and
     instances."""
 
-    def provision_worker_pool(self, document: dict[str, Any]) -> dict[str, Any]:
-        usage = document.get("requirementTemplateUsage")
+    def _usage(self, usage: Any, what: str) -> ComputeRequirement:
+        """A new compute requirement, not yet stored, from a `ComputeRequirementTemplateUsage`."""
         if not isinstance(usage, dict):
-            raise InvalidRequest("Provision request: field 'requirementTemplateUsage' is required")
+            raise InvalidRequest(f"{what}: field 'requirementTemplateUsage' is required")
         template_id = require_text(usage, "templateId", "requirementTemplateUsage")
         name = require_text(usage, "requirementName", "requirementTemplateUsage")
         namespace = usage.get("requirementNamespace") or "default"
@@ -41,14 +41,22 @@ class PoolService(Simulation):
                 f"Template '{template_id}' needs process nodes, which are "
                 f"unavailable here: {self.runner_unavailable}"
             )
+        return ComputeRequirement(usage, namespace, name, template)
+
+    def provision_worker_pool(self, document: dict[str, Any]) -> dict[str, Any]:
+        requirement = self._usage(document.get("requirementTemplateUsage"), "Provision request")
+        namespace, name, usage = requirement.namespace, requirement.name, requirement.usage
         properties = document.get("provisionedProperties") or {}
         with self._cond:
             for other in self._pools.values():
-                if (other.namespace, other.name) == (namespace, name) and not other.shut_down:
+                if (
+                    (other.namespace, other.name) == (namespace, name)
+                    and not other.shut_down
+                    and other.visible
+                ):
                     raise InvalidRequest(
                         f"Worker pool with name '{namespace}/{name}' already exists"
                     )
-            requirement = ComputeRequirement(usage, namespace, name, template)
             pool = WorkerPool(namespace, name, properties, requirement)
             requirement.pool = pool
             count = int(usage.get("targetInstanceCount") or 0)
@@ -72,7 +80,8 @@ class PoolService(Simulation):
 
     def get_worker_pool_by_name(self, namespace: str, name: str) -> dict[str, Any]:
         with self._cond:
-            return newest_by_name(self._pools.values(), namespace, name, "Worker pool").to_wire()
+            pools = (pool for pool in self._pools.values() if pool.visible)
+            return newest_by_name(pools, namespace, name, "Worker pool").to_wire()
 
     def shut_down_worker_pool(self, pool_id: str) -> None:
         with self._cond:
@@ -111,6 +120,8 @@ class PoolService(Simulation):
             if node is None or node.status is None:
                 raise NotFound(f"Node '{node_id}' not found")
             node.draining = True
+            if not node.stopping:
+                node.pool.requirement.target -= 1
             if node.task is None:
                 self._stop_node(node, "ABORTED", None)
             self._changed()
@@ -123,7 +134,8 @@ class PoolService(Simulation):
             found = (
                 p
                 for p in self._pools.values()
-                if in_namespaces(query, p.namespace)
+                if p.visible
+                and in_namespaces(query, p.namespace)
                 and contains(query, "name", p.name)
                 and (kind is None or "ProvisionedWorkerPool".endswith(kind.split(".")[-1]))
                 and matches(query, "statuses", p.status)
@@ -158,6 +170,7 @@ class PoolService(Simulation):
                 n
                 for n in nodes
                 if n.status is not None
+                and n.pool.visible
                 and matches(query, "statuses", n.status)
                 and matches(query, "instanceId", n.instance_id)
                 and matches(query, "workerTag", n.pool.worker_tag)
@@ -181,38 +194,6 @@ class PoolService(Simulation):
         with self._cond:
             requirements = self._compute.values()
             return newest_by_name(requirements, namespace, name, "Compute requirement").to_wire()
-
-    def transition_compute_requirement(self, requirement_id: str, status: str) -> dict[str, Any]:
-        with self._cond:
-            requirement = self._compute_requirement(requirement_id)
-            if status != "TERMINATED":
-                raise InvalidRequest(
-                    f"Compute requirement transition to '{status}' is not "
-                    "supported by the local platform; only TERMINATED is"
-                )
-            pool = requirement.pool
-            if requirement.status not in ("TERMINATING", "TERMINATED") and pool is not None:
-                self._shut_down_pool(pool, lost="Compute requirement terminated")
-                self._changed()
-            return requirement.to_wire()
-
-    def update_compute_requirement(
-        self, document: dict[str, Any], reprovision: bool
-    ) -> dict[str, Any]:
-        """Change a compute requirement's `targetInstanceCount`: its pool is resized to it."""
-        with self._cond:
-            requirement = self._compute_requirement(
-                require_text(document, "id", "Compute requirement")
-            )
-            if reprovision:
-                raise InvalidRequest("Compute requirements cannot be reprovisioned locally")
-            target = document.get("targetInstanceCount")
-            if not isinstance(target, int) or isinstance(target, bool):
-                raise InvalidRequest("Compute requirement: field 'targetInstanceCount' is required")
-            if requirement.pool is None:
-                raise InvalidRequest(f"Compute requirement '{requirement.id}' has no pool")
-            self._resize(requirement.pool, target)
-            return requirement.to_wire()
 
     def search_compute_requirements(self, params: dict[str, list[str]]) -> dict[str, Any]:
         query = Query(params)

@@ -91,12 +91,13 @@ class Simulation(Clock):
         if not groups:
             return
         for pool in self._open_pools:
-            if pool.live >= pool.max_nodes:
+            if pool.live >= pool.max_nodes or pool.requirement.stopped:
                 continue
             demand = sum(len(group.ready) for group in groups if _pool_serves(pool, group))
             idle = pool.registered - pool.busy
-            extra = min(demand - idle - pool.booting, pool.max_nodes - pool.live)
-            for _ in range(max(0, extra)):
+            extra = max(0, min(demand - idle - pool.booting, pool.max_nodes - pool.live))
+            pool.requirement.target += extra
+            for _ in range(extra):
                 self._add_node(pool)
 
     # ---- timers ----------------------------------------------------------------------------
@@ -123,6 +124,7 @@ class Simulation(Clock):
         if epoch != node.idle_epoch or node.task is not None or node.stopping:
             return
         if node.status == "RUNNING" and pool.registered > pool.min_nodes:
+            pool.requirement.target -= 1
             self._stop_node(node, "ABORTED", None)
 
     def _on_pool_idle(self, pool: WorkerPool, epoch: int) -> None:
@@ -249,7 +251,9 @@ class Simulation(Clock):
         if node.status is None:
             pool.booting -= 1
         else:
-            pool.registered -= 1
+            if not node.halted:
+                pool.registered -= 1
+            node.halted = False
             node.set_status("TERMINATED")
             node.deregistered = now()
             node.worker_status = worker_status
@@ -268,7 +272,7 @@ class Simulation(Clock):
             pool.set_status("PENDING" if pool.booting and pool.status == "PENDING" else "EMPTY")
         else:
             pool.set_status("RUNNING" if pool.busy else "IDLE")
-        requirement.set_status("PROVISIONING" if pool.booting else "RUNNING")
+        requirement.set_status(*_requirement_status(requirement, pool))
         self._refresh_pool_idleness(pool)
 
     def _refresh_pool_idleness(self, pool: WorkerPool) -> None:
@@ -369,7 +373,7 @@ class Simulation(Clock):
         task.finish(status, error)
         if node.draining:
             self._stop_node(node, "ABORTED", None)
-        elif not node.stopping:
+        elif not (node.stopping or node.halted):
             self._worker_idle(node)
         self._refresh_pool(node.pool)
 
@@ -425,3 +429,17 @@ def _pool_serves(pool: WorkerPool, group: TaskGroup) -> bool:
     if group.namespaces is not None and pool.namespace not in group.namespaces:
         return False
     return any(kind in pool.template.supported_task_types for kind in group.task_types)
+
+
+def _requirement_status(
+    requirement: ComputeRequirement, pool: WorkerPool
+) -> tuple[str, str | None]:
+    """The status of a live compute requirement (and its next one) from its instances."""
+    if requirement.stopped:
+        stopping = any(node.instance_status == "STOPPING" for node in pool.nodes)
+        return ("STOPPING", "STOPPED") if stopping else ("STOPPED", None)
+    if requirement.starting:
+        if any(node.halted and not node.stopping for node in pool.nodes):
+            return "STARTING", "RUNNING"
+        requirement.starting = False
+    return ("PROVISIONING" if pool.booting else "RUNNING"), None
