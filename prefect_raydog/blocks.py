@@ -19,6 +19,7 @@ from pydantic import (
     SecretStr,
     TypeAdapter,
     ValidationError,
+    field_serializer,
     field_validator,
     model_validator,
 )
@@ -40,11 +41,14 @@ LOCAL_TEMPLATE_ID = "local/process"
 _DURATION = TypeAdapter(timedelta)
 # "-" plus 8 hex digits identify one flow run's cluster among others from the same block.
 _RUN_SUFFIX_LENGTH = 9
+# What the UI sends for an idle shutdown switched to Never (null in Python).
+NEVER = "never"
 
 
 def _one_type(schema: dict[str, Any]) -> None:
     """Show an optional scalar as its own type, left empty when unset: no `type | null` switch.
-    Where empty is not the default (an idle shutdown: null means never), the switch stays."""
+    Where empty is not the default (an idle shutdown: null means never), an After | Never switch
+    stays; its Never side is a one-choice select, as the UI shows a null type as an error text."""
     branches = schema.get("anyOf")
     if not branches or {"type": "null"} not in branches or len(branches) != 2:
         return
@@ -52,7 +56,10 @@ def _one_type(schema: dict[str, Any]) -> None:
     if "$ref" in kind:
         return
     if schema.get("default") is not None:
-        kind["title"], branches[branches.index({"type": "null"})]["title"] = "After", "Never"
+        kind["title"] = "After"
+        branches[branches.index({"type": "null"})] = {
+            "title": "Never", "type": "string", "enum": [NEVER], "const": NEVER
+        }
         _in_seconds(schema, kind)
         return
     del schema["anyOf"]
@@ -81,6 +88,23 @@ def _inline(schema: dict[str, Any], specs: dict[str, Any]) -> dict[str, Any]:
     return {**model, **{key: value for key, value in schema.items() if key != "$ref"}}
 
 
+def _optional_spec(field: dict[str, Any], specs: dict[str, Any]) -> bool:
+    """Whether a field is `SomeSpec | None`, as the observability node is."""
+    branches = field.get("anyOf", [])
+    return (
+        len(branches) == 2 and branches[1] == {"type": "null"}
+        and branches[0].get("$ref", "").rsplit("/", 1)[-1] in specs
+    )
+
+
+def _all_optional(field: dict[str, Any]) -> dict[str, Any]:
+    """An optional node group as a form of its own, none when left empty: a `Yes | No` switch
+    would show its No side as the UI's "Property is type None"."""
+    field.pop("required", None)
+    field.pop("default", None)
+    return field
+
+
 def _shape_for_forms(schema: dict[str, Any]) -> dict[str, Any]:
     """Prefect's block schema, shaped for the UI's forms: nested models under the field's title
     (not the class name), optional scalars without a `type | null` switch, no file paths."""
@@ -97,10 +121,9 @@ def _shape_for_forms(schema: dict[str, Any]) -> dict[str, Any]:
         if "items" in field:
             field["items"] = _inline(field["items"], specs)
             field.setdefault("default", [])
-        if "anyOf" in field:
-            field["anyOf"] = [_inline(branch, specs) for branch in field["anyOf"]]
-            for branch in field["anyOf"]:
-                branch.setdefault("title", "Yes" if branch.get("type") == "object" else "No")
+        if _optional_spec(field, specs):
+            (spec, _) = field.pop("anyOf")
+            properties[name] = _all_optional(_inline({**field, **spec}, specs))
         elif field.get("$ref", "").rsplit("/", 1)[-1] in specs:
             properties[name] = _inline(field, specs)
         elif "$ref" in field:
@@ -229,7 +252,13 @@ class RayDogClusterConfig(Block):
     tag: str | None = _spec_field(ClusterSpec, "tag")
     head: NodeGroupSpec = _spec_field(ClusterSpec, "head")
     worker_pools: list[WorkerPoolSpec] = _spec_field(ClusterSpec, "worker_pools")
-    observability: NodeGroupSpec | None = _spec_field(ClusterSpec, "observability")
+    observability: NodeGroupSpec | None = _spec_field(
+        ClusterSpec, "observability",
+        description=(
+            "An optional node started before the head, its address given to every task; "
+            "none when its template is empty."
+        ),
+    )
     cluster_lifetime: timedelta = _spec_field(ClusterSpec, "cluster_lifetime")
     idle_node_shutdown: timedelta | None = _spec_field(ClusterSpec, "idle_node_shutdown")
     idle_pool_shutdown: timedelta | None = _spec_field(ClusterSpec, "idle_pool_shutdown")
@@ -266,6 +295,24 @@ class RayDogClusterConfig(Block):
         if isinstance(value, str) and re.fullmatch(r"\d+(\.\d+)?", value.strip()):
             return float(value)
         return value
+
+    @field_validator("observability", mode="before")
+    @classmethod
+    def _empty_form_is_none(cls, value: Any) -> Any:
+        """The UI sends an observability form left empty as empty fields: no such node."""
+        if isinstance(value, dict) and not any(value.values()):
+            return None
+        return value
+
+    @field_validator("idle_node_shutdown", "idle_pool_shutdown", mode="before")
+    @classmethod
+    def _never_from_the_ui(cls, value: Any) -> Any:
+        return None if value == NEVER else value
+
+    @field_serializer("idle_node_shutdown", "idle_pool_shutdown", when_used="json")
+    def _never_to_the_ui(self, value: timedelta | None) -> float | str:
+        """Saved as the UI's After seconds or Never, so that an edit form opens on the same."""
+        return NEVER if value is None else value.total_seconds()
 
     @field_validator("cluster_name_prefix")
     @classmethod

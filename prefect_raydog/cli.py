@@ -5,17 +5,20 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Column, Table
+from typer.core import TyperGroup
 
 if TYPE_CHECKING:
     from yellowdog_client import PlatformClient
@@ -24,11 +27,42 @@ if TYPE_CHECKING:
     from prefect_raydog.cluster import ShutdownReport
     from prefect_raydog.spec import ClusterSpec
 
-app = typer.Typer(help="Ray clusters on YellowDog for Prefect flows.", no_args_is_help=True)
+console = Console()
+
+
+class _OneLineErrors(TyperGroup):
+    """Typer's command group, with each usage mistake (an unknown option, a missing argument, a
+    bad value) as one line and exit code 2 instead of Click's usage box."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except typer.TyperException as error:  # Click's own errors, as typer vendors Click
+            # With no arguments, Click's error is the help text, already shown.
+            if type(error).__name__ != "NoArgsIsHelpError":
+                _error_line(_usage_mistake(error))
+            sys.exit(error.exit_code)
+        except typer.Abort:
+            console.print("Aborted.", highlight=False)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+def _usage_mistake(error: typer.TyperException) -> str:
+    """Click's message, and where to read the command's usage."""
+    context = getattr(error, "ctx", None)
+    if context is None:
+        return error.format_message()
+    return f"{error.format_message().rstrip('.')}; see '{context.command_path} --help'."
+
+
+app = typer.Typer(
+    cls=_OneLineErrors, help="Ray clusters on YellowDog for Prefect flows.", no_args_is_help=True
+)
 local = typer.Typer(help="The local YellowDog platform.", no_args_is_help=True)
 app.add_typer(local, name="local")
-
-console = Console()
 
 
 class Network(str, Enum):
@@ -99,8 +133,12 @@ RAY_CLIENT_PORT = 10001
 DASHBOARD_PORT = 8265
 
 
+def _error_line(message: str) -> None:
+    console.print(f"[red]Error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+
+
 def _fail(message: str, code: int = 1) -> typer.Exit:
-    console.print(f"[red]Error:[/red] {message}", markup=True, highlight=False, soft_wrap=True)
+    _error_line(message)
     return typer.Exit(code)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 from datetime import timedelta
 
@@ -67,10 +68,14 @@ def test_ui_schema_names_fields_and_has_no_needless_switches():
     assert "script_file" not in pool and "script_file" not in properties["head"]["properties"]
     scalars = [field for field in [*properties.values(), *pool.values()] if "$ref" not in field]
     switches = {field["title"] for field in scalars if "anyOf" in field}
-    assert switches == {
-        "Observability node", "Idle node shutdown (seconds)", "Idle pool shutdown (seconds)"
-    }, "a null switch only where null means something (none; never)"
-    assert {"type": "null", "title": "Never"} in properties["idle_node_shutdown"]["anyOf"]
+    assert switches == {"Idle node shutdown (seconds)", "Idle pool shutdown (seconds)"}, (
+        "a switch only where null means something other than empty (never)"
+    )
+    never = properties["idle_node_shutdown"]["anyOf"][1]
+    assert (never["title"], never["enum"]) == ("Never", ["never"])
+    observability = properties["observability"]
+    assert observability["type"] == "object" and "required" not in observability
+    assert '"null"' not in json.dumps(schema), "the UI shows a null type as 'Property is type None'"
     lifetime = properties["cluster_lifetime"]
     assert (lifetime["format"], lifetime["default"]) == ("time-delta", "3600")
     credentials = schema["definitions"]["YellowDogCredentials"]
@@ -84,6 +89,19 @@ def test_durations_from_the_ui_are_seconds():
     assert config.cluster_lifetime == timedelta(minutes=90)
     assert config.idle_node_shutdown == timedelta(seconds=90.5)
     assert config.model_dump(mode="json")["cluster_lifetime"] == 5400.0
+
+
+def test_never_and_an_empty_observability_form_from_the_ui_are_none():
+    config = RayDogClusterConfig(
+        head={"template_id": "t"}, idle_pool_shutdown="never",
+        observability={"template_id": "", "environment": {}},
+    )
+    assert config.idle_pool_shutdown is None and config.observability is None
+    saved = config.model_dump(mode="json")
+    assert (saved["idle_pool_shutdown"], saved["idle_node_shutdown"]) == ("never", 180.0)
+    assert RayDogClusterConfig.model_validate(saved).idle_pool_shutdown is None
+    with pytest.raises(ValueError, match="observability.template_id"):
+        RayDogClusterConfig(head={"template_id": "t"}, observability={"images_id": "i"})
 
 
 def test_credentials_fall_back_to_the_environment(monkeypatch):

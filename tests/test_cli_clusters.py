@@ -63,21 +63,6 @@ def write_spec(tmp_path: Path, tag: str | None = None, **overrides: object) -> t
     return path, name
 
 
-def test_up_saves_the_state_before_it_provisions_anything(
-    platform: LocalPlatform, tmp_path: Path, tag: str
-) -> None:
-    node = {"template_id": "nowhere/nothing", "script": "x"}
-    spec, name = write_spec(tmp_path, tag=tag, worker_pools=[node])
-    state = tmp_path / "state.json"
-    up = invoke(platform, "up", str(spec), "--state-file", str(state))
-    assert up.exit_code == 1, up.output
-    saved = json.loads(state.read_text())
-    assert saved["work_requirement_id"] is None
-    assert re.fullmatch(rf"{name}-[0-9a-f]{{6}}", saved["build_name"])
-    down = invoke(platform, "down", str(state))
-    assert down.exit_code == 0, down.output
-
-
 def test_up_status_down(platform: LocalPlatform, tmp_path: Path, tag: str) -> None:
     spec, name = write_spec(tmp_path, tag=tag)
     state = tmp_path / "state.json"
@@ -155,14 +140,17 @@ def test_help_shows_no_secret(platform: LocalPlatform, command: str) -> None:
     assert "--key-secret" not in result.output
 
 
-def test_up_saves_state_before_provisioning(platform: LocalPlatform, tmp_path: Path) -> None:
-    spec, name = write_spec(tmp_path, head={"template_id": "no/such-template"})
+def test_up_saves_the_state_before_it_provisions_anything(
+    platform: LocalPlatform, tmp_path: Path, tag: str
+) -> None:
+    spec, name = write_spec(tmp_path, tag=tag, head={"template_id": "no/such-template"})
     state = tmp_path / "state.json"
     up = invoke(platform, "up", str(spec), "--state-file", str(state))
     assert up.exit_code == 1 and "Traceback" not in up.output
     assert up.output.strip().startswith("Error: ") and "no/such-template" in up.output
     saved = json.loads(state.read_text())
     assert saved["cluster_name"] == name and saved["work_requirement_id"] is None
+    assert re.fullmatch(rf"{name}-[0-9a-f]{{6}}", saved["build_name"])
     down = invoke(platform, "down", str(state))
     assert down.exit_code == 0, down.output
 
@@ -197,6 +185,24 @@ def assert_one_line_error(result: Result, message: str) -> None:
     assert result.exit_code == 2, result.output
     assert result.output.startswith(f"Error: {message}") and "Traceback" not in result.output
     assert result.output.count("\n") == 1, result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["up", "--colour", "blue"], "No such option: --colour"),
+        (["down"], "Missing argument 'state_file'"),
+        (["status"], "Missing option '--namespace'"),
+        (["local", "start", "--port", "x"], "Invalid value for '--port'"),
+        (["local", "start", "--network", "wifi"], "Invalid value for '--network'"),
+        (["local", "start", "--templates", "/no/such.toml"], "Invalid value for '--templates'"),
+        (["bogus"], "No such command 'bogus'"),
+    ],
+)
+def test_usage_mistakes_are_one_line(args: list[str], message: str) -> None:
+    result = runner.invoke(app, args)
+    assert_one_line_error(result, message)
+    assert result.output.rstrip().endswith(" --help'."), "where to read the usage"
 
 
 def test_up_needs_a_spec_or_a_block(platform: LocalPlatform, tmp_path: Path) -> None:

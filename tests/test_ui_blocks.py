@@ -169,6 +169,18 @@ def _save(driver: WebDriver) -> None:
     wait_for(lambda: "Blocks" in driver.find_element(By.TAG_NAME, "body").text, timeout=30)
 
 
+def _assert_form_renders(driver: WebDriver) -> None:
+    """No control the UI cannot render (it shows a null type as text) and no broken image: the
+    blocks have no logo, as Prefect's client takes only an absolute http(s) URL for one."""
+    assert "Property is type" not in driver.find_element(By.TAG_NAME, "body").text
+    broken = driver.execute_script(
+        "return Array.from(document.images)"
+        ".filter(i => i.getAttribute('src') && !(i.complete && i.naturalWidth > 0))"
+        ".map(i => i.src)"
+    )
+    assert broken == []
+
+
 def _screenshot(driver: WebDriver, name: str) -> None:
     height = driver.execute_script("return document.documentElement.scrollHeight")
     driver.set_window_size(1280, max(900, height + 160))
@@ -195,6 +207,7 @@ def test_blocks_created_in_the_ui_load_back_exactly(
     secret = _type(browser, "Application key secret", SECRET)
     assert secret.tag_name == "input" and secret.get_attribute("type") == "password"
     _type(browser, "API URL", "http://127.0.0.1:9/api")
+    _assert_form_renders(browser)
     _screenshot(browser, "yellowdog-credentials-form.png")
     _save(browser)
     assert SECRET not in browser.page_source
@@ -220,6 +233,13 @@ def test_blocks_created_in_the_ui_load_back_exactly(
         _type(browser, "Nodes", nodes, index)
     _type(browser, "Workers that must join", "4")
     _type(browser, "Cluster lifetime (seconds)", "5400")
+    never = "//button[@role='tab'][normalize-space()='Never']"
+    browser.find_elements(By.XPATH, never)[1].click()  # the idle pool shutdown's
+    wait_for(
+        lambda: browser.find_elements(By.XPATH, never)[1].get_attribute("aria-selected") == "true",
+        timeout=30, what="Never chosen for the idle pool shutdown",
+    )
+    _assert_form_renders(browser)
     _screenshot(browser, "raydog-cluster-config-form.png")
     _save(browser)
     assert SECRET not in browser.page_source
@@ -249,4 +269,5 @@ def test_blocks_created_in_the_ui_load_back_exactly(
     assert config.workers_to_join == 4
     assert config.cluster_lifetime == timedelta(minutes=90)
     assert config.build_timeout == timedelta(minutes=10), "an untouched default"
+    assert config.idle_pool_shutdown is None and config.idle_node_shutdown == timedelta(minutes=3)
     assert config.observability is None and config.head.script is None
