@@ -9,6 +9,8 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from prefect.settings import PREFECT_API_URL
+from prefect.testing.utilities import prefect_test_harness
 
 from prefect_raydog.local import LocalPlatform
 
@@ -53,6 +55,14 @@ def wait_for(condition, timeout: float = 10.0, interval: float = 0.02, what: str
         if time.monotonic() > deadline:
             pytest.fail(f"Timed out after {timeout:g} s waiting for {what or condition}")
         time.sleep(interval)
+
+
+@pytest.fixture(scope="session")
+def prefect_api() -> Iterator[str]:
+    """One temporary Prefect server for the whole run, started by the first test that needs it:
+    each start costs 10-40 s on a 2-core machine. Tests tell their runs apart by id or name."""
+    with prefect_test_harness(server_startup_timeout=120):
+        yield PREFECT_API_URL.value()
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,6 @@ from datetime import timedelta
 import pytest
 from prefect.blocks.core import Block
 from prefect.testing.standard_test_suites import BlockStandardTestSuite
-from prefect.testing.utilities import prefect_test_harness
 from pydantic import SecretStr
 
 import prefect_raydog.blocks as blocks_module
@@ -168,12 +167,6 @@ def test_validation_errors_never_show_a_plain_secret(overrides):
     with pytest.raises(ValueError) as raised:
         RayDogClusterConfig(**fields)
     assert "plain-secret-value" not in str(raised.value)
-
-
-@pytest.fixture(scope="module")
-def prefect_api():
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
 
 
 def test_saved_config_loads_with_nested_credentials(prefect_api):

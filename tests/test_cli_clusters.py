@@ -218,25 +218,24 @@ def test_missing_files_are_one_line(platform: LocalPlatform, tmp_path: Path) -> 
     assert_one_line_error(invoke(platform, "down", str(tmp_path / "nope.json")), "no state file")
 
 
-def test_up_from_a_saved_block(platform: LocalPlatform, tmp_path: Path, tag: str) -> None:
-    from prefect.testing.utilities import prefect_test_harness
-
+def test_up_from_a_saved_block(
+    prefect_api: str, platform: LocalPlatform, tmp_path: Path, tag: str
+) -> None:
     from prefect_raydog import RayDogClusterConfig
 
-    with prefect_test_harness(server_startup_timeout=120):
-        config = RayDogClusterConfig.local(platform.url, platform.key_id, platform.key_secret)
-        node = {"template_id": SIMULATED, "script": "sleep infinity"}
-        config = config.model_copy(update={
-            "namespace": NAMESPACE, "tag": tag, "workers_to_join": 0,
-            "head": config.head.model_copy(update=node),
-            "worker_pools": [config.worker_pools[0].model_copy(update={**node, "count": 1})],
-        })
-        config.save("cli-block", overwrite=True)
-        state = tmp_path / "state.json"
-        env = {"YD_API_KEY_ID": "", "YD_API_KEY_SECRET": "", "YD_API_URL": ""}
-        missing = runner.invoke(app, ["up", "--config", "no-such-block"], env=env)
-        up = runner.invoke(app, ["up", "--config", "cli-block", "--state-file", str(state)],
-                           env=env)
+    config = RayDogClusterConfig.local(platform.url, platform.key_id, platform.key_secret)
+    node = {"template_id": SIMULATED, "script": "sleep infinity"}
+    config = config.model_copy(update={
+        "namespace": NAMESPACE, "tag": tag, "workers_to_join": 0,
+        "head": config.head.model_copy(update=node),
+        "worker_pools": [config.worker_pools[0].model_copy(update={**node, "count": 1})],
+    })
+    config.save("cli-block", overwrite=True)
+    state = tmp_path / "state.json"
+    env = {"YD_API_KEY_ID": "", "YD_API_KEY_SECRET": "", "YD_API_URL": ""}
+    missing = runner.invoke(app, ["up", "--config", "no-such-block"], env=env)
+    up = runner.invoke(app, ["up", "--config", "cli-block", "--state-file", str(state)],
+                       env=env)
     assert_one_line_error(missing, "cannot load RayDogClusterConfig 'no-such-block'")
     assert up.exit_code == 0, up.output
     assert "Cluster local-" in up.output and "ray://" in up.output

@@ -23,8 +23,6 @@ from pathlib import Path
 import pytest
 import yaml
 from prefect.client.orchestration import get_client
-from prefect.settings import PREFECT_API_URL
-from prefect.testing.utilities import prefect_test_harness
 from test_readme_commands import readme_commands
 
 from prefect_raydog import ClusterSpec
@@ -151,12 +149,6 @@ def test_every_code_block_is_a_copy_of_a_tested_file_or_reviewed_text():
     assert not problems, "\n\n".join(problems)
     stale = (set(SHOWN_NOT_RUN) | set(OUTPUT_OF)) - used
     assert not stale, f"stale entries: {stale}"
-
-
-@pytest.fixture(scope="module")
-def prefect_api() -> Iterator[str]:
-    with prefect_test_harness(server_startup_timeout=120):
-        yield PREFECT_API_URL.value()
 
 
 @pytest.mark.parametrize("example", sorted(p.name for p in EXAMPLES.glob("*.py")))

@@ -15,7 +15,6 @@ from prefect import flow, tags, task
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.settings import PREFECT_API_URL, temporary_settings
-from prefect.testing.utilities import prefect_test_harness
 
 from prefect_raydog.blocks import RayDogClusterConfig
 from prefect_raydog.cluster import RayDogCluster
@@ -23,13 +22,7 @@ from prefect_raydog.runner.relay import _TcpRelay
 from prefect_raydog.runner.session import _connect
 from prefect_raydog.task_runners import RayDogTaskRunner
 
-pytestmark = pytest.mark.ray
-
-
-@pytest.fixture(scope="module", autouse=True)
-def prefect_api():
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
+pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("prefect_api")]
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 from conftest import assert_nothing_left
 from prefect import flow, task
-from prefect.testing.utilities import prefect_test_harness
 
 from prefect_raydog.blocks import RayDogClusterConfig
 from prefect_raydog.errors import ClusterBuildError
@@ -17,12 +16,10 @@ BLOCK = "local-failures-cluster"
 
 
 @pytest.fixture(scope="module")
-def saved_config(local_platform):
-    with prefect_test_harness(server_startup_timeout=120):
-        RayDogClusterConfig.local(
-            local_platform.url, local_platform.key_id, local_platform.key_secret
-        ).save(BLOCK, overwrite=True)
-        yield
+def saved_config(prefect_api, local_platform):
+    RayDogClusterConfig.local(
+        local_platform.url, local_platform.key_id, local_platform.key_secret
+    ).save(BLOCK, overwrite=True)
 
 
 @task

@@ -21,7 +21,6 @@ from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.deployments import run_deployment
 from prefect.settings import PREFECT_API_URL
 from prefect.states import Cancelling
-from prefect.testing.utilities import prefect_test_harness
 from prefect.workers.process import ProcessWorker
 from process_nodes import Footprint
 
@@ -35,12 +34,6 @@ SHORT_LIVED_BLOCK = "local-short-lived-cluster"
 # test waits for it, so it is no longer than that needs.
 SHORT_LIFETIME = timedelta(seconds=75)
 POOL = "lifecycle-process-pool"
-
-
-@pytest.fixture(scope="module")
-def prefect_api():
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 
 import pytest
 import ray
@@ -28,7 +29,6 @@ from prefect.client.schemas.filters import (
 )
 from prefect.runtime import flow_run
 from prefect.settings import PREFECT_API_URL
-from prefect.testing.utilities import prefect_test_harness
 from process_nodes import Footprint
 
 from prefect_raydog.blocks import RayDogClusterConfig
@@ -37,12 +37,6 @@ from prefect_raydog.task_runners import RayDogTaskRunner, placement
 
 pytestmark = pytest.mark.ray
 BLOCK = "local-test-cluster"
-
-
-@pytest.fixture(scope="module")
-def prefect_api():
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
 
 
 @pytest.fixture(scope="module")
@@ -70,20 +64,35 @@ def _head_ips() -> set[str]:
             if n["Alive"] and not n["Resources"].get("CPU")}
 
 
-def test_mapped_tasks_run_on_worker_nodes_and_logs_reach_the_api(runner):
+def test_one_flow_run_maps_nests_and_calls_a_subflow_on_its_one_cluster(runner, platform):
+    """200 mapped tasks on both worker nodes with their logs in the API, a task that submits
+    another from its worker, and a subflow: all on the cluster provisioned once for the run,
+    whose secret reaches no node."""
     @flow(task_runner=runner)
-    def mapped():
-        results = node_ip.map(range(200)).result()
-        return results, _head_ips(), flow_run.id
+    def child():
+        return node_environment.submit().result()
 
-    results, head_ips, flow_run_id = mapped()
+    @flow(task_runner=runner)
+    def parent():
+        results = node_ip.map(range(200)).result()
+        nested = submits_from_its_worker.submit(1).result()
+        return results, nested, child(), _head_ips(), flow_run.id
+
+    results, ((inner_value, inner_ip), outer_ip), environment, head_ips, flow_run_id = parent()
     assert [value for value, _ in results] == [x + 1 for x in range(200)]
     ips = {ip for _, ip in results}
     assert len(ips) == 2
     assert not ips & head_ips
-    runs = wait_for(lambda: _all_completed(flow_run_id, 200), timeout=60, what="final states")
-    assert len(runs) == 200
-    logs = wait_for(lambda: _hello_logs(flow_run_id, 200), timeout=30, what="task logs")
+    assert inner_value == 2
+    assert inner_ip not in head_ips and outer_ip not in head_ips
+    assert platform.api_calls().get("POST /work/requirements", 0) == 1
+    assert saved_secret() not in str(environment)
+    assert environment.get("PREFECT_API_URL", "").find("127.0.0.1") == -1
+
+    expected = {"node_ip": 201, "submits_from_its_worker": 1}  # the subflow's own run aside
+    wait_for(lambda: expected.items() <= _completed_task_names(flow_run_id).items(),
+             timeout=60, what="Completed states of every task run in the API")
+    logs = wait_for(lambda: _hello_logs(flow_run_id, 201), timeout=30, what="task logs")
     assert saved_secret() not in "".join(log.message for log in logs)
     with get_client(sync_client=True) as client:
         artifacts = client.read_artifacts()
@@ -92,8 +101,8 @@ def test_mapped_tasks_run_on_worker_nodes_and_logs_reach_the_api(runner):
     assert summary and "node-hours" in summary[0].data
     assert saved_secret() not in summary[0].data
 
-
-def _all_completed(flow_run_id, count):
+def _completed_task_names(flow_run_id) -> Counter:
+    """How many of the flow run's task runs have a Completed state in the API, by task name."""
     with get_client(sync_client=True) as client:
         runs = []
         while len(runs) % 200 == 0:
@@ -104,8 +113,7 @@ def _all_completed(flow_run_id, count):
             runs += page
             if not page:
                 break
-    done = [run for run in runs if run.state and run.state.is_final()]
-    return runs if len(done) >= count else None
+    return Counter(run.name.split("-")[0] for run in runs if run.state.is_completed())
 
 
 def _hello_logs(flow_run_id, count):
@@ -148,22 +156,6 @@ def node_environment() -> dict[str, str]:
     return dict(os.environ)
 
 
-def test_subflows_reuse_the_running_cluster_and_the_secret_stays_home(runner, platform):
-    @flow(task_runner=runner)
-    def child():
-        return node_environment.submit().result()
-
-    @flow(task_runner=runner)
-    def parent():
-        return node_ip.submit(1).result(), child()
-
-    (_, ip), environment = parent()
-    work_requirements = platform.api_calls().get("POST /work/requirements", 0)
-    assert work_requirements == 1
-    assert saved_secret() not in str(environment)
-    assert environment.get("PREFECT_API_URL", "").find("127.0.0.1") == -1
-
-
 def test_a_retried_flow_run_reuses_its_cluster(runner, platform):
     attempts = []
 
@@ -183,22 +175,6 @@ def test_a_retried_flow_run_reuses_its_cluster(runner, platform):
 @task
 def submits_from_its_worker(x: int) -> tuple[tuple[int, str], str]:
     return node_ip.submit(x).result(), ray.util.get_node_ip_address()
-
-
-def test_a_task_running_on_a_worker_submits_another_task_to_the_cluster(runner, platform):
-    @flow(task_runner=runner)
-    def nested():
-        return submits_from_its_worker.submit(1).result(), _head_ips(), flow_run.id
-
-    ((inner_value, inner_ip), outer_ip), head_ips, flow_run_id = nested()
-    assert inner_value == 2
-    assert inner_ip not in head_ips and outer_ip not in head_ips
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    assert sorted(run.name.split("-")[0] for run in runs if run.state.is_completed()) == [
-        "node_ip", "submits_from_its_worker"]
-    assert platform.api_calls().get("POST /work/requirements", 0) == 1
 
 
 def test_runner_pickles_without_the_secret(runner):
