@@ -4,6 +4,7 @@ tears it down, shared by a flow and its subflows in this process."""
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import os
 import signal
@@ -21,6 +22,7 @@ from prefect.states import exception_to_crashed_state
 from prefect.utilities.asyncutils import run_coro_as_sync
 from prefect.utilities.importtools import lazy_import
 
+from prefect_raydog.runner.adaptive import AdaptivePools
 from prefect_raydog.runner.node import _Outcome, _run_on_node
 from prefect_raydog.runner.placement import _with_pool_resources
 from prefect_raydog.runner.recorded import wait_for_final_states
@@ -64,6 +66,26 @@ class _Session:
         self._reporter: Any = None
         self._workers_to_join = 0
         self._build_deadline = 0.0
+        self.cluster: Any = None
+        self.adaptive: AdaptivePools | None = None
+        self._starter: threading.Thread | None = None
+
+    def start_in_background(self, runner: RayDogTaskRunner) -> None:
+        """Provision and connect now, in the background: the first submission waits only for
+        what is left, and a failure is raised there."""
+        if self._ready or self._failure is not None or self._starter is not None:
+            return
+
+        def start() -> None:
+            try:
+                self.ensure_ready(runner)
+            except BaseException as exc:
+                logging.getLogger(__name__).warning("The Ray cluster could not start: %s", exc)
+
+        context = contextvars.copy_context()
+        self._starter = threading.Thread(target=context.run, args=(start,), daemon=True,
+                                         name="raydog-provision")
+        self._starter.start()
 
     def ensure_ready(self, runner: RayDogTaskRunner) -> None:
         with self._lock:
@@ -102,6 +124,9 @@ class _Session:
                      logger)
             self._stack.callback(ray.shutdown)
             self._wait_for_workers(logger)
+            self.adaptive = AdaptivePools.start(self.cluster, self.stats, logger)
+            if self.adaptive is not None:
+                self._stack.callback(self.adaptive.stop)
         from concurrent.futures import ThreadPoolExecutor
 
         self._reporter = self._stack.enter_context(ThreadPoolExecutor(1, "raydog-crash-report"))
@@ -121,13 +146,13 @@ class _Session:
             refuse_loopback_api(PREFECT_API_URL.value())  # before anything is provisioned
         spec = _with_pool_resources(config.to_spec(config.cluster_name(self.flow_run_id)))
         self.cluster_name = spec.name
-        self.stats.pools = [(p.name or f"pool-{i}", p.count)
+        self.stats.pools = [(p.name or f"pool-{i}", p.start_count)
                             for i, p in enumerate(spec.worker_pools, 1)]
         logger.info(
             "Provisioning Ray cluster %s in namespace %s: a head node and %d worker node(s).",
-            spec.name, spec.namespace, sum(p.count for p in spec.worker_pools),
+            spec.name, spec.namespace, sum(p.start_count for p in spec.worker_pools),
         )
-        cluster = RayDogCluster(spec, client=config.credentials.get_client())
+        cluster = self.cluster = RayDogCluster(spec, client=config.credentials.get_client())
         self._stack.callback(self._shut_down, cluster, logger)
         head = cluster.build(workers_to_join=0)
         self.stats.head_ready_s = cluster.timings.get("head_executing_s")
@@ -221,9 +246,15 @@ class _Session:
 
     def track(self, ref: Any, task: Task, task_run_id: uuid.UUID) -> None:
         self.in_flight[ref] = None
+        if self.adaptive is not None:
+            self.adaptive.submitted(ref)
+        if self.flow_run_id is None and (flow_ctx := FlowRunContext.get()) and flow_ctx.flow_run:
+            self.flow_run_id = flow_ctx.flow_run.id
 
         def on_completed(outcome: Any) -> None:
             self.in_flight.pop(ref, None)
+            if self.adaptive is not None:
+                self.adaptive.finished(ref)
             self.last_done = time.monotonic()
             if isinstance(outcome, _Outcome):
                 self.stats.record(outcome.node_ip)
@@ -268,11 +299,21 @@ class _Session:
                 logging.getLogger(__name__).debug("Could not cancel %s", ref, exc_info=True)
 
     def close(self) -> None:
+        self._end_background_start()
         try:
             if self._ready and self.flow_run_id is not None:
                 self._publish_artifact()
         finally:
             self._stack.close()
+
+    def _end_background_start(self) -> None:
+        """A flow run that ends while its cluster is still starting: interrupt the build."""
+        if self._starter is None or not self._starter.is_alive():
+            return
+        if self.cluster is not None:
+            with contextlib.suppress(Exception):
+                self.cluster.shut_down()
+        self._starter.join()
 
     def _publish_artifact(self) -> None:
         from prefect.client.orchestration import get_client
