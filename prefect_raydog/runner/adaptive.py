@@ -16,7 +16,6 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from prefect.context import FlowRunContext
 from prefect.utilities.importtools import lazy_import
 
 from prefect_raydog.runner.placement import _PLACEMENT, POOL_RESOURCE_PREFIX, pool_resource
@@ -64,7 +63,6 @@ class AdaptivePools:
         ]
         self._demand: dict[Any, tuple[str | None, float]] = {}
         self._lock = threading.Lock()
-        self._on_flow_run_log = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="raydog-adaptive", daemon=True)
         for pool in self.pools:
@@ -90,15 +88,8 @@ class AdaptivePools:
         resources = options.get("resources") or {}
         pool = next((name for name in resources if name.startswith(POOL_RESOURCE_PREFIX)), None)
         cpus = float(options.get("num_cpus", 1) or 0)
-        flow_ctx = FlowRunContext.get()
         with self._lock:
             self._demand[ref] = (pool, cpus)
-            if flow_ctx and flow_ctx.flow_run and not self._on_flow_run_log:
-                from prefect.logging.loggers import flow_run_logger
-
-                # Decisions go to the flow run's log (an eager start knew no flow run yet).
-                self.logger = flow_run_logger(flow_ctx.flow_run, flow_ctx.flow)
-                self._on_flow_run_log = True
 
     def finished(self, ref: Any) -> None:
         with self._lock:

@@ -23,6 +23,7 @@ from prefect.utilities.asyncutils import run_coro_as_sync
 from prefect.utilities.importtools import lazy_import
 
 from prefect_raydog.runner.adaptive import AdaptivePools
+from prefect_raydog.runner.heldlog import HeldRunLog
 from prefect_raydog.runner.node import _Outcome, _run_on_node
 from prefect_raydog.runner.placement import _with_pool_resources
 from prefect_raydog.runner.recorded import wait_for_final_states
@@ -69,6 +70,8 @@ class _Session:
         self.cluster: Any = None
         self.adaptive: AdaptivePools | None = None
         self._starter: threading.Thread | None = None
+        self._held_log: HeldRunLog | None = None
+        self._closing = threading.Event()
 
     def start_in_background(self, runner: RayDogTaskRunner) -> None:
         """Provision and connect now, in the background: the first submission waits only for
@@ -82,6 +85,7 @@ class _Session:
             except BaseException as exc:
                 logging.getLogger(__name__).warning("The Ray cluster could not start: %s", exc)
 
+        self._held_log = HeldRunLog(runner.logger)
         context = contextvars.copy_context()
         self._starter = threading.Thread(target=context.run, args=(start,), daemon=True,
                                          name="raydog-provision")
@@ -105,7 +109,7 @@ class _Session:
             self._ready = True
 
     def _start(self, runner: RayDogTaskRunner) -> None:
-        logger = _run_logger(runner)
+        logger = self._held_log or _run_logger(runner)
         if runner.address and ray.is_initialized():
             logger.info("Using the Ray cluster this process is already connected to.")
         elif runner.address:
@@ -223,6 +227,8 @@ class _Session:
                 logger.info("%d Ray worker node(s) joined after %.1f s.", joined,
                             self.stats.workers_ready_s)
                 return
+            if self._closing.is_set():
+                raise RuntimeError("The flow run ended while the Ray cluster was starting.")
             if time.monotonic() > self._build_deadline:
                 raise TimeoutError(
                     f"Only {joined} of {wanted} Ray worker nodes joined cluster "
@@ -250,6 +256,10 @@ class _Session:
             self.adaptive.submitted(ref)
         if self.flow_run_id is None and (flow_ctx := FlowRunContext.get()) and flow_ctx.flow_run:
             self.flow_run_id = flow_ctx.flow_run.id
+            if self._held_log is not None:
+                from prefect.logging.loggers import flow_run_logger
+
+                self._held_log.attach(flow_run_logger(flow_ctx.flow_run, flow_ctx.flow))
 
         def on_completed(outcome: Any) -> None:
             self.in_flight.pop(ref, None)
@@ -310,6 +320,7 @@ class _Session:
         """A flow run that ends while its cluster is still starting: interrupt the build."""
         if self._starter is None or not self._starter.is_alive():
             return
+        self._closing.set()
         if self.cluster is not None:
             with contextlib.suppress(Exception):
                 self.cluster.shut_down()
