@@ -57,7 +57,8 @@ def _config(platform: LocalPlatform, pool: dict[str, Any], template: str | None 
         base["template_id"] = template
         head = head.model_copy(update={"template_id": template})
     return config.model_copy(update={
-        "head": head, "worker_pools": [WorkerPoolSpec(**{**base, **pool})], **fields,
+        "head": head, "worker_pools": [WorkerPoolSpec(**{**base, **pool})],
+        "build_timeout": timedelta(minutes=10), **fields,
     })
 
 

@@ -59,8 +59,9 @@ def _config(platform: LocalPlatform, pools: list[dict], **fields) -> RayDogClust
     template = config.worker_pools[0]
     worker_pools = [WorkerPoolSpec(**{**template.model_dump(exclude={"name", "count"}), **pool})
                     for pool in pools]
+    # A generous build timeout: Ray starts slowly on a loaded machine.
     return config.model_copy(update={"worker_pools": worker_pools, "workers_to_join": 0,
-                                     **fields})
+                                     "build_timeout": timedelta(minutes=10), **fields})
 
 
 def _runner(platform: LocalPlatform, config: RayDogClusterConfig, **options) -> RayDogTaskRunner:
