@@ -125,7 +125,7 @@ class _Session:
         else:
             address = self._provision(runner, logger)
             _connect(address, {**runner.init_kwargs, "runtime_env": self._runtime_env(runner)},
-                     logger)
+                     logger, self._closing)
             self._stack.callback(ray.shutdown)
             self._wait_for_workers(logger)
             self.adaptive = AdaptivePools.start(self.cluster, self.stats, logger)
@@ -384,8 +384,10 @@ def _run_logger(runner: RayDogTaskRunner) -> logging.Logger | logging.LoggerAdap
         return runner.logger
 
 
-def _connect(address: str, init_kwargs: dict[str, Any], logger: Any) -> None:
-    """Connect to Ray, retrying while a new head's client server is still starting."""
+def _connect(address: str, init_kwargs: dict[str, Any], logger: Any,
+             stop: threading.Event | None = None) -> None:
+    """Connect to Ray, retrying while a new head's client server is still starting (until
+    `stop` is set: the flow run ended while its cluster was starting)."""
     kwargs = {"namespace": "prefect", "log_to_driver": False, **init_kwargs}
     if address == "local":
         kwargs.setdefault("include_dashboard", False)
@@ -395,7 +397,7 @@ def _connect(address: str, init_kwargs: dict[str, Any], logger: Any) -> None:
                 ray.init(address, **kwargs)
             break
         except ConnectionError as exc:
-            if attempt == _CLIENT_CONNECT_ATTEMPTS:
+            if attempt == _CLIENT_CONNECT_ATTEMPTS or (stop is not None and stop.is_set()):
                 raise ConnectionError(
                     f"Could not connect to the Ray cluster at {address} after {attempt} "
                     f"attempts: {exc}"
