@@ -124,6 +124,8 @@ class _Session:
             )
         else:
             address = self._provision(runner, logger)
+            if self._closing.is_set():
+                raise RuntimeError("The flow run ended while the Ray cluster was starting.")
             _connect(address, {**runner.init_kwargs, "runtime_env": self._runtime_env(runner)},
                      logger, self._closing)
             self._stack.callback(ray.shutdown)
