@@ -4,9 +4,10 @@ and shrinks it when its nodes sit idle, through the Builder, logging each decisi
 Demand is what the runner knows: the task runs submitted and not yet finished, and the CPUs they
 ask for; a run placed on a pool with `placement(worker_pool=...)` is demand for that pool only,
 any other run is demand for every adaptive pool (as YellowDog grows every pool that can serve a
-waiting task). A pool shrinks only to its minimum and only when none of its task runs has been
-in flight for `COOLDOWN_S`, so no running task loses its node and a pool never shrinks and grows
-again within the cooldown.
+waiting task). A pool grows as soon as its demand needs more nodes. It shrinks, to its minimum,
+only when none of its task runs has been in flight for `COOLDOWN_S` and its size last changed at
+least `COOLDOWN_S` ago: no running task loses its node, and between a grow and the next shrink
+there is always a cooldown, so a pool does not thrash.
 """
 
 from __future__ import annotations
@@ -56,9 +57,11 @@ class AdaptivePools:
         self.cluster = cluster
         self.stats = stats
         self.logger = logger
+        # The spec's pools are the cluster's first ones, in order (pools added later follow).
+        names = cluster.worker_pool_internal_names
         self.pools = [
-            _Pool(spec.name or f"worker-nodes-{number:02d}", spec)
-            for number, spec in enumerate(cluster.spec.worker_pools, 1)
+            _Pool(name, spec)
+            for name, spec in zip(names, cluster.spec.worker_pools, strict=False)
             if spec.adaptive
         ]
         self._demand: dict[Any, tuple[str | None, float]] = {}
