@@ -61,6 +61,7 @@ class _Session:
         self._stack = ExitStack()
         self._ready = False
         self._failure: BaseException | None = None
+        self._failure_raised = False
         self._lock = threading.Lock()
         self._remote: Any = None
         self._remote_by_options: dict[str, Any] = {}
@@ -81,7 +82,7 @@ class _Session:
 
         def start() -> None:
             try:
-                self.ensure_ready(runner)
+                self.ensure_ready(runner, background=True)
             except BaseException as exc:
                 logging.getLogger(__name__).warning("The Ray cluster could not start: %s", exc)
 
@@ -91,11 +92,16 @@ class _Session:
                                          name="raydog-provision")
         self._starter.start()
 
-    def ensure_ready(self, runner: RayDogTaskRunner) -> None:
+    def ensure_ready(self, runner: RayDogTaskRunner, background: bool = False) -> None:
+        """Start once; the first submission after a failed start gets its error, later ones say
+        that the cluster could not start."""
         with self._lock:
             if self._ready:
                 return
             if self._failure is not None:
+                if not self._failure_raised:
+                    self._failure_raised = True
+                    raise self._failure
                 raise RuntimeError(f"The Ray cluster could not start: {self._failure}")
             flow_ctx = FlowRunContext.get()
             if flow_ctx and flow_ctx.flow_run:
@@ -103,7 +109,7 @@ class _Session:
             try:
                 self._start(runner)
             except BaseException as exc:
-                self._failure = exc
+                self._failure, self._failure_raised = exc, not background
                 self._stack.close()
                 raise
             self._ready = True
