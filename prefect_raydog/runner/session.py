@@ -130,8 +130,7 @@ class _Session:
             )
         else:
             address = self._provision(runner, logger)
-            if self._closing.is_set():
-                raise RuntimeError("The flow run ended while the Ray cluster was starting.")
+            self._check_not_closing()
             _connect(address, {**runner.init_kwargs, "runtime_env": self._runtime_env(runner)},
                      logger, self._closing)
             self._stack.callback(ray.shutdown)
@@ -166,6 +165,8 @@ class _Session:
         )
         cluster = self.cluster = RayDogCluster(spec, client=config.credentials.get_client())
         self._stack.callback(self._shut_down, cluster, logger)
+        # close() sets _closing and then shuts down self.cluster: one of the two sees the other.
+        self._check_not_closing()
         head = cluster.build(workers_to_join=0)
         self.stats.head_ready_s = cluster.timings.get("head_executing_s")
         logger.info("Head node ready at %s after %.1f s.", head.private_ip,
@@ -235,14 +236,17 @@ class _Session:
                 logger.info("%d Ray worker node(s) joined after %.1f s.", joined,
                             self.stats.workers_ready_s)
                 return
-            if self._closing.is_set():
-                raise RuntimeError("The flow run ended while the Ray cluster was starting.")
+            self._check_not_closing()
             if time.monotonic() > self._build_deadline:
                 raise TimeoutError(
                     f"Only {joined} of {wanted} Ray worker nodes joined cluster "
                     f"{self.cluster_name} within its build timeout."
                 )
             time.sleep(0.25)
+
+    def _check_not_closing(self) -> None:
+        if self._closing.is_set():
+            raise RuntimeError("The flow run ended while the Ray cluster was starting.")
 
     def _runtime_env(self, runner: RayDogTaskRunner) -> dict[str, Any]:
         runtime_env = dict(runner.init_kwargs.get("runtime_env") or {})
