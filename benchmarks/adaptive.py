@@ -36,6 +36,8 @@ from prefect_raydog.task_runners import RayDogTaskRunner  # noqa: E402
 SLOW_BOOT = "bench/slow-boot"
 FULL = {"tasks": 60, "pause_s": 60.0, "boot_s": 20.0, "prepare_s": 20.0}
 QUICK = {"tasks": 6, "pause_s": 4.0, "boot_s": 2.0, "prepare_s": 2.0, "cooldown_s": 1.0}
+FIXED = {"name": "workers", "count": 3}
+ADAPTIVE = {"name": "workers", "min_count": 0, "max_count": 3}
 
 
 @task
@@ -86,42 +88,34 @@ def _node_ids(platform: LocalPlatform) -> set[str]:
     return {node.id for node in nodes.iterate()}
 
 
-def _bursty(platform: LocalPlatform, pool: dict[str, Any], size: dict[str, Any],
-            workers_to_join: int) -> tuple[float, float]:
-    """Wall seconds and worker node-seconds of one bursty flow run."""
+def _flow_run(platform: LocalPlatform, pool: dict[str, Any], size: dict[str, Any],
+              provision: str, prepare_s: float, bursts: int,
+              template: str | None = None) -> tuple[float, float, float]:
+    """Wall seconds, worker node-seconds and seconds to the first result of one flow run that
+    prepares for `prepare_s`, submits one task, then runs `bursts` bursts with pauses between."""
     # Adaptive: shrunk nodes stop 2 s after their task is aborted. Fixed: the default, as a
     # node that boots before the head is ready sits idle until its task arrives.
     idle = {"idle_node_shutdown": timedelta(seconds=2)} if "min_count" in pool else {}
-    config = _config(platform, pool, workers_to_join=workers_to_join, **idle)
+    joined = pool.get("count", 0)
+    config = _config(platform, pool, template=template, workers_to_join=joined, **idle)
 
-    @flow(task_runner=_runner(platform, config))
-    def bursty() -> None:
-        one_second.map(range(size["tasks"])).result()
-        time.sleep(size["pause_s"])
-        one_second.map(range(size["tasks"])).result()
+    @flow(task_runner=_runner(platform, config, provision=provision))
+    def bursty() -> float:
+        started = time.monotonic()
+        time.sleep(prepare_s)
+        nothing.submit().result()
+        first = time.monotonic() - started
+        for burst in range(bursts):
+            time.sleep(size["pause_s"] if burst else 0.0)
+            one_second.map(range(size["tasks"])).result()
+        return first
 
     known = _node_ids(platform)
     started = time.monotonic()
-    bursty()
+    first = bursty()
     wall = time.monotonic() - started
     _wait_until_nothing_live(platform)
-    return wall, _worker_node_seconds(platform, known)
-
-
-def _first_result_s(platform: LocalPlatform, provision: str, size: dict[str, Any]) -> float:
-    config = _config(platform, {"name": "workers", "count": 1}, template=SLOW_BOOT,
-                     workers_to_join=1)
-
-    @flow(task_runner=_runner(platform, config, provision=provision))
-    def prepares_then_submits() -> float:
-        started = time.monotonic()
-        time.sleep(size["prepare_s"])
-        nothing.submit().result()
-        return time.monotonic() - started
-
-    seconds = prepares_then_submits()
-    _wait_until_nothing_live(platform)
-    return seconds
+    return wall, _worker_node_seconds(platform, known), first
 
 
 def _wait_until_nothing_live(platform: LocalPlatform, timeout: float = 60.0) -> None:
@@ -141,12 +135,20 @@ def measure(quick: bool) -> dict[str, float]:
         )
         with prefect_test_harness(server_startup_timeout=120), \
                 LocalPlatform(templates=templates) as platform:
-            fixed_wall, fixed_ns = _bursty(platform, {"name": "workers", "count": 3}, size, 3)
-            adaptive_wall, adaptive_ns = _bursty(
-                platform, {"name": "workers", "min_count": 0, "max_count": 3}, size, 0
-            )
-            lazy = _first_result_s(platform, "lazy", size)
-            eager = _first_result_s(platform, "eager", size)
+            if quick:
+                # Two builds instead of four: the fixed pool's run is also the lazy one and the
+                # adaptive pool's the eager one (the figures of a smoke run are not kept).
+                fixed_wall, fixed_ns, lazy = _flow_run(
+                    platform, FIXED, size, "lazy", size["prepare_s"], 2)
+                adaptive_wall, adaptive_ns, eager = _flow_run(
+                    platform, ADAPTIVE, size, "eager", size["prepare_s"], 2)
+            else:
+                fixed_wall, fixed_ns, _ = _flow_run(platform, FIXED, size, "eager", 0.0, 2)
+                adaptive_wall, adaptive_ns, _ = _flow_run(platform, ADAPTIVE, size, "eager", 0.0, 2)
+                one = {"name": "workers", "count": 1}
+                _, _, lazy = _flow_run(platform, one, size, "lazy", size["prepare_s"], 0, SLOW_BOOT)
+                _, _, eager = _flow_run(
+                    platform, one, size, "eager", size["prepare_s"], 0, SLOW_BOOT)
     return {
         "adaptive_node_seconds_ratio": round(adaptive_ns / fixed_ns, 3),
         "adaptive_wall_ratio": round(adaptive_wall / fixed_wall, 3),
