@@ -132,14 +132,28 @@ class WorkerPoolSpec(NodeGroupSpec):
         ge=1,
         le=10_000,
         title="Nodes",
-        description="How many Ray worker nodes the pool starts with.",
+        description="How many Ray worker nodes the pool starts with (a pool without a range).",
+    )
+    min_count: int | None = Field(
+        default=None,
+        ge=0,
+        le=10_000,
+        title="Minimum nodes",
+        description=(
+            "With max_count, makes the pool adaptive: it starts with this many nodes and the "
+            "task runner grows it to max_count while task runs wait and shrinks it back when "
+            "its nodes sit idle; count is then not used."
+        ),
     )
     max_count: int | None = Field(
         default=None,
         ge=1,
         le=10_000,
         title="Maximum nodes",
-        description="How far the pool may be resized; the starting node count when empty.",
+        description=(
+            "How far the pool may be resized (the top of its range with min_count); the "
+            "starting node count when empty."
+        ),
     )
 
     @field_validator("name")
@@ -149,9 +163,31 @@ class WorkerPoolSpec(NodeGroupSpec):
 
     @model_validator(mode="after")
     def _max_not_below_count(self) -> WorkerPoolSpec:
-        if self.max_count is not None and self.max_count < self.count:
+        if self.min_count is not None:
+            if self.max_count is None:
+                raise ValueError("min_count needs max_count too: a range has both ends")
+            if self.max_count < self.min_count:
+                raise ValueError(
+                    f"max_count ({self.max_count}) is below min_count ({self.min_count})"
+                )
+        elif self.max_count is not None and self.max_count < self.count:
             raise ValueError(f"max_count ({self.max_count}) is below count ({self.count})")
         return self
+
+    @property
+    def adaptive(self) -> bool:
+        """Whether the pool has a range (min_count to max_count) that a task runner adapts."""
+        return self.min_count is not None
+
+    @property
+    def start_count(self) -> int:
+        """How many nodes the pool starts with: min_count for a range, else count."""
+        return self.min_count if self.min_count is not None else self.count
+
+    @property
+    def floor(self) -> int:
+        """The fewest nodes the pool may be resized to."""
+        return self.min_count if self.min_count is not None else 1
 
     @property
     def node_limit(self) -> int:
@@ -261,7 +297,7 @@ class ClusterSpec(BaseModel):
         duplicates = sorted({name for name in names if names.count(name) > 1})
         if duplicates:
             raise ValueError(f"worker pool names must be unique; repeated: {duplicates}")
-        total = sum(pool.count for pool in self.worker_pools)
+        total = sum(pool.start_count for pool in self.worker_pools)
         if self.workers_to_join > total:
             raise ValueError(
                 f"workers_to_join ({self.workers_to_join}) exceeds the {total} worker nodes "

@@ -25,7 +25,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from prefect.context import (
     AssetContext,
@@ -114,6 +114,9 @@ class RayDogTaskRunner(RayTaskRunner):
         node_api_url: the Prefect API URL that nodes use, when it differs from this process's.
         api_relay_address: an address of this machine that nodes reach; the runner relays the
             Prefect API there for the flow run (the local preset uses the platform's own).
+        provision: "eager" (the default) starts provisioning when the flow run starts, in the
+            background, so the first submission waits only for what is left; "lazy" provisions
+            at the first submission, so a flow run that submits nothing provisions nothing.
 
     Example:
         ```python
@@ -123,7 +126,8 @@ class RayDogTaskRunner(RayTaskRunner):
         ```
     """
 
-    _CONFIG_FIELDS = ("cluster", "address", "init_kwargs", "node_api_url", "api_relay_address")
+    _CONFIG_FIELDS = ("cluster", "address", "init_kwargs", "node_api_url", "api_relay_address",
+                      "provision")
 
     def __init__(
         self,
@@ -133,13 +137,19 @@ class RayDogTaskRunner(RayTaskRunner):
         init_kwargs: dict[str, Any] | None = None,
         node_api_url: str | None = None,
         api_relay_address: str | None = None,
+        provision: Literal["eager", "lazy"] = "eager",
     ) -> None:
         if cluster is not None and address is not None:
             raise ValueError(
                 "RayDogTaskRunner: pass either `cluster` (provision a cluster) or `address` "
                 "(attach to a running one), not both."
             )
+        if provision not in ("eager", "lazy"):
+            raise ValueError(
+                f"RayDogTaskRunner: provision must be 'eager' or 'lazy', not {provision!r}."
+            )
         super().__init__(address=address, init_kwargs=init_kwargs)
+        self.provision = provision
         self.cluster = _cluster_reference(cluster)
         self.node_api_url = node_api_url
         self.api_relay_address = api_relay_address
@@ -169,7 +179,8 @@ class RayDogTaskRunner(RayTaskRunner):
         return state
 
     def __repr__(self) -> str:
-        fields = ", ".join(f"{k}={v!r}" for k, v in self._config().items() if v)
+        fields = ", ".join(f"{k}={v!r}" for k, v in self._config().items()
+                           if v and (k, v) != ("provision", "eager"))
         return f"RayDogTaskRunner({fields})"
 
     def __enter__(self) -> Self:
@@ -177,6 +188,8 @@ class RayDogTaskRunner(RayTaskRunner):
         if _inside_ray_worker():
             return self
         self._session = take_session(self)
+        if self.provision == "eager":
+            self._session.start_in_background(self)
         return self
 
     def __exit__(self, *exc_info: Any) -> None:

@@ -13,6 +13,7 @@ from process_nodes import run_leaving_nothing
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 EXPECTED_KEYS = {
+    "adaptive.py": {"adaptive_node_seconds_ratio", "adaptive_wall_ratio", "eager_saved_s"},
     "local_platform.py": {"get_task_p50_ms", "get_task_p95_ms", "add_1000_tasks_s"},
     "builder.py": {"build_overhead_s", "shutdown_s_1_pool", "shutdown_s_10_pools"},
     "autoscaler.py": {"scale_up_s", "api_calls_per_scale_up", "node_seconds_ratio_vs_fixed"},

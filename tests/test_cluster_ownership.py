@@ -26,6 +26,7 @@ from prefect_raydog.errors import (
     ClusterBuildError,
     ClusterBuildTimeout,
     ClusterShutdownError,
+    ClusterStateError,
     NodeTaskFailed,
 )
 from prefect_raydog.spec import NodeGroupSpec, WorkerPoolSpec
@@ -114,6 +115,30 @@ def test_resize_grows_a_pool_whose_worker_tasks_have_all_ended(client):
             what="two new worker tasks to run",
         )
         assert len(workers) == 2
+
+
+def test_a_pool_with_a_range_shrinks_to_nothing_and_grows_back(client):
+    pool = WorkerPoolSpec(template_id=SIMULATED, name="r", min_count=0, max_count=2)
+    cluster = RayDogCluster(simulated_spec(pools=0, worker_pools=[pool]), client=client)
+    with pytest.raises(ClusterStateError, match="resize it after build"):
+        cluster.resize_worker_pool("r", 1)
+
+    def executing_workers(count: int) -> bool:
+        tasks = [t for t in _live_tasks(client, cluster) if t.id != cluster.head_node_task_id]
+        return len(tasks) == count and all(t.status == TaskStatus.EXECUTING for t in tasks)
+
+    with cluster:
+        assert executing_workers(0)
+        with pytest.raises(ValueError, match="can have 0 to 2 nodes, not 3"):
+            cluster.resize_worker_pool("r", 3)
+        for size in (2, 0, 1, 0):
+            # At once after each other: an aborted node task may still be ending.
+            cluster.resize_worker_pool("r", size)
+        wait_for(lambda: executing_workers(0), timeout=30, what="the pool's tasks to end")
+        cluster.resize_worker_pool("r", 1)
+        wait_for(lambda: executing_workers(1), timeout=30, what="a worker task in a new group")
+        requirement = client.work_client.get_work_requirement_by_id(cluster.work_requirement_id)
+        assert len(requirement.taskGroups) >= 3  # head, the pool's first group, a later one
 
 
 def test_add_worker_pool_merges_keyword_fields_into_the_spec(client):

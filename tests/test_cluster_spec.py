@@ -55,6 +55,27 @@ def _error(**fields) -> str:
             "max_count (2) is below count (3)",
         ),
         (
+            {"worker_pools": [{"template_id": "t", "min_count": 1}]},
+            "worker_pools.0",
+            "min_count needs max_count too",
+        ),
+        (
+            {"worker_pools": [{"template_id": "t", "min_count": 3, "max_count": 2}]},
+            "worker_pools.0",
+            "max_count (2) is below min_count (3)",
+        ),
+        (
+            {"worker_pools": [{"template_id": "t", "min_count": -1, "max_count": 2}]},
+            "worker_pools.0.min_count",
+            "greater than or equal to 0",
+        ),
+        (
+            {"workers_to_join": 1,
+             "worker_pools": [{"template_id": "t", "min_count": 0, "max_count": 2}]},
+            "workers_to_join",
+            "exceeds the 0 worker nodes",
+        ),
+        (
             {
                 "worker_pools": [
                     {"template_id": "t", "name": "a"},
@@ -134,3 +155,10 @@ def test_errors_survive_pickling_with_what_was_cleaned_up():
     assert copy.cleaned_up == ["pool a"] and copy.not_cleaned_up == ["pool b"]
     shutdown = pickle.loads(pickle.dumps(ClusterShutdownError("left: x", ["x"])))
     assert shutdown.not_ended == ["x"] and str(shutdown) == "left: x"
+
+
+def test_a_range_makes_an_adaptive_pool_that_starts_at_its_minimum():
+    ranged = WorkerPoolSpec(template_id="t", count=5, min_count=0, max_count=3)
+    fixed = WorkerPoolSpec(template_id="t", count=2)
+    assert (ranged.adaptive, ranged.start_count, ranged.floor, ranged.node_limit) == (True, 0, 0, 3)
+    assert (fixed.adaptive, fixed.start_count, fixed.floor, fixed.node_limit) == (False, 2, 1, 2)

@@ -253,7 +253,9 @@ class RayDogCluster(_WorkerPools):
         self._start_head_node(watch, environment, deadline)
         self.timings["head_executing_s"] = time.monotonic() - started
         self._enter_step("adding the worker node tasks", on_step)
-        _parallel([lambda g=g: self._add_worker_tasks(g, g.spec.count) for g in self._workers])
+        _parallel(
+            [lambda g=g: self._add_worker_tasks(g, g.spec.start_count) for g in self._workers]
+        )
         self._enter_step("waiting for the worker nodes", on_step)
         if joined:
             self._wait_for_workers(watch, joined, deadline)

@@ -116,7 +116,7 @@ def _new_group(
 def provision_pool(client: PlatformClient, group: NodeGroup, cluster: ClusterSpec) -> None:
     """Provision the group's worker pool and record its pool and compute requirement IDs."""
     spec = group.spec
-    count = spec.count if isinstance(spec, WorkerPoolSpec) else 1
+    count = spec.start_count if isinstance(spec, WorkerPoolSpec) else 1
     usage = ComputeRequirementTemplateUsage(
         templateId=spec.template_id,
         requirementName=group.requirement_name,

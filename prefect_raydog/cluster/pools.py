@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from yellowdog_client import PlatformClient
 from yellowdog_client.model import TaskGroupStatus
+from yellowdog_client.model.exceptions import InvalidRequestException
 
 from prefect_raydog.cluster.client import _parallel
 from prefect_raydog.cluster.nodes import NodeGroup, append_task_group, live_task_ids
@@ -65,7 +66,7 @@ class _WorkerPools:
             try:
                 self._provision_group(group)
                 self._append_task_group(group)
-                self._add_worker_tasks(group, spec.count)
+                self._add_worker_tasks(group, spec.start_count)
             except BaseException:
                 self._workers.remove(group)
                 raise
@@ -101,23 +102,29 @@ class _WorkerPools:
 
     def resize_worker_pool(self, internal_name: str, count: int) -> None:
         """Grow the pool by adding node tasks, or shrink it by aborting its newest node tasks (their
-        nodes then end by idle node shutdown). At most the pool's `max_count` nodes."""
+        nodes then end by idle node shutdown). At least the pool's `min_count` nodes (1 without a
+        range), at most its `max_count`. A pool whose task group finished (every node task ended,
+        e.g. an adaptive pool shrunk to 0) grows into a new task group on the same workers."""
         group = self._worker_group(internal_name)
         spec = group.spec
         assert isinstance(spec, WorkerPoolSpec)
-        if count < 1 or count > group.node_limit:
+        if count < spec.floor or count > group.node_limit:
             raise ValueError(
-                f"Worker pool {internal_name!r} can have 1 to {group.node_limit} nodes, "
-                f"not {count}; "
+                f"Worker pool {internal_name!r} can have {spec.floor} to {group.node_limit} "
+                f"nodes, not {count}; "
                 "set max_count when adding the pool to let it grow further"
             )
         if self._state == "new":
+            if spec.adaptive:
+                raise ClusterStateError(
+                    f"Worker pool {internal_name!r} has a range and starts at its min_count; "
+                    "resize it after build()"
+                )
             group.spec = spec.model_copy(update={"count": count})
             return
         live = live_task_ids(self.yd_client, self.work_requirement_id, group)
         if count > len(live):
-            self._reopen_if_finished(group)
-            self._add_worker_tasks(group, count - len(live))
+            self._grow(group, count - len(live))
         elif count < len(live):
             work = self.yd_client.work_client
             extra = live[count:]
@@ -127,17 +134,27 @@ class _WorkerPools:
             "Resized worker pool %s of cluster %s to %d nodes", internal_name, self.spec.name, count
         )
 
-    def _reopen_if_finished(self, group: NodeGroup) -> None:
+    def _grow(self, group: NodeGroup, count: int) -> None:
+        self._reopen_if_finished(group)
+        try:
+            self._add_worker_tasks(group, count)
+        except InvalidRequestException:
+            # Its last aborted task ended between the look and the add: the group has finished.
+            if not self._reopen_if_finished(group):
+                raise
+            self._add_worker_tasks(group, count)
+
+    def _reopen_if_finished(self, group: NodeGroup) -> bool:
         """A task group whose tasks all ended has finished and takes no more tasks: give the pool
-        a new task group (same workers) to grow into."""
+        a new task group (same workers) to grow into. Whether it did."""
         requirement = self.yd_client.work_client.get_work_requirement_by_id(
             self.work_requirement_id
         )
         current = next(tg for tg in requirement.taskGroups or [] if tg.id == group.task_group_id)
         if current.status is None or current.status not in _FINISHED_TASK_GROUP:
-            return
+            return False
         group.generation += 1
         group.task_group_name = f"{group.task_group_base}-{group.generation}"
         group.task_ids = []
         self._append_task_group(group)
-
+        return True

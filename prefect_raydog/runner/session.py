@@ -4,6 +4,7 @@ tears it down, shared by a flow and its subflows in this process."""
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import os
 import signal
@@ -21,6 +22,8 @@ from prefect.states import exception_to_crashed_state
 from prefect.utilities.asyncutils import run_coro_as_sync
 from prefect.utilities.importtools import lazy_import
 
+from prefect_raydog.runner.adaptive import AdaptivePools
+from prefect_raydog.runner.heldlog import HeldRunLog
 from prefect_raydog.runner.node import _Outcome, _run_on_node
 from prefect_raydog.runner.placement import _with_pool_resources
 from prefect_raydog.runner.recorded import wait_for_final_states
@@ -58,18 +61,47 @@ class _Session:
         self._stack = ExitStack()
         self._ready = False
         self._failure: BaseException | None = None
+        self._failure_raised = False
         self._lock = threading.Lock()
         self._remote: Any = None
         self._remote_by_options: dict[str, Any] = {}
         self._reporter: Any = None
         self._workers_to_join = 0
         self._build_deadline = 0.0
+        self.cluster: Any = None
+        self.adaptive: AdaptivePools | None = None
+        self._starter: threading.Thread | None = None
+        self._held_log: HeldRunLog | None = None
+        self._closing = threading.Event()
 
-    def ensure_ready(self, runner: RayDogTaskRunner) -> None:
+    def start_in_background(self, runner: RayDogTaskRunner) -> None:
+        """Provision and connect now, in the background: the first submission waits only for
+        what is left, and a failure is raised there."""
+        if self._ready or self._failure is not None or self._starter is not None:
+            return
+
+        def start() -> None:
+            try:
+                self.ensure_ready(runner, background=True)
+            except BaseException as exc:
+                logging.getLogger(__name__).warning("The Ray cluster could not start: %s", exc)
+
+        self._held_log = HeldRunLog(runner.logger)
+        context = contextvars.copy_context()
+        self._starter = threading.Thread(target=context.run, args=(start,), daemon=True,
+                                         name="raydog-provision")
+        self._starter.start()
+
+    def ensure_ready(self, runner: RayDogTaskRunner, background: bool = False) -> None:
+        """Start once; the first submission after a failed start gets its error, later ones say
+        that the cluster could not start."""
         with self._lock:
             if self._ready:
                 return
             if self._failure is not None:
+                if not self._failure_raised:
+                    self._failure_raised = True
+                    raise self._failure
                 raise RuntimeError(f"The Ray cluster could not start: {self._failure}")
             flow_ctx = FlowRunContext.get()
             if flow_ctx and flow_ctx.flow_run:
@@ -77,13 +109,13 @@ class _Session:
             try:
                 self._start(runner)
             except BaseException as exc:
-                self._failure = exc
+                self._failure, self._failure_raised = exc, not background
                 self._stack.close()
                 raise
             self._ready = True
 
     def _start(self, runner: RayDogTaskRunner) -> None:
-        logger = _run_logger(runner)
+        logger = self._held_log or _run_logger(runner)
         if runner.address and ray.is_initialized():
             logger.info("Using the Ray cluster this process is already connected to.")
         elif runner.address:
@@ -98,10 +130,14 @@ class _Session:
             )
         else:
             address = self._provision(runner, logger)
+            self._check_not_closing()
             _connect(address, {**runner.init_kwargs, "runtime_env": self._runtime_env(runner)},
-                     logger)
+                     logger, self._closing)
             self._stack.callback(ray.shutdown)
             self._wait_for_workers(logger)
+            self.adaptive = AdaptivePools.start(self.cluster, self.stats, logger)
+            if self.adaptive is not None:
+                self._stack.callback(self.adaptive.stop)
         from concurrent.futures import ThreadPoolExecutor
 
         self._reporter = self._stack.enter_context(ThreadPoolExecutor(1, "raydog-crash-report"))
@@ -121,14 +157,16 @@ class _Session:
             refuse_loopback_api(PREFECT_API_URL.value())  # before anything is provisioned
         spec = _with_pool_resources(config.to_spec(config.cluster_name(self.flow_run_id)))
         self.cluster_name = spec.name
-        self.stats.pools = [(p.name or f"pool-{i}", p.count)
+        self.stats.pools = [(p.name or f"pool-{i}", p.start_count)
                             for i, p in enumerate(spec.worker_pools, 1)]
         logger.info(
             "Provisioning Ray cluster %s in namespace %s: a head node and %d worker node(s).",
-            spec.name, spec.namespace, sum(p.count for p in spec.worker_pools),
+            spec.name, spec.namespace, sum(p.start_count for p in spec.worker_pools),
         )
-        cluster = RayDogCluster(spec, client=config.credentials.get_client())
+        cluster = self.cluster = RayDogCluster(spec, client=config.credentials.get_client())
         self._stack.callback(self._shut_down, cluster, logger)
+        # close() sets _closing and then shuts down self.cluster: one of the two sees the other.
+        self._check_not_closing()
         head = cluster.build(workers_to_join=0)
         self.stats.head_ready_s = cluster.timings.get("head_executing_s")
         logger.info("Head node ready at %s after %.1f s.", head.private_ip,
@@ -198,12 +236,17 @@ class _Session:
                 logger.info("%d Ray worker node(s) joined after %.1f s.", joined,
                             self.stats.workers_ready_s)
                 return
+            self._check_not_closing()
             if time.monotonic() > self._build_deadline:
                 raise TimeoutError(
                     f"Only {joined} of {wanted} Ray worker nodes joined cluster "
                     f"{self.cluster_name} within its build timeout."
                 )
             time.sleep(0.25)
+
+    def _check_not_closing(self) -> None:
+        if self._closing.is_set():
+            raise RuntimeError("The flow run ended while the Ray cluster was starting.")
 
     def _runtime_env(self, runner: RayDogTaskRunner) -> dict[str, Any]:
         runtime_env = dict(runner.init_kwargs.get("runtime_env") or {})
@@ -221,9 +264,19 @@ class _Session:
 
     def track(self, ref: Any, task: Task, task_run_id: uuid.UUID) -> None:
         self.in_flight[ref] = None
+        if self.adaptive is not None:
+            self.adaptive.submitted(ref)
+        if self.flow_run_id is None and (flow_ctx := FlowRunContext.get()) and flow_ctx.flow_run:
+            self.flow_run_id = flow_ctx.flow_run.id
+            if self._held_log is not None:
+                from prefect.logging.loggers import flow_run_logger
+
+                self._held_log.attach(flow_run_logger(flow_ctx.flow_run, flow_ctx.flow))
 
         def on_completed(outcome: Any) -> None:
             self.in_flight.pop(ref, None)
+            if self.adaptive is not None:
+                self.adaptive.finished(ref)
             self.last_done = time.monotonic()
             if isinstance(outcome, _Outcome):
                 self.stats.record(outcome.node_ip)
@@ -268,11 +321,22 @@ class _Session:
                 logging.getLogger(__name__).debug("Could not cancel %s", ref, exc_info=True)
 
     def close(self) -> None:
+        self._end_background_start()
         try:
             if self._ready and self.flow_run_id is not None:
                 self._publish_artifact()
         finally:
             self._stack.close()
+
+    def _end_background_start(self) -> None:
+        """A flow run that ends while its cluster is still starting: interrupt the build."""
+        if self._starter is None or not self._starter.is_alive():
+            return
+        self._closing.set()
+        if self.cluster is not None:
+            with contextlib.suppress(Exception):
+                self.cluster.shut_down()
+        self._starter.join()
 
     def _publish_artifact(self) -> None:
         from prefect.client.orchestration import get_client
@@ -332,8 +396,10 @@ def _run_logger(runner: RayDogTaskRunner) -> logging.Logger | logging.LoggerAdap
         return runner.logger
 
 
-def _connect(address: str, init_kwargs: dict[str, Any], logger: Any) -> None:
-    """Connect to Ray, retrying while a new head's client server is still starting."""
+def _connect(address: str, init_kwargs: dict[str, Any], logger: Any,
+             stop: threading.Event | None = None) -> None:
+    """Connect to Ray, retrying while a new head's client server is still starting (until
+    `stop` is set: the flow run ended while its cluster was starting)."""
     kwargs = {"namespace": "prefect", "log_to_driver": False, **init_kwargs}
     if address == "local":
         kwargs.setdefault("include_dashboard", False)
@@ -343,7 +409,7 @@ def _connect(address: str, init_kwargs: dict[str, Any], logger: Any) -> None:
                 ray.init(address, **kwargs)
             break
         except ConnectionError as exc:
-            if attempt == _CLIENT_CONNECT_ATTEMPTS:
+            if attempt == _CLIENT_CONNECT_ATTEMPTS or (stop is not None and stop.is_set()):
                 raise ConnectionError(
                     f"Could not connect to the Ray cluster at {address} after {attempt} "
                     f"attempts: {exc}"

@@ -16,11 +16,17 @@ class _ClusterStats:
         self.tasks_per_node: dict[str, int] = {}
         self.crashed = 0
         self.pools: list[tuple[str, int]] = []
+        self.sizes: list[tuple[float, str, int]] = []
         self._lock = threading.Lock()
 
     def record(self, node_ip: str) -> None:
         with self._lock:
             self.tasks_per_node[node_ip] = self.tasks_per_node.get(node_ip, 0) + 1
+
+    def record_size(self, pool: str, size: int) -> None:
+        """An adaptive pool's size (asked of the Builder) from now on."""
+        with self._lock:
+            self.sizes.append((time.monotonic() - self.started, pool, size))
 
     def markdown(self, cluster_name: str) -> str:
         elapsed_h = (time.monotonic() - self.started) / 3600
@@ -40,8 +46,28 @@ class _ClusterStats:
             "| node | tasks |",
             "|---|---|",
             *(f"| {ip} | {n} |" for ip, n in sorted(self.tasks_per_node.items())),
+            *self._sizes_markdown(),
         ]
         return "\n".join(rows)
+
+    def _sizes_markdown(self) -> list[str]:
+        if not self.sizes:
+            return []
+        pools = sorted({pool for _, pool, _ in self.sizes})
+        charts = [f"- `{pool}`: `{_sparkline([s for _, p, s in self.sizes if p == pool])}`"
+                  for pool in pools]
+        return [
+            "", "### Adaptive pool sizes", "", *charts, "",
+            "| time (s) | pool | nodes |", "|---|---|---|",
+            *(f"| {t:.1f} | {pool} | {size} |" for t, pool, size in self.sizes),
+        ]
+
+
+def _sparkline(sizes: list[int]) -> str:
+    """The sizes as a row of block characters, one per change, tallest at the pool's maximum."""
+    bars = " ▁▂▃▄▅▆▇█"
+    top = max(sizes) or 1
+    return "".join(bars[round(size / top * (len(bars) - 1))] for size in sizes)
 
 
 def _seconds(value: float | None) -> str:
