@@ -40,7 +40,8 @@ if TYPE_CHECKING:
 
 ray = lazy_import("ray")
 
-_CLIENT_CONNECT_ATTEMPTS = 30
+# Each `ray.init` retries for up to 30 s by itself; past this, a head's client server is gone.
+_CLIENT_CONNECT_TIMEOUT_S = 120.0
 # Unsaved config blocks live here, by token, so a pickled runner never carries their secrets.
 _UNSAVED_CONFIGS: dict[str, RayDogClusterConfig] = {}
 
@@ -403,16 +404,18 @@ def _connect(address: str, init_kwargs: dict[str, Any], logger: Any,
     kwargs = {"namespace": "prefect", "log_to_driver": False, **init_kwargs}
     if address == "local":
         kwargs.setdefault("include_dashboard", False)
-    for attempt in range(1, _CLIENT_CONNECT_ATTEMPTS + 1):
+    deadline, attempt = time.monotonic() + _CLIENT_CONNECT_TIMEOUT_S, 0
+    while True:
+        attempt += 1
         try:
             with _signal_handlers_kept(), _connection_noise_hidden():
                 ray.init(address, **kwargs)
             break
         except ConnectionError as exc:
-            if attempt == _CLIENT_CONNECT_ATTEMPTS or (stop is not None and stop.is_set()):
+            if time.monotonic() > deadline or (stop is not None and stop.is_set()):
                 raise ConnectionError(
                     f"Could not connect to the Ray cluster at {address} after {attempt} "
-                    f"attempts: {exc}"
+                    f"attempts in {_CLIENT_CONNECT_TIMEOUT_S:g} s: {exc}"
                 ) from exc
             time.sleep(min(0.2 * attempt, 2.0))
     alive = [node for node in ray.nodes() if node.get("Alive")]
