@@ -304,8 +304,10 @@ class YellowDogCluster:
         return f"{node_type}-{self.record.cluster_id}"
 
     def _task_group(self, name: str, node_type: str, is_head: bool) -> TaskGroup:
+        # A worker group stays open when all its nodes have gone, for the next scale-up.
         return TaskGroup(
             name=name, tag=node_type, finishIfAnyTaskFailed=is_head,
+            finishIfAllTasksFinished=is_head,
             runSpecification=RunSpecification(
                 taskTypes=["bash"], taskTimeout=self.lifetime, namespaces=[self.namespace],
                 workerTags=[self._worker_tag(node_type)]))
