@@ -1,18 +1,27 @@
 """Helpers for tests of the RayDog Autoscaler: a cluster YAML from `docs/examples` adapted to a
-test (own namespace, fresh SSH key, small timeouts), and Ray's CLI run against it."""
+test (own namespace, fresh SSH key, small timeouts), Ray's CLI run against it, and Ray tasks held
+on its workers through Ray Client."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import ray
 import yaml
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from prefect_raydog.local import LocalPlatform
+
+# The head's Ray workers cannot import this module: Ray Client sends its code along.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "docs" / "examples" / "autoscaler-local.yaml"
 RAY = str(Path(sys.executable).parent / "ray")
@@ -70,3 +79,48 @@ class RayCluster:
 
     def exec(self, command: str) -> str:
         return self.ray("exec", str(self.path), command).stdout
+
+
+@ray.remote(num_cpus=0)
+class Gate:
+    """Holds Ray tasks until the test opens it; records the YellowDog task (Ray node) that each
+    attempt of each held task started on."""
+
+    def __init__(self) -> None:
+        self.opened = False
+        self.arrivals: list[tuple[int, str]] = []
+
+    def arrive(self, index: int, node: str) -> None:
+        self.arrivals.append((index, node))
+
+    def is_open(self) -> bool:
+        return self.opened
+
+    def open(self) -> None:
+        self.opened = True
+
+    def seen(self) -> list[tuple[int, str]]:
+        return list(self.arrivals)
+
+
+@ray.remote(num_cpus=1, max_retries=3)
+def held(gate: Any, index: int) -> str:
+    """Wait at the gate on a worker node; the YellowDog task (Ray node id) it ran on."""
+    node = os.environ["YD_TASK_ID"]
+    ray.get(gate.arrive.remote(index, node))
+    while not ray.get(gate.is_open.remote()):
+        time.sleep(0.2)
+    return node
+
+
+@contextmanager
+def ray_client(head_ip: str) -> Iterator[Any]:
+    """This process connected to the cluster's Ray Client server; a Gate pinned to the head."""
+    ray.init(f"ray://{head_ip}:10001", namespace="autoscaler-tests", log_to_driver=False)
+    try:
+        head = next(n["NodeID"] for n in ray.nodes()
+                    if n["Alive"] and "node:__internal_head__" in n["Resources"])
+        yield Gate.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+            head, soft=False)).remote()
+    finally:
+        ray.shutdown()

@@ -1,18 +1,23 @@
 """The RayDog Autoscaler end to end on the local platform: `ray up` from the example YAML in
 `docs/examples`, Ray's own autoscaler on the head node using RayDogNodeProvider, `ray submit`,
-scale-up and idle scale-down, no secret in any YellowDog document, and `ray down` leaving
+scale-up and idle scale-down, no secret in any YellowDog document, a flow's tasks on workers added
+for it, workers replaced when their machine fails to boot or is killed, and `ray down` leaving
 nothing. One cluster serves the tests of this module, in order."""
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from autoscaler_helpers import RayCluster
+import ray
+from autoscaler_helpers import RayCluster, held, ray_client
 from conftest import assert_nothing_left, wait_for
+from prefect import flow, task
+from prefect.testing.utilities import prefect_test_harness
 from process_nodes import node_networking
 from ray.autoscaler.tags import (
     NODE_KIND_HEAD,
@@ -22,6 +27,7 @@ from ray.autoscaler.tags import (
     TAG_RAY_NODE_STATUS,
 )
 from yellowdog_client.model import (
+    InstanceSearch,
     NodeSearch,
     NodeStatus,
     TaskSearch,
@@ -30,7 +36,9 @@ from yellowdog_client.model import (
     WorkRequirementSearch,
 )
 
+from prefect_raydog.autoscaler import RayDogNodeProvider
 from prefect_raydog.local import LocalPlatform
+from prefect_raydog.task_runners import RayDogTaskRunner
 
 pytestmark = pytest.mark.ray
 
@@ -87,6 +95,42 @@ def _pools(cluster: RayCluster) -> dict[str, str]:
     pools = cluster.platform.client.worker_pool_client
     return {pool.name: pool.id for pool in pools.get_worker_pools(
         WorkerPoolSearch(namespace=cluster.namespace)).iterate() if not pool.status.finished}
+
+
+def _worker_tasks(cluster: RayCluster) -> dict:
+    """Every worker task (Ray node) the cluster has had, by id."""
+    work = cluster.platform.client.work_client
+    (requirement,) = _live_requirements(cluster)
+    return {task.id: task for task in work.get_tasks(TaskSearch(
+        workRequirementId=requirement.id)).iterate() if task.name.startswith("cpu-")}
+
+
+def _node_ip(cluster: RayCluster, node_id: str) -> str:
+    return cluster.platform.client.worker_pool_client.get_node_by_id(
+        node_id).details.privateIpAddress
+
+
+def _head_ip(cluster: RayCluster) -> str:
+    work = cluster.platform.client.work_client
+    (requirement,) = _live_requirements(cluster)
+    (head,) = [task for task in work.get_tasks(TaskSearch(
+        workRequirementId=requirement.id)).iterate()
+        if task.name.startswith("head-") and not task.status.finished]
+    return _node_ip(cluster, head.nodeId)
+
+
+def _provider(cluster: RayCluster, monkeypatch: pytest.MonkeyPatch) -> RayDogNodeProvider:
+    """The provider as `ray up` on this machine makes it: what it reports to Ray."""
+    for name in ("YD_API_URL", "YD_API_KEY_ID", "YD_API_KEY_SECRET", "HOME"):
+        monkeypatch.setenv(name, cluster.environment[name])
+    config = RayDogNodeProvider.bootstrap_config(cluster.config)
+    return RayDogNodeProvider(config["provider"], config["cluster_name"])
+
+
+def _held_on(gate: object, count: int) -> dict[int, str] | None:
+    """Held task index -> the Ray node its latest attempt runs on, once `count` have started."""
+    latest = dict(ray.get(gate.seen.remote()))
+    return latest if len(latest) >= count else None
 
 
 def _running_nodes(cluster: RayCluster, pool_id: str) -> int:
@@ -173,6 +217,86 @@ def test_a_restarted_monitor_finds_the_same_nodes_and_tags(
     # Written by `ray up` on this machine, read by a new provider on the head.
     assert tags[TAG_RAY_NODE_KIND] == NODE_KIND_HEAD
     assert tags[TAG_RAY_NODE_STATUS] == STATUS_UP_TO_DATE and tags[TAG_RAY_LAUNCH_CONFIG]
+
+
+@task
+def where_it_runs(x: int) -> tuple[str, str]:
+    time.sleep(1)
+    return os.environ["YD_TASK_ID"], ray.util.get_node_ip_address()
+
+
+def test_a_flow_runs_its_tasks_on_workers_the_autoscaler_adds_for_it(
+        cluster: RayCluster) -> None:
+    assert not [t for t in _worker_tasks(cluster).values() if not t.status.finished]
+    runner = RayDogTaskRunner(address=f"ray://{_head_ip(cluster)}:10001",
+                              api_relay_address=cluster.platform.host_address)
+
+    @flow(task_runner=runner)
+    def on_the_cluster() -> list[tuple[str, str]]:
+        return where_it_runs.map(range(2)).result()
+
+    with prefect_test_harness(server_startup_timeout=120):
+        ran_on = on_the_cluster()
+    workers = _worker_tasks(cluster)
+    assert ran_on and all(task_id in workers for task_id, _ in ran_on), (ran_on, list(workers))
+    for task_id, ip in ran_on:
+        assert ip == _node_ip(cluster, workers[task_id].nodeId)
+
+
+def _failed_boots(cluster: RayCluster, pool_id: str) -> int:
+    """Machines of the pool that ended without ever getting an address."""
+    clients = cluster.platform.client
+    pool = clients.worker_pool_client.get_worker_pool_by_id(pool_id)
+    return sum(1 for instance in clients.compute_client.get_instances(InstanceSearch(
+        computeRequirementId=pool.computeRequirementId)).iterate()
+        if instance.status.name == "TERMINATED" and not instance.privateIpAddress)
+
+
+def test_a_worker_whose_machine_fails_to_boot_still_joins_on_a_replacement(
+        cluster: RayCluster) -> None:
+    pool_id = next(pid for name, pid in _pools(cluster).items() if name.endswith("-cpu"))
+    failed_before = _failed_boots(cluster, pool_id)
+    cluster.platform.fail_node_boot(1, pool_id)
+    try:
+        with ray_client(_head_ip(cluster)) as gate:
+            refs = [held.remote(gate, index) for index in range(3)]
+            started = wait_for(lambda: _held_on(gate, 3), 240, interval=1.0,
+                               what="three worker nodes to run the held tasks")
+            ray.get(gate.open.remote())
+            ran_on = ray.get(refs, timeout=120)
+    finally:
+        cluster.platform.clear_faults()
+    assert _failed_boots(cluster, pool_id) == failed_before + 1
+    assert sorted(ran_on) == sorted(started.values()) and len(set(ran_on)) == 3
+    workers = _worker_tasks(cluster)
+    assert all(workers[node].status == TaskStatus.EXECUTING for node in ran_on)
+
+
+def test_a_killed_worker_is_reported_terminated_and_replaced_while_demand_remains(
+        cluster: RayCluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    platform = cluster.platform
+    with ray_client(_head_ip(cluster)) as gate:
+        refs = [held.remote(gate, index) for index in range(3)]
+        victim = wait_for(lambda: _held_on(gate, 3), 240, interval=1.0,
+                          what="three worker nodes to run the held tasks")[0]
+        platform.kill_node(_worker_tasks(cluster)[victim].nodeId)
+
+        def moved() -> str | None:
+            node = _held_on(gate, 3)[0]
+            return node if node != victim else None
+
+        replacement = wait_for(moved, 240, interval=1.0,
+                               what="the killed node's task to run again on a new node")
+        provider = _provider(cluster, monkeypatch)
+        live = provider.non_terminated_nodes({})
+        assert victim not in live and replacement in live
+        assert provider.is_terminated(victim) and provider.is_running(replacement)
+        ray.get(gate.open.remote())
+        ran_on = ray.get(refs, timeout=120)
+    assert victim not in ran_on and replacement in ran_on
+    killed = platform.client.work_client.get_task_by_id(victim)
+    assert killed.status == TaskStatus.FAILED
+    assert killed.errors[0].errorType == "ALLOCATION_LOST"
 
 
 def test_ray_down_leaves_nothing(cluster: RayCluster) -> None:

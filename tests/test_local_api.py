@@ -523,6 +523,22 @@ def test_a_node_that_fails_to_boot_never_runs_and_the_pool_still_shuts_down(yd: 
     assert len(yd.client.worker_pool_client.find_nodes(NodeSearch(workerPoolId=pool.id))) == 1
 
 
+def test_a_node_that_fails_to_boot_while_a_task_waits_is_replaced_by_the_pool(
+    yd: Workspace,
+) -> None:
+    yd.platform.fail_node_boot(1)
+    pool = yd.provision(count=0, maxNodes=1)
+    requirement = yd.requirement(yd.group())
+    (task,) = yd.add_tasks(requirement.taskGroups[0].id, 1)
+    running = yd.wait_task(task.id, TaskStatus.EXECUTING)
+    nodes = yd.client.worker_pool_client.find_nodes(NodeSearch(workerPoolId=pool.id))
+    assert [node.id for node in nodes] == [running.nodeId]
+    instances = yd.client.compute_client.get_instances(
+        InstanceSearch(computeRequirementId=pool.computeRequirementId)
+    ).list_all()
+    assert sorted(i.status.name for i in instances) == ["RUNNING", "TERMINATED"]
+
+
 def test_idle_nodes_and_then_the_idle_pool_shut_down(yd: Workspace) -> None:
     quick = AutoShutdown(enabled=True, timeout=timedelta(seconds=0.2))
     pool = yd.provision(

@@ -81,6 +81,7 @@ class RayDogNodeProvider(NodeProvider):
                     self._cluster.record = ClusterRecord.from_json(
                         (self._home / yaml_keys.CLUSTER_FILE).read_text())
                     self._store = FileTags(self._home / TAGS_DIR)
+                    self._cluster.watch_updates()
                 elif self._cluster.find() is not None:
                     self._attach()
             return self._cluster

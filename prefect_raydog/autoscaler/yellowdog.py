@@ -33,7 +33,7 @@ from yellowdog_client.model import (
 )
 
 from prefect_raydog.cluster import RayDogClusterProxy, ShutdownReport
-from prefect_raydog.cluster.waits import describe_task_end
+from prefect_raydog.cluster.waits import RequirementWatch, describe_task_end
 
 logger = logging.getLogger("prefect_raydog.autoscaler")
 
@@ -46,6 +46,9 @@ _LIVE_POOL = [status for status in WorkerPoolStatus if not status.finished]
 FIRST_POLL_S = 0.05
 MAX_POLL_S = 0.5
 CACHE_S = 1.0
+# With the work requirement's update stream, the task search is repeated only when an update came,
+# and at least this often in case the stream missed one.
+MAX_STALE_S = 10.0
 
 
 class HeadNodeFailed(RuntimeError):
@@ -120,7 +123,8 @@ class YellowDogCluster:
     _groups: dict[str, tuple[bool, str]] = field(default_factory=dict)
     _addresses: dict[str, tuple[str | None, str | None, str | None]] = field(default_factory=dict)
     _lock: threading.RLock = field(default_factory=threading.RLock)
-    _cache: tuple[float, list[LiveNode]] | None = None
+    _cache: tuple[float, int | None, list[LiveNode]] | None = None
+    _watch: RequirementWatch | None = None
 
     # ---- finding -----------------------------------------------------------------------------
 
@@ -138,17 +142,30 @@ class YellowDogCluster:
                 return self.record
         return None
 
+    def watch_updates(self) -> None:
+        """Follow the work requirement's update stream, so that `live_nodes` searches the tasks
+        only after something changed (for the monitor, which asks at every autoscaler update)."""
+        with self._lock:
+            if self._watch is None and self.record and self.record.work_requirement_id:
+                self._watch = RequirementWatch(self.client, self.record.work_requirement_id)
+
     def live_nodes(self) -> list[LiveNode]:
         """Every live task of the cluster (one search), with its node's addresses once known.
-        Ray asks several times per autoscaler update: answers within `CACHE_S` are shared."""
+        Ray asks several times per autoscaler update: answers within `CACHE_S` are shared, and
+        while the update stream says nothing changed, for up to `MAX_STALE_S`."""
         if self.record is None:
             return []
+        watch = self._watch
+        version = watch.version if watch is not None and watch.streaming else None
         with self._lock:
-            if self._cache is not None and time.monotonic() - self._cache[0] < CACHE_S:
-                return list(self._cache[1])
+            if self._cache is not None:
+                age = time.monotonic() - self._cache[0]
+                unchanged = version is not None and version == self._cache[1]
+                if age < CACHE_S or (unchanged and age < MAX_STALE_S):
+                    return list(self._cache[2])
         nodes = self._search_live_nodes()
         with self._lock:
-            self._cache = (time.monotonic(), nodes)
+            self._cache = (time.monotonic(), version, nodes)
         return list(nodes)
 
     def _search_live_nodes(self) -> list[LiveNode]:
@@ -287,8 +304,10 @@ class YellowDogCluster:
         return f"{node_type}-{self.record.cluster_id}"
 
     def _task_group(self, name: str, node_type: str, is_head: bool) -> TaskGroup:
+        # A worker group stays open when all its nodes have gone, for the next scale-up.
         return TaskGroup(
             name=name, tag=node_type, finishIfAnyTaskFailed=is_head,
+            finishIfAllTasksFinished=is_head,
             runSpecification=RunSpecification(
                 taskTypes=["bash"], taskTimeout=self.lifetime, namespaces=[self.namespace],
                 workerTags=[self._worker_tag(node_type)]))
@@ -316,6 +335,9 @@ class YellowDogCluster:
         name carries this cluster's id, through the Builder's teardown."""
         if self.record is None:
             return ShutdownReport()
+        if self._watch is not None:
+            self._watch.close()
+            self._watch = None
         prefix = f"{self.record.full_name}-"
         search = WorkerPoolSearch(namespace=self.namespace, statuses=_LIVE_POOL)
         pool_ids = {pool.id for pool in self.client.worker_pool_client.get_worker_pools(

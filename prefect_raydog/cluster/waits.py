@@ -37,12 +37,21 @@ class RequirementWatch(SubscriptionEventListener[WorkRequirement]):
         self._stamp = datetime.min
         self._streaming = True
         self._started = time.monotonic()
+        self.version = 0
+        """How many updates have come: a reader that saw this number has missed none since."""
         client.work_client.add_work_requirement_listener_by_id(work_requirement_id, self)
+
+    @property
+    def streaming(self) -> bool:
+        """Whether updates arrive: the stream is open and its first event has come."""
+        with self._changed:
+            return self._streaming and self._latest is not None
 
     def updated(self, obj: WorkRequirement) -> None:
         # The SDK hands each event to its own thread: keep the newest, whatever the order.
         stamp = _stamp(obj)
         with self._changed:
+            self.version += 1
             if self._latest is None or stamp >= self._stamp:
                 self._latest, self._stamp = obj, stamp
             self._changed.notify_all()

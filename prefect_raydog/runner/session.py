@@ -117,6 +117,9 @@ class _Session:
 
     def _start(self, runner: RayDogTaskRunner) -> None:
         logger = self._held_log or _run_logger(runner)
+        if runner.address and runner.api_relay_address and not self.node_api_url:
+            self.node_api_url = self._relay_api(runner.api_relay_address)
+            logger.info("Nodes reach the Prefect API at %s.", self.node_api_url)
         if runner.address and ray.is_initialized():
             logger.info("Using the Ray cluster this process is already connected to.")
         elif runner.address:

@@ -163,7 +163,6 @@ class Simulation(Clock):
             )
             with self._cond:
                 self._boot_failed(node)
-                self._changed()
             return
         with self._cond:
             node.private_ip, node.public_ip = address.private_ip, address.public_ip
@@ -175,11 +174,13 @@ class Simulation(Clock):
             self._changed()
 
     def _boot_failed(self, node: Node) -> None:
+        """The machine never came up; tasks still waiting for it make the pool grow again."""
         node.stopping = True
         node.set_instance_status("TERMINATED")
         node.pool.booting -= 1
         node.pool.live -= 1
         self._refresh_pool(node.pool)
+        self._changed()
 
     def _register(self, node: Node) -> None:
         pool = node.pool
