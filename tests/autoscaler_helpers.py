@@ -16,7 +16,11 @@ from typing import Any
 
 import ray
 import yaml
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+from ray.util.placement_group import placement_group
+from ray.util.scheduling_strategies import (
+    NodeAffinitySchedulingStrategy,
+    PlacementGroupSchedulingStrategy,
+)
 
 from prefect_raydog.local import LocalPlatform
 
@@ -111,6 +115,14 @@ def held(gate: Any, index: int) -> str:
     while not ray.get(gate.is_open.remote()):
         time.sleep(0.2)
     return node
+
+
+def hold_on_three_workers(gate: Any) -> list[Any]:
+    """Three held tasks, one on each of three worker nodes. A STRICT_SPREAD placement group
+    keeps them apart: a task waiting in `ray.get` gives its CPU back, so two could share one."""
+    group = placement_group([{"CPU": 1}] * 3, strategy="STRICT_SPREAD")
+    return [held.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
+        group, placement_group_bundle_index=index)).remote(gate, index) for index in range(3)]
 
 
 @contextmanager

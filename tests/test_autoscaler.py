@@ -14,10 +14,9 @@ from pathlib import Path
 
 import pytest
 import ray
-from autoscaler_helpers import RayCluster, held, ray_client
+from autoscaler_helpers import RayCluster, hold_on_three_workers, ray_client
 from conftest import assert_nothing_left, wait_for
 from prefect import flow, task
-from prefect.testing.utilities import prefect_test_harness
 from process_nodes import node_networking
 from ray.autoscaler.tags import (
     NODE_KIND_HEAD,
@@ -226,7 +225,7 @@ def where_it_runs(x: int) -> tuple[str, str]:
 
 
 def test_a_flow_runs_its_tasks_on_workers_the_autoscaler_adds_for_it(
-        cluster: RayCluster) -> None:
+        cluster: RayCluster, prefect_api: str) -> None:
     assert not [t for t in _worker_tasks(cluster).values() if not t.status.finished]
     runner = RayDogTaskRunner(address=f"ray://{_head_ip(cluster)}:10001",
                               api_relay_address=cluster.platform.host_address)
@@ -235,8 +234,7 @@ def test_a_flow_runs_its_tasks_on_workers_the_autoscaler_adds_for_it(
     def on_the_cluster() -> list[tuple[str, str]]:
         return where_it_runs.map(range(2)).result()
 
-    with prefect_test_harness(server_startup_timeout=120):
-        ran_on = on_the_cluster()
+    ran_on = on_the_cluster()
     workers = _worker_tasks(cluster)
     assert ran_on and all(task_id in workers for task_id, _ in ran_on), (ran_on, list(workers))
     for task_id, ip in ran_on:
@@ -259,7 +257,7 @@ def test_a_worker_whose_machine_fails_to_boot_still_joins_on_a_replacement(
     cluster.platform.fail_node_boot(1, pool_id)
     try:
         with ray_client(_head_ip(cluster)) as gate:
-            refs = [held.remote(gate, index) for index in range(3)]
+            refs = hold_on_three_workers(gate)
             started = wait_for(lambda: _held_on(gate, 3), 240, interval=1.0,
                                what="three worker nodes to run the held tasks")
             ray.get(gate.open.remote())
@@ -276,7 +274,7 @@ def test_a_killed_worker_is_reported_terminated_and_replaced_while_demand_remain
         cluster: RayCluster, monkeypatch: pytest.MonkeyPatch) -> None:
     platform = cluster.platform
     with ray_client(_head_ip(cluster)) as gate:
-        refs = [held.remote(gate, index) for index in range(3)]
+        refs = hold_on_three_workers(gate)
         victim = wait_for(lambda: _held_on(gate, 3), 240, interval=1.0,
                           what="three worker nodes to run the held tasks")[0]
         platform.kill_node(_worker_tasks(cluster)[victim].nodeId)
