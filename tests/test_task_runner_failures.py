@@ -149,7 +149,9 @@ def test_a_cluster_kept_for_a_retry_that_never_comes_is_torn_down_when_it_expire
     monkeypatch.setattr(parking, "_PARK_MARGIN_S", 3.0)
     runner = RayDogTaskRunner(cluster=BLOCK, api_relay_address=platform.host_address)
 
-    @flow
+    # The flow's own runner submits nothing (so attaches to nothing); it stands in the flow's
+    # context, which tasks carry to the nodes, where a thread pool's locks would not pickle.
+    @flow(task_runner=RayDogTaskRunner(address="ray://127.0.0.1:1"))
     def first_attempt():
         # The flow run is still running when the runner exits, as between a failed attempt and
         # its retry: the runner keeps the cluster for a retry, which here never comes.
