@@ -1,30 +1,91 @@
 """RayDogTaskRunner paths that decide whether anything leaks: a cluster that fails to provision,
-and a Prefect API the nodes could not reach. Faults are injected in the local platform."""
+a Prefect API the nodes could not reach, worker nodes whose Ray never joins, a cluster kept for a
+flow retry that never comes, and a head reached through an SSH tunnel. Faults are injected in the
+local platform or in the nodes' task scripts; each cluster is a head and one worker node."""
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import threading
+from datetime import timedelta
+from pathlib import Path
+
+import paramiko
 import pytest
-from conftest import assert_nothing_left
+import ray
+from conftest import assert_nothing_left, wait_for
 from prefect import flow, task
+from process_nodes import Footprint
+from pydantic import SecretStr
 
 from prefect_raydog.blocks import RayDogClusterConfig
 from prefect_raydog.errors import ClusterBuildError
+from prefect_raydog.runner import parking
 from prefect_raydog.task_runners import RayDogTaskRunner
 
 pytestmark = pytest.mark.ray
 BLOCK = "local-failures-cluster"
+NEVER_JOINS_BLOCK = "local-never-joins-cluster"
+TUNNEL_BLOCK = "local-tunnel-cluster"
+# A worker node that boots and runs its task, but whose Ray never starts, so never joins.
+NEVER_JOINS = "exec sleep 600\n"
+# Userdata that authorizes a key for the node's agent user, as on a cloud image.
+AUTHORIZE = "#!/bin/bash\ncat >> ~yd-agent/.ssh/authorized_keys <<'EOF'\n{}\nEOF\n"
+
+
+def _config(platform, **update) -> RayDogClusterConfig:
+    config = RayDogClusterConfig.local(
+        platform.url, platform.key_id, platform.key_secret, worker_nodes=1
+    )
+    return config.model_copy(update=update)
 
 
 @pytest.fixture(scope="module")
-def saved_config(prefect_api, local_platform):
-    RayDogClusterConfig.local(
-        local_platform.url, local_platform.key_id, local_platform.key_secret
-    ).save(BLOCK, overwrite=True)
+def saved_config(prefect_api, local_platform, tmp_path_factory):
+    key = tmp_path_factory.mktemp("ssh") / "id_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    public = Path(f"{key}.pub").read_text().strip()
+    config = _config(local_platform)
+    config.save(BLOCK, overwrite=True)
+    _config(local_platform, build_timeout=timedelta(seconds=20), worker_pools=[
+        config.worker_pools[0].model_copy(update={"script": NEVER_JOINS})
+    ]).save(NEVER_JOINS_BLOCK, overwrite=True)
+    _config(local_platform, ssh_tunnel=True, ssh_private_key=SecretStr(key.read_text()),
+            head=config.head.model_copy(update={"userdata": AUTHORIZE.format(public)})
+            ).save(TUNNEL_BLOCK, overwrite=True)
 
 
 @task
 def add_one(x: int) -> int:
     return x + 1
+
+
+@task
+def node_ip(x: int) -> tuple[int, str]:
+    return x + 1, ray.util.get_node_ip_address()
+
+
+def _head_ips() -> set[str]:
+    return {n["NodeManagerAddress"] for n in ray.nodes()
+            if n["Alive"] and not n["Resources"].get("CPU")}
+
+
+def _live(platform) -> dict[str, list]:
+    return {kind: items for kind, items in platform.live_entities().items() if items}
+
+
+def _ssh_peers() -> list[str]:
+    """The SSH servers this process holds a connection to (the tunnel's, through paramiko)."""
+    return [thread.getpeername()[0] for thread in threading.enumerate()
+            if isinstance(thread, paramiko.Transport) and thread.is_active()]
+
+
+def _ssh_processes() -> list[str]:
+    """Processes started under this one (the platform's node processes included) that are SSH
+    clients or servers."""
+    return [name for name in Footprint.of(os.getpid()).names() if name.startswith("ssh")]
 
 
 def test_a_provisioning_failure_tears_down_then_later_submits_say_the_cluster_failed(
@@ -56,3 +117,71 @@ def test_a_loopback_api_url_is_refused_before_anything_is_provisioned(saved_conf
     with pytest.raises(RuntimeError, match="is on loopback, which the cluster's nodes cannot"):
         unreachable_api()
     assert platform.api_calls().get("POST /work/requirements", 0) == 0
+
+
+def test_worker_nodes_whose_ray_never_joins_fail_the_flow_naming_the_timeout_and_leave_nothing(
+    saved_config, platform
+):
+    runner = RayDogTaskRunner(cluster=NEVER_JOINS_BLOCK, api_relay_address=platform.host_address)
+
+    @flow(task_runner=runner)
+    def stuck() -> str:
+        with pytest.raises(TimeoutError) as raised:
+            add_one.submit(1)
+        assert not ray.is_initialized()
+        assert_nothing_left(platform)
+        with pytest.raises(RuntimeError, match="The Ray cluster could not start: Only 0 of 1"):
+            add_one.submit(2)
+        return str(raised.value)
+
+    message = stuck()
+    assert re.fullmatch(r"Only 0 of 1 Ray worker nodes joined cluster local-\w+ within its "
+                        r"build_timeout \(20 s\); the cluster is torn down\.", message), message
+    assert platform.api_calls().get("POST /work/requirements", 0) == 1
+
+
+def test_a_cluster_kept_for_a_retry_that_never_comes_is_torn_down_when_it_expires(
+    saved_config, platform, monkeypatch
+):
+    monkeypatch.setattr(parking, "_PARK_MARGIN_S", 3.0)
+    runner = RayDogTaskRunner(cluster=BLOCK, api_relay_address=platform.host_address)
+
+    # The flow's own runner submits nothing (so attaches to nothing); it stands in the flow's
+    # context, which tasks carry to the nodes, where a thread pool's locks would not pickle.
+    @flow(task_runner=RayDogTaskRunner(address="ray://127.0.0.1:1"))
+    def first_attempt():
+        # The flow run is still running when the runner exits, as between a failed attempt and
+        # its retry: the runner keeps the cluster for a retry, which here never comes.
+        with runner:
+            value, ip = runner.submit(node_ip, {"x": 1}).result()
+            heads = _head_ips()
+        return value, ip, heads, runner._session_key() in parking._PARKED, _live(platform)
+
+    value, ip, heads, parked, live = first_attempt()
+    assert value == 2 and ip not in heads
+    assert parked
+    assert live["workRequirements"] and live["workerPools"] and live["processes"]
+    wait_for(lambda: not _live(platform), timeout=60, interval=0.2,
+             what="the parked cluster to expire and be torn down")
+    assert runner._session_key() not in parking._PARKED
+    assert not ray.is_initialized()
+
+
+def test_a_runner_reaching_the_head_through_an_ssh_tunnel_runs_tasks_on_worker_nodes(
+    saved_config, platform
+):
+    runner = RayDogTaskRunner(cluster=TUNNEL_BLOCK, api_relay_address=platform.host_address)
+
+    @flow(task_runner=runner)
+    def tunnelled():
+        return node_ip.map(range(4)).result(), _head_ips(), _ssh_peers(), _ssh_processes()
+
+    results, heads, peers, ssh_processes = tunnelled()
+    assert [value for value, _ in results] == [1, 2, 3, 4]
+    ips = {ip for _, ip in results}
+    assert len(ips) == 1 and not ips & heads
+    assert set(peers) == heads
+    assert ssh_processes
+    assert_nothing_left(platform)
+    assert not _ssh_peers() and not _ssh_processes()
+    assert not ray.is_initialized()

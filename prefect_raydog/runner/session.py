@@ -68,6 +68,7 @@ class _Session:
         self._remote_by_options: dict[str, Any] = {}
         self._reporter: Any = None
         self._workers_to_join = 0
+        self._build_timeout_s = 0.0
         self._build_deadline = 0.0
         self.cluster: Any = None
         self.adaptive: AdaptivePools | None = None
@@ -169,6 +170,9 @@ class _Session:
         )
         cluster = self.cluster = RayDogCluster(spec, client=config.credentials.get_client())
         self._stack.callback(self._shut_down, cluster, logger)
+        self._build_timeout_s = spec.build_timeout.total_seconds()
+        # One build timeout for the head and the workers, as the Builder counts it.
+        self._build_deadline = time.monotonic() + self._build_timeout_s
         # close() sets _closing and then shuts down self.cluster: one of the two sees the other.
         self._check_not_closing()
         head = cluster.build(workers_to_join=0)
@@ -176,7 +180,6 @@ class _Session:
         logger.info("Head node ready at %s after %.1f s.", head.private_ip,
                     self.stats.head_ready_s or 0.0)
         self._workers_to_join = spec.workers_to_join
-        self._build_deadline = time.monotonic() + spec.build_timeout.total_seconds()
         if config.ssh_tunnel:
             return self._tunnel(config, head.public_ip or head.private_ip)
         return f"ray://{head.private_ip}:10001"
@@ -244,7 +247,8 @@ class _Session:
             if time.monotonic() > self._build_deadline:
                 raise TimeoutError(
                     f"Only {joined} of {wanted} Ray worker nodes joined cluster "
-                    f"{self.cluster_name} within its build timeout."
+                    f"{self.cluster_name} within its build_timeout ({self._build_timeout_s:g} s); "
+                    "the cluster is torn down."
                 )
             time.sleep(0.25)
 
