@@ -79,6 +79,10 @@ class RayDogFuture(PrefectRayFuture):
         # to `_settle` (these callbacks wait for it); (): it was delivered.
         self._waiters: list[Callable[[Any], Any]] | tuple[()] | None = None
 
+    def __getstate__(self) -> dict[str, Any]:
+        # A copy elsewhere (a node's `wait_for`) has no session to deliver the outcome.
+        return {**self.__dict__, "_waiters": None}
+
     def _settle(self, outcome: Any) -> None:
         """Take the outcome the session fetched; an exception is left for `_resolve` to raise."""
         with _SETTLE_LOCK:
