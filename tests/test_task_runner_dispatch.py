@@ -226,8 +226,8 @@ def test_finished_task_runs_leave_no_future_or_ray_reference_on_the_driver(runne
         assert [f.result() for f in futures] == [x + 1 for x in range(30)]
         return held()
 
-    futures_before, _ = held()  # earlier tests' tracebacks may keep a few alive
+    futures_before, _ = held()  # earlier tests' tracebacks may keep (then free) a few
     futures_during, refs_during = mapped()
     futures_after, refs_after = held()
-    assert futures_during >= futures_before + 30 and futures_after == futures_before
+    assert futures_during >= futures_before + 30 and futures_after <= futures_before
     assert refs_during - refs_after >= 30
