@@ -21,10 +21,12 @@ With `address`, it attaches to a running Ray cluster and provisions nothing.
 from __future__ import annotations
 
 import asyncio
+import logging
+import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Literal
 
 from prefect.context import (
@@ -47,7 +49,7 @@ from prefect_ray.context import RemoteOptionsContext
 from prefect_ray.task_runners import PrefectRayFuture, RayTaskRunner
 from typing_extensions import Self
 
-from prefect_raydog.runner.node import _inside_ray_worker, _worker_remote
+from prefect_raydog.runner.node import _inside_ray_worker, _Outcome, _worker_remote
 from prefect_raydog.runner.parking import live_session, release_session, take_session
 from prefect_raydog.runner.placement import _PLACEMENT, placement, pool_resource
 from prefect_raydog.runner.session import _cluster_reference
@@ -65,10 +67,44 @@ ray = lazy_import("ray")
 __all__ = ["RayDogFuture", "RayDogTaskRunner", "placement", "pool_resource"]
 
 _WAIT_SLICE_S = 1.0
+_SETTLE_LOCK = threading.Lock()
 
 
 class RayDogFuture(PrefectRayFuture):
     """A task run on the cluster; a lost worker or node resolves to a Crashed state."""
+
+    def __init__(self, task_run_id: uuid.UUID, wrapped_future: Any) -> None:
+        super().__init__(task_run_id, wrapped_future)
+        # None: Ray is asked for the outcome (no session); a list: the session will deliver it
+        # to `_settle` (these callbacks wait for it); (): it was delivered.
+        self._waiters: list[Callable[[Any], Any]] | tuple[()] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A copy elsewhere (a node's `wait_for`) has no session to deliver the outcome.
+        return {**self.__dict__, "_waiters": None}
+
+    def _settle(self, outcome: Any) -> None:
+        """Take the outcome the session fetched; an exception is left for `_resolve` to raise."""
+        with _SETTLE_LOCK:
+            if isinstance(outcome, _Outcome):
+                self._final_state = outcome.state
+            waiters, self._waiters = self._waiters, ()
+        for fn in waiters or ():
+            try:
+                fn(self)
+            except Exception:
+                logging.getLogger(__name__).exception("A done callback of %r failed", self)
+
+    def add_done_callback(self, fn: Callable[[Any], Any]) -> None:
+        with _SETTLE_LOCK:
+            waiters = self._waiters
+            if isinstance(waiters, list):
+                waiters.append(fn)
+                return
+        if waiters is None:
+            super().add_done_callback(fn)
+        else:
+            fn(self)
 
     def wait(self, timeout: float | None = None) -> None:
         self._resolve(timeout)
@@ -85,6 +121,11 @@ class RayDogFuture(PrefectRayFuture):
         if self._final_state is not None:
             return True
         deadline = None if timeout is None else time.monotonic() + timeout
+        if self._waiters is not None:
+            if not self._settled_by(deadline):
+                return False
+            if self._final_state is not None:
+                return True
         while True:
             # Short slices: a blocking ray.get holds off SIGINT/SIGTERM until it returns.
             remaining = _WAIT_SLICE_S if deadline is None else deadline - time.monotonic()
@@ -100,6 +141,16 @@ class RayDogFuture(PrefectRayFuture):
                 return True
             self._final_state = outcome.state
             return True
+
+    def _settled_by(self, deadline: float | None) -> bool:
+        """Wait for the session to deliver the outcome, in short slices (see `_resolve`)."""
+        settled = threading.Event()
+        self.add_done_callback(lambda _: settled.set())
+        while not settled.wait(_WAIT_SLICE_S if deadline is None
+                               else max(0.0, min(deadline - time.monotonic(), _WAIT_SLICE_S))):
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+        return True
 
 
 class RayDogTaskRunner(RayTaskRunner):
@@ -238,9 +289,11 @@ class RayDogTaskRunner(RayTaskRunner):
             task_run_id=task_run_id, parameters=parameters, wait_for=wait_for or None,
             dependencies=dependencies, asset_context=asset_context,
         )
+        future = RayDogFuture(task_run_id=task_run_id, wrapped_future=ref)
         if self._session is not None:
-            self._session.track(ref, task, task_run_id)
-        return RayDogFuture(task_run_id=task_run_id, wrapped_future=ref)
+            future._waiters = []
+            self._session.track(ref, task, task_run_id, future._settle)
+        return future
 
     def _remote(self, task: Task) -> Any:
         options = {

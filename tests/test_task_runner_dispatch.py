@@ -207,3 +207,27 @@ def test_entering_inside_a_ray_worker_attaches_without_provisioning(address):
             return runner._session is None
 
     assert ray.get(enter_on_worker.remote())
+
+
+def test_finished_task_runs_leave_no_future_or_ray_reference_on_the_driver(runner):
+    """Per task run the driver keeps only its 16-byte id once the flow lets go of its futures."""
+    import gc
+
+    from prefect_raydog.task_runners import RayDogFuture
+
+    def held() -> tuple[int, int]:
+        gc.collect()
+        futures = sum(isinstance(o, RayDogFuture) for o in gc.get_objects())
+        return futures, len(ray.util.client.ray.worker.reference_count)
+
+    @flow(task_runner=runner)
+    def mapped():
+        futures = add_one.map(range(30))
+        assert [f.result() for f in futures] == [x + 1 for x in range(30)]
+        return held()
+
+    futures_before, _ = held()  # earlier tests' tracebacks may keep (then free) a few
+    futures_during, refs_during = mapped()
+    futures_after, refs_after = held()
+    assert futures_during >= futures_before + 30 and futures_after <= futures_before
+    assert refs_during - refs_after >= 30

@@ -12,7 +12,7 @@ import threading
 import time
 import uuid
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
@@ -57,7 +57,7 @@ class _Session:
         self.node_api_url: str | None = runner.node_api_url
         self.flow_run_id: uuid.UUID | None = None
         self.in_flight: dict[Any, None] = {}
-        self.finished_on_nodes: list[uuid.UUID] = []
+        self.finished_on_nodes = bytearray()  # task run ids, packed: see recorded.py
         self.last_done = 0.0
         self._stack = ExitStack()
         self._ready = False
@@ -270,7 +270,9 @@ class _Session:
             self._remote_by_options[key] = remote
         return remote
 
-    def track(self, ref: Any, task: Task, task_run_id: uuid.UUID) -> None:
+    def track(self, ref: Any, task: Task, task_run_id: uuid.UUID,
+              settle: Callable[[Any], None]) -> None:
+        """Follow a task run to its end; `settle` gets its outcome (or the exception)."""
         self.in_flight[ref] = None
         if self.adaptive is not None:
             self.adaptive.submitted(ref)
@@ -288,12 +290,13 @@ class _Session:
             self.last_done = time.monotonic()
             if isinstance(outcome, _Outcome):
                 self.stats.record(outcome.node_ip)
-                self.finished_on_nodes.append(task_run_id)
+                self.finished_on_nodes.extend(task_run_id.bytes)
             elif isinstance(outcome, Exception) and self._reporter is not None:
                 self.stats.crashed += 1
                 # After teardown the reporter is shut: these are the runs teardown cancelled.
                 with contextlib.suppress(RuntimeError):
                     self._reporter.submit(self._report_crash, task, task_run_id, outcome)
+            settle(outcome)
 
         ref._on_completed(on_completed)
 
