@@ -238,11 +238,7 @@ class InstanceService(PoolService):
             requirement.pool = pool
             requirement.target = min(int(usage.get("targetInstanceCount") or 0), pool.max_nodes)
             self._pools[pool.id] = pool
-            self._compute[requirement.id] = requirement
-            for _ in range(requirement.target):
-                self._add_node(pool)
-            self._refresh_pool(pool)
-            self._changed()
+            self._boot(requirement, pool)
             return requirement.to_wire()
 
     def test_requirement_template(self, usage: Any) -> dict[str, Any]:

@@ -64,12 +64,16 @@ class PoolService(Simulation):
             self._pools[pool.id] = pool
             self._open_pools[pool] = None
             self._idle[pool] = {}
-            self._compute[requirement.id] = requirement
-            for _ in range(requirement.target):
-                self._add_node(pool)
-            self._refresh_pool(pool)
-            self._changed()
+            self._boot(requirement, pool)
             return pool.to_wire()
+
+    def _boot(self, requirement: ComputeRequirement, pool: WorkerPool) -> None:
+        """Record a new compute requirement and start its target count of machines."""
+        self._compute[requirement.id] = requirement
+        for _ in range(requirement.target):
+            self._add_node(pool)
+        self._refresh_pool(pool)
+        self._changed()
 
     def get_worker_pool(self, pool_id: str) -> dict[str, Any]:
         with self._cond:
