@@ -30,6 +30,20 @@ for _name, _value in {
 signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+# Most of a test's time is spent waiting for nodes to boot and join, so two pytest-xdist workers
+# fill the two cores. A module's tests share its module-scoped clusters, so a module stays on one
+# worker (Ray on the host's loopback, in test_local_ray_nodes.py, takes fixed ports: its tests
+# must not overlap); the benchmark smoke runs share nothing and spread.
+_SPREAD_MODULES = {"test_benchmarks_smoke.py"}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.name not in _SPREAD_MODULES:
+            item.add_marker(pytest.mark.xdist_group(item.path.name))
+
+
 def assert_nothing_left(platform: LocalPlatform, timeout: float = 30.0) -> None:
     """Wait until the platform holds no live work requirement, worker pool, compute
     requirement, node, instance or node process. If something stays live, end it all (so later

@@ -26,7 +26,7 @@ mode = "simulated"
 instance_type = "sim.large"
 vcpus = 8
 memory_gb = 32
-boot_delay_s = 0.5
+boot_delay_s = 2.0
 
 [templates."yd-demo/broken"]
 boot_failure_rate = 1.0
@@ -54,7 +54,7 @@ def test_templates_file_is_read(tmp_path: Path) -> None:
         "sim.large",
         8,
         32,
-        0.5,
+        2.0,
     )
     assert catalogue.get("yd-demo/broken").boot_failure_rate == 1.0
 
@@ -92,11 +92,11 @@ def test_boot_delay_and_boot_failure_rate_of_file_templates(tmp_path: Path) -> N
                 ProvisionedWorkerPoolProperties(maxNodes=2),
             )
 
+        # Measured from before the request, so a slow machine can only lengthen it.
         started = time.monotonic()
         slow, broken = provision("yd-demo/slow"), provision("yd-demo/broken")
-        assert pools.get_worker_pool_by_id(slow.id).status == WorkerPoolStatus.PENDING
         wait_for(lambda: pools.get_worker_pool_by_id(slow.id).status == WorkerPoolStatus.IDLE)
-        assert time.monotonic() - started >= 0.5
+        assert time.monotonic() - started >= 2.0
         instances = compute.get_instances(
             InstanceSearch(computeRequirementId=broken.computeRequirementId)
         ).list_all()
