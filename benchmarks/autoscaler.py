@@ -9,7 +9,7 @@ autoscaler on a `ray up` cluster from `docs/examples/autoscaler-local.yaml`:
   fixed pool of 3 workers (min_workers = max_workers = 3), measured in the same run.
 
     python benchmarks/autoscaler.py --json      # full figures (about 4 minutes)
-    python benchmarks/autoscaler.py --quick     # a smoke run
+    python benchmarks/autoscaler.py --quick     # a smoke run (two `ray up` sessions, not three)
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -166,12 +167,16 @@ def scale_up(platform: LocalPlatform, session: Session) -> dict[str, float]:
 
 
 def burst_session(platform: LocalPlatform, directory: Path, idle_minutes: float,
-                  work_s: float, quiet_s: float, fixed: bool) -> float:
+                  work_s: float, quiet_s: float, fixed: bool,
+                  first: Callable[[Session], None] | None = None) -> float:
     """Worker node-seconds of: up, quiet, a burst of 3 x `work_s`, quiet until the autoscaled
-    workers are gone (the same length for the fixed pool), down."""
+    workers are gone (the same length for the fixed pool), down. `first(session)` runs on
+    the cluster before all that."""
     session = Session(platform, directory, idle_minutes, min_workers=3 if fixed else 0)
     session.up()
     try:
+        if first is not None:
+            first(session)
         if fixed:
             session.wait(lambda: session.workers() >= 3, "the fixed pool's workers")
         started = time.monotonic()
@@ -198,20 +203,24 @@ def main() -> None:
             data_dir=Path(data_dir)) as platform:
         if platform.runner is None or platform.runner.network.mode != "bridge":
             raise SystemExit("the autoscaler benchmark needs process nodes on a bridge (root)")
-        first = Path(data_dir) / "scale-up"
-        first.mkdir()
-        session = Session(platform, first, idle_minutes)
-        session.up()
-        try:
-            figures = scale_up(platform, session)
-        finally:
-            session.down()
+        figures: dict[str, float] = {}
+        if not args.quick:  # a smoke run scales up on the autoscaled burst's cluster instead
+            first = Path(data_dir) / "scale-up"
+            first.mkdir()
+            session = Session(platform, first, idle_minutes)
+            session.up()
+            try:
+                figures |= scale_up(platform, session)
+            finally:
+                session.down()
         node_seconds = {}
         for fixed in (False, True):
             directory = Path(data_dir) / ("fixed" if fixed else "autoscaled")
             directory.mkdir()
-            node_seconds[fixed] = burst_session(platform, directory, idle_minutes, work_s,
-                                                quiet_s, fixed)
+            node_seconds[fixed] = burst_session(
+                platform, directory, idle_minutes, work_s, quiet_s, fixed,
+                first=(lambda session: figures.update(scale_up(platform, session)))
+                if args.quick and not fixed else None)
         figures["node_seconds_ratio_vs_fixed"] = round(node_seconds[False] / node_seconds[True],
                                                        3)
     if not args.json:

@@ -30,6 +30,8 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 from prefect import flow, task  # noqa: E402
 from prefect.client.orchestration import get_client  # noqa: E402
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId  # noqa: E402
+from prefect.events.worker import EventsWorker  # noqa: E402
+from prefect.logging.handlers import APILogWorker  # noqa: E402
 from prefect.runtime import flow_run  # noqa: E402
 from prefect.settings import PREFECT_API_URL, temporary_settings  # noqa: E402
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
@@ -157,7 +159,13 @@ def _api_for_nodes(host: str) -> Iterator[str]:
     with _TcpRelay(host, (parts.hostname, parts.port or 80)) as relay:
         relayed = urlunsplit(parts._replace(netloc=f"{host}:{relay.port}"))
         with temporary_settings(updates={PREFECT_API_URL: relayed}):
-            yield relayed
+            try:
+                yield relayed
+            finally:
+                # Send what is queued for the relayed URL while the relay is open: left queued,
+                # it would be retried against the closed relay until the harness gives up.
+                EventsWorker.drain_all()
+                APILogWorker.drain_all()
 
 
 @contextlib.contextmanager

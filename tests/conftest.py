@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from collections.abc import Iterator
 
 import pytest
 from prefect.settings import PREFECT_API_URL
 from prefect.testing.utilities import prefect_test_harness
+from yellowdog_client.common.server_sent_events.sse4python.event_source import EventSource
 
 from prefect_raydog.local import LocalPlatform
 
@@ -83,6 +85,28 @@ def prefect_api() -> Iterator[str]:
 def local_platform() -> Iterator[LocalPlatform]:
     with LocalPlatform() as platform:
         yield platform
+
+
+def _sdk_event_streams() -> set[threading.Thread]:
+    def source(thread: threading.Thread) -> object:
+        return getattr(getattr(thread, "_target", None), "__self__", None)
+
+    return {t for t in threading.enumerate() if t.is_alive() and isinstance(source(t), EventSource)}
+
+
+@pytest.fixture(autouse=True)
+def no_sdk_event_stream_left() -> Iterator[None]:
+    """The SDK's event source reads on at 100% CPU, holding the GIL, once a stream it follows
+    ends: a test (or the code under test) that leaves one running slows every later test in
+    its process. Fail the test that does."""
+    before = _sdk_event_streams()
+    yield
+    # A stream still open ends with its entity's final event, which may be on its way.
+    deadline = time.monotonic() + 10
+    while (left := _sdk_event_streams() - before) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if left:
+        pytest.fail(f"Left {len(left)} yellowdog-sdk event stream thread(s) running: {left}")
 
 
 @pytest.fixture

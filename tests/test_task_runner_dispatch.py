@@ -14,6 +14,8 @@ import ray
 from prefect import flow, tags, task
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.events.worker import EventsWorker
+from prefect.logging.handlers import APILogWorker
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from prefect_raydog.blocks import RayDogClusterConfig
@@ -43,6 +45,10 @@ def address(prefect_api, local_platform):
             yield address
         finally:
             ray.shutdown()
+            # Send what is queued for the relayed URL while the relay is open: left queued, it
+            # would be retried against the closed relay when the session's Prefect server stops.
+            EventsWorker.drain_all()
+            APILogWorker.drain_all()
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 import pytest
 import requests
 from conftest import wait_for
+from prefect.events.worker import EventsWorker
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
@@ -255,6 +256,9 @@ def test_blocks_created_in_the_ui_load_back_exactly(
     with temporary_settings({PREFECT_API_URL: f"{prefect_server}/api"}):
         credentials = YellowDogCredentials.load("ui-credentials")
         config = RayDogClusterConfig.load("ui-cluster")
+        # Send the loads' events to this server now: left queued, they would be retried against
+        # it once it has stopped, until the session's end.
+        EventsWorker.drain_all()
     for saved in (credentials, config.credentials):
         assert (saved.api_key_id, saved.api_key_secret.get_secret_value(), saved.api_url) == (
             "ui-key-id", SECRET, "http://127.0.0.1:9/api"

@@ -4,6 +4,7 @@ the REST API that the unmodified `yellowdog-sdk` expects and runs process nodes'
 from __future__ import annotations
 
 import asyncio
+import errno
 import secrets
 import socket
 import tempfile
@@ -25,6 +26,7 @@ from prefect_raydog.local.state import PlatformState
 from prefect_raydog.local.templates import TemplateCatalogue
 
 STARTUP_TIMEOUT_S = 30.0
+BIND_ATTEMPTS = 5
 
 
 class LocalPlatform:
@@ -138,12 +140,28 @@ class LocalPlatform:
         addresses = [self.host]
         if self.host == "127.0.0.1" and self.host_address != self.host:
             addresses.append(self.host_address)
+        # A port free on loopback may be taken on the bridge: then try another (if ours to pick).
+        for _ in range(BIND_ATTEMPTS - 1):
+            try:
+                return self._bind_once(addresses)
+            except OSError as error:
+                if error.errno != errno.EADDRINUSE or self.port:
+                    raise
+        return self._bind_once(addresses)
+
+    def _bind_once(self, addresses: list[str]) -> list[socket.socket]:
         sockets: list[socket.socket] = []
-        for address in addresses:
-            listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            listener.bind((address, sockets[0].getsockname()[1] if sockets else self.port))
-            sockets.append(listener)
+        try:
+            for address in addresses:
+                listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                sockets.append(listener)
+                listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                port = sockets[0].getsockname()[1] if len(sockets) > 1 else self.port
+                listener.bind((address, port))
+        except OSError:
+            for listener in sockets:
+                listener.close()
+            raise
         return sockets
 
     @property
