@@ -54,7 +54,7 @@ NEEDS_THREE_CPUS = """
 import time
 import ray
 
-ray.init()
+ray.init(address="auto")  # the head's cluster, never a new local one
 
 @ray.remote(num_cpus=1)
 def hold():
@@ -74,6 +74,10 @@ def cluster(local_platform: LocalPlatform, tmp_path_factory: pytest.TempPathFact
     ray_cluster = RayCluster(local_platform, tmp_path_factory.mktemp("autoscaler"))
     try:
         ray_cluster.up()
+        # `ray up` returns once the head node runs; its task starts Ray a few seconds later.
+        wait_for(lambda: "Node status" in ray_cluster.ray(
+            "exec", str(ray_cluster.path), "ray status", check=False).stdout,
+            120, interval=2.0, what="ray status to answer on the head")
         yield ray_cluster
     finally:
         if _live_requirements(ray_cluster):

@@ -94,7 +94,9 @@ def test_boot_delay_and_boot_failure_rate_of_file_templates(tmp_path: Path) -> N
 
         # Measured from before the request, so a slow machine can only lengthen it.
         started = time.monotonic()
-        slow, broken = provision("yd-demo/slow"), provision("yd-demo/broken")
+        slow = provision("yd-demo/slow")
+        assert pools.get_worker_pool_by_id(slow.id).status == WorkerPoolStatus.PENDING
+        broken = provision("yd-demo/broken")
         wait_for(lambda: pools.get_worker_pool_by_id(slow.id).status == WorkerPoolStatus.IDLE)
         assert time.monotonic() - started >= 2.0
         instances = compute.get_instances(
