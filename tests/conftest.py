@@ -35,14 +35,18 @@ signal.signal(signal.SIGINT, signal.default_int_handler)
 # Most of a test's time is spent waiting for nodes to boot and join, so two pytest-xdist workers
 # fill the two cores. A module's tests share its module-scoped clusters, so a module stays on one
 # worker (Ray on the host's loopback, in test_local_ray_nodes.py, takes fixed ports: its tests
-# must not overlap); the benchmark smoke runs share nothing and spread.
+# must not overlap); the benchmark smoke runs share nothing and spread. `ray up` sessions run one
+# at a time: Ray's CLI keeps state of its own under /tmp (SSH control sockets by cluster name).
 _SPREAD_MODULES = {"test_benchmarks_smoke.py"}
+_RAY_UP = ("test_autoscaler.py", "test_autoscaler_failures.py", "[autoscaler.py]")
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if item.path.name not in _SPREAD_MODULES:
+        if any(item.nodeid.endswith(name) or f"/{name}::" in item.nodeid for name in _RAY_UP):
+            item.add_marker(pytest.mark.xdist_group("ray-up"))
+        elif item.path.name not in _SPREAD_MODULES:
             item.add_marker(pytest.mark.xdist_group(item.path.name))
 
 
