@@ -36,15 +36,15 @@ signal.signal(signal.SIGINT, signal.default_int_handler)
 # fill the two cores. A module's tests share its module-scoped clusters, so a module stays on one
 # worker (Ray on the host's loopback, in test_local_ray_nodes.py, takes fixed ports: its tests
 # must not overlap); the benchmark smoke runs share nothing and spread. `ray up` sessions run one
-# at a time: Ray's CLI keeps state of its own under /tmp (SSH control sockets by cluster name).
+# at a time: Ray's CLI keeps state of its own under the host's /tmp (SSH control sockets).
 _SPREAD_MODULES = {"test_benchmarks_smoke.py"}
-_RAY_UP = ("test_autoscaler.py", "test_autoscaler_failures.py", "[autoscaler.py]")
+_RAY_UP_MODULES = {"test_autoscaler.py", "test_autoscaler_failures.py"}
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if any(item.nodeid.endswith(name) or f"/{name}::" in item.nodeid for name in _RAY_UP):
+        if item.path.name in _RAY_UP_MODULES or item.nodeid.endswith("[autoscaler.py]"):
             item.add_marker(pytest.mark.xdist_group("ray-up"))
         elif item.path.name not in _SPREAD_MODULES:
             item.add_marker(pytest.mark.xdist_group(item.path.name))
