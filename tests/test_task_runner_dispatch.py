@@ -237,3 +237,49 @@ def test_finished_task_runs_leave_no_future_or_ray_reference_on_the_driver(runne
     futures_after, refs_after = held()
     assert futures_during >= futures_before + 30 and futures_after <= futures_before
     assert refs_during - refs_after >= 30
+
+
+def test_finished_futures_hold_no_state_object_yet_read_the_state_the_api_recorded(runner):
+    """The driver keeps final states packed: holding 100 finished futures holds no Prefect State
+    object, and each future still reads the state the API recorded and feeds a downstream."""
+    import gc
+
+    from prefect.runtime import flow_run
+    from prefect.states import State
+
+    def states_held() -> int:
+        gc.collect()
+        return sum(isinstance(o, State) for o in gc.get_objects())
+
+    @flow(task_runner=runner)
+    def mapped():
+        futures = add_one.map(range(100))
+        futures.wait()
+        held = states_held()
+        read = {f.task_run_id: (f.state.id, f.state.type.value) for f in futures}
+        downstream = add_one.submit(futures[0], wait_for=[futures[1]]).result()
+        return held, read, futures.result(), downstream, flow_run.id
+
+    before = states_held()
+    held, read, results, downstream, flow_run_id = mapped()
+    assert held - before < 10
+    assert results == [x + 1 for x in range(100)] and downstream == 2
+    recorded = {r.id: (r.state.id, r.state.type.value) for r in _task_runs(flow_run_id)}
+    assert read == {id_: recorded[id_] for id_ in read}
+    assert {type_ for _, type_ in read.values()} == {"COMPLETED"}
+
+
+@task
+def large(n: int) -> bytes:
+    return bytes(range(256)) * (n // 256)
+
+
+def test_a_result_too_large_to_pack_comes_back_whole(runner):
+    @flow(task_runner=runner)
+    def big():
+        future = large.submit(256 * 1024)
+        future.wait()
+        return future.state.is_completed(), future.result()
+
+    completed, result = big()
+    assert completed and result == bytes(range(256)) * 1024

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import pickle
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -36,10 +37,15 @@ _node_ip: str | None = None
 
 
 class _Outcome(NamedTuple):
-    """What a remote task run sends back: the node it ran on and its final Prefect state."""
+    """What a remote task run sends back: the node it ran on and its final Prefect state,
+    pickled here so that the driver can keep it packed (`runner.packing`)."""
 
     node_ip: str
-    state: State
+    state_pickle: bytes
+
+    @property
+    def state(self) -> State:
+        return pickle.loads(self.state_pickle)
 
 
 class _Hydrated:
@@ -184,7 +190,7 @@ def _run_on_node(
     with hydrated.bound(), AssetContext(**asset_context):
         state = asyncio.run(run_task_async(**kwargs)) if task.isasync else run_task_sync(**kwargs)
         _flush_events()
-    return _Outcome(_node_ip, state)
+    return _Outcome(_node_ip, ray.cloudpickle.dumps(state))
 
 
 def _flush_events() -> None:
