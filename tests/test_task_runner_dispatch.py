@@ -283,3 +283,31 @@ def test_a_result_too_large_to_pack_comes_back_whole(runner):
 
     completed, result = big()
     assert completed and result == bytes(range(256)) * 1024
+
+
+@task
+def api_url_on_node() -> str:
+    from prefect.settings import get_current_settings
+
+    return str(get_current_settings().api.url)
+
+
+def test_attached_flow_runs_give_nodes_one_relayed_api_url_that_outlives_each_run(
+        address, local_platform):
+    """Ray workers of an attached cluster serve later flow runs, and Prefect's event and log
+    workers in them keep the API URL they first used: the relay must outlive the flow run."""
+    import httpx
+    from prefect.runtime import flow_run
+
+    host = local_platform.host_address
+
+    @flow(task_runner=RayDogTaskRunner(address=address, api_relay_address=host))
+    def report():
+        return api_url_on_node.submit().result(), flow_run.id
+
+    first_url, _ = report()
+    assert urlsplit(first_url).hostname == host
+    assert httpx.get(f"{first_url}/health", timeout=10).json() is True
+    second_url, flow_run_id = report()
+    assert second_url == first_url
+    assert [run.state.type.value for run in _task_runs(flow_run_id)] == ["COMPLETED"]

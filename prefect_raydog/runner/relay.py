@@ -7,6 +7,9 @@ import socket
 import threading
 from typing import Any
 
+_SHARED: dict[tuple[str, tuple[str, int]], _TcpRelay] = {}
+_SHARED_LOCK = threading.Lock()
+
 
 class _TcpRelay:
     """Forwards TCP connections from an address that nodes reach to the loopback Prefect API."""
@@ -55,3 +58,16 @@ class _TcpRelay:
                     sock.shutdown(socket.SHUT_RDWR)
             with self._lock:
                 self._open.discard(src)
+
+
+def shared_relay(host: str, target: tuple[str, int]) -> _TcpRelay:
+    """The process's relay from `host` to `target`, opened on first use and left open.
+
+    Ray worker processes of a cluster that outlives a flow run serve later flow runs, and
+    Prefect's event and log workers in them keep the API URL they first used.
+    """
+    with _SHARED_LOCK:
+        relay = _SHARED.get((host, target))
+        if relay is None:
+            relay = _SHARED[(host, target)] = _TcpRelay(host, target)
+        return relay

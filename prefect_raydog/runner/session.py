@@ -27,7 +27,7 @@ from prefect_raydog.runner.heldlog import HeldRunLog
 from prefect_raydog.runner.node import _Outcome, _run_on_node
 from prefect_raydog.runner.placement import _with_pool_resources
 from prefect_raydog.runner.recorded import wait_for_final_states
-from prefect_raydog.runner.relay import _TcpRelay
+from prefect_raydog.runner.relay import _TcpRelay, shared_relay
 from prefect_raydog.runner.shipping import refuse_loopback_api
 from prefect_raydog.runner.stats import _ClusterStats
 
@@ -119,7 +119,7 @@ class _Session:
     def _start(self, runner: RayDogTaskRunner) -> None:
         logger = self._held_log or _run_logger(runner)
         if runner.address and runner.api_relay_address and not self.node_api_url:
-            self.node_api_url = self._relay_api(runner.api_relay_address)
+            self.node_api_url = self._relay_api(runner.api_relay_address, shared=True)
             logger.info("Nodes reach the Prefect API at %s.", self.node_api_url)
         if runner.address and ray.is_initialized():
             logger.info("Using the Ray cluster this process is already connected to.")
@@ -204,14 +204,16 @@ class _Session:
             return config, runner.api_relay_address
         return RayDogClusterConfig.load(runner.cluster, _sync=True), runner.api_relay_address
 
-    def _relay_api(self, host: str) -> str:
+    def _relay_api(self, host: str, shared: bool = False) -> str:
+        """Relay the API on `host`: for this session, or (`shared`, for a cluster this session
+        only attaches to) for the rest of the process."""
         from prefect.settings import PREFECT_API_URL
 
         api_url = PREFECT_API_URL.value() or _ephemeral_api_url()
         parts = urlsplit(api_url)
-        relay = self._stack.enter_context(
-            _TcpRelay(host, (parts.hostname, parts.port or 80))
-        )
+        target = (parts.hostname, parts.port or 80)
+        relay = (shared_relay(host, target) if shared
+                 else self._stack.enter_context(_TcpRelay(host, target)))
         return _with_host(api_url, host, relay.port)
 
     def _tunnel(self, config: RayDogClusterConfig, head_ip: str) -> str:
