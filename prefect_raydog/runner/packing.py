@@ -4,7 +4,7 @@ A flow run's driver keeps a future per task run and each future its final state.
 objects a state takes about 6 KB, so a flow that maps 10,000 tasks would hold 60 MB of them.
 Nodes send each state pickled; the driver keeps a small one zlib-compressed against the first
 state it kept (the states of one flow's tasks differ in ids, times and values, so each packs
-to about 100 bytes) and unpickles it each time it is read.
+to about 130 bytes held) and unpickles it each time it is read.
 """
 
 from __future__ import annotations
