@@ -153,7 +153,9 @@ class LocalPlatform:
         sockets: list[socket.socket] = []
         try:
             for address in addresses:
-                listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that say they
+                # are TCP, and without it every reply waits for the client's delayed ACK.
+                listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
                 sockets.append(listener)
                 listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 port = sockets[0].getsockname()[1] if len(sockets) > 1 else self.port

@@ -41,6 +41,9 @@ class _TcpRelay:
                 if self._server.fileno() == -1:
                     return
                 continue
+            for sock in (client, upstream):
+                # Requests and replies are small: without it each waits for a delayed ACK.
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             with self._lock:
                 self._open.update((client, upstream))
             for src, dst in ((client, upstream), (upstream, client)):
