@@ -91,7 +91,7 @@ def local_platform() -> Iterator[LocalPlatform]:
         yield platform
 
 
-def _sdk_event_streams() -> set[threading.Thread]:
+def sdk_event_streams() -> set[threading.Thread]:
     def source(thread: threading.Thread) -> object:
         return getattr(getattr(thread, "_target", None), "__self__", None)
 
@@ -103,11 +103,11 @@ def no_sdk_event_stream_left() -> Iterator[None]:
     """The SDK's event source reads on at 100% CPU, holding the GIL, once a stream it follows
     ends: a test (or the code under test) that leaves one running slows every later test in
     its process. Fail the test that does."""
-    before = _sdk_event_streams()
+    before = sdk_event_streams()
     yield
     # A stream still open ends with its entity's final event, which may be on its way.
     deadline = time.monotonic() + 10
-    while (left := _sdk_event_streams() - before) and time.monotonic() < deadline:
+    while (left := sdk_event_streams() - before) and time.monotonic() < deadline:
         time.sleep(0.1)
     if left:
         pytest.fail(f"Left {len(left)} yellowdog-sdk event stream thread(s) running: {left}")

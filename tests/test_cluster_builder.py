@@ -18,6 +18,7 @@ from cluster_helpers import (
     simulated_spec,
     start_platform,
 )
+from conftest import sdk_event_streams, wait_for
 from pydantic import SecretStr
 from yellowdog_client.model import TaskSearch, TaskStatus
 
@@ -255,6 +256,26 @@ def test_saved_state_without_a_work_requirement_id_is_refused(platform):
         proxy.load_saved_state_from_json('{"worker_pool_ids": []}')
     with pytest.raises(ClusterStateError, match="No saved cluster state"):
         proxy.shut_down()
+
+
+def test_a_client_that_watched_one_cluster_stops_watching_the_next_after_its_build(client):
+    # The SDK's event thread for the first build ends once its stream is closed; a second build
+    # on the same client must close its own stream too (the SDK's remove_listener stops at the
+    # first closed subscription), or its thread spins once the requirement ends.
+    first = RayDogCluster(simulated_spec(), client=client)
+    first.build()
+    wait_for(lambda: not sdk_event_streams(), timeout=30, what="the first build's stream to end")
+    second = RayDogCluster(simulated_spec(), client=client)
+    second.build()
+    try:
+        assert all(
+            stream.is_closed or stream._token_source.cancelled
+            for stream in (t._target.__self__ for t in sdk_event_streams())
+        )
+    finally:
+        first.shut_down()
+        second.shut_down()
+    wait_for(lambda: not sdk_event_streams(), timeout=30, what="every stream to end")
 
 
 def test_sweep_ends_every_cluster_with_the_tag_and_spares_the_others(platform, client):

@@ -58,6 +58,8 @@ class RayDogNodeProvider(NodeProvider):
         self.cluster_name = check_name(cluster_name.lower())
         self._home = Path.home()
         self._on_head = (self._home / yaml_keys.CLUSTER_FILE).is_file()
+        # Ray's monitor calls a provider from several threads (node updaters, the autoscaler):
+        # every read and write of the node and tag caches below holds this lock.
         self._lock = threading.RLock()
         self._cluster: YellowDogCluster | None = None
         self._store: TagStore | None = None
@@ -109,23 +111,30 @@ class RayDogNodeProvider(NodeProvider):
         return nodes
 
     def _node(self, node_id: str) -> LiveNode | None:
-        if node_id not in self._nodes:
-            self._refresh()
-        return self._nodes.get(node_id)
+        with self._lock:
+            if node_id in self._nodes:
+                return self._nodes[node_id]
+        self._refresh()
+        with self._lock:
+            return self._nodes.get(node_id)
 
     # ---- NodeProvider ------------------------------------------------------------------------
 
     def non_terminated_nodes(self, tag_filters: dict[str, str]) -> list[str]:
         nodes = self._refresh()
-        if self._head_task_id and not any(n.task_id == self._head_task_id for n in nodes):
+        with self._lock:
+            head_ended = self._head_task_id and not any(
+                n.task_id == self._head_task_id for n in nodes)
+        if head_ended:
             self._head_ended()
         return [node.task_id for node in nodes
                 if all(self.node_tags(node.task_id).get(k) == v for k, v in tag_filters.items())]
 
     def _head_ended(self) -> None:
         """The head this `ray up` started has ended: end the cluster and say why."""
-        failure = self._cluster.head_failure(self._head_task_id)
-        self._head_task_id = None
+        with self._lock:
+            head_task_id, self._head_task_id = self._head_task_id, None
+        failure = self._cluster.head_failure(head_task_id)
         self._cluster.shut_down()
         if failure is not None:
             raise failure
@@ -138,11 +147,12 @@ class RayDogNodeProvider(NodeProvider):
         return self._node(node_id) is None
 
     def node_tags(self, node_id: str) -> dict[str, str]:
-        node = self._nodes.get(node_id)
+        with self._lock:
+            node, tags = self._nodes.get(node_id), self._tags.get(node_id, {})
         derived = {} if node is None else {
             TAG_RAY_NODE_KIND: NODE_KIND_HEAD if node.is_head else NODE_KIND_WORKER,
             TAG_RAY_USER_NODE_TYPE: node.node_type}
-        return {**derived, **self._tags.get(node_id, {})}
+        return {**derived, **tags}
 
     def external_ip(self, node_id: str) -> str | None:
         node = self._node(node_id)
@@ -234,8 +244,8 @@ class RayDogNodeProvider(NodeProvider):
             shell.run(f"cat > ~/{yaml_keys.CLUSTER_FILE}", stdin=cluster.record.to_json())
             with self._lock:
                 self._store = RemoteTags(shell)
+                self._head_task_id = task_id
             self.set_node_tags(task_id, tags)
-            self._head_task_id = task_id
         except BaseException as error:
             failure = None if isinstance(error, HeadNodeFailed) else cluster.head_failure(task_id)
             cluster.shut_down()

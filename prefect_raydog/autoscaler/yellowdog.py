@@ -16,11 +16,6 @@ from datetime import timedelta
 
 from yellowdog_client import PlatformClient
 from yellowdog_client.model import (
-    AutoShutdown,
-    ComputeRequirementTemplateUsage,
-    NodeWorkerTarget,
-    ProvisionedWorkerPoolProperties,
-    RunSpecification,
     Task,
     TaskGroup,
     TaskSearch,
@@ -33,6 +28,7 @@ from yellowdog_client.model import (
 )
 
 from prefect_raydog.cluster import RayDogClusterProxy, ShutdownReport
+from prefect_raydog.cluster.node_requests import PoolRequest, node_task_group, node_tasks
 from prefect_raydog.cluster.waits import RequirementWatch, describe_task_end
 
 logger = logging.getLogger("prefect_raydog.autoscaler")
@@ -280,20 +276,14 @@ class YellowDogCluster:
 
     def _provision(self, node_type: NodeType, count: int, max_nodes: int,
                    idle_pool: timedelta | None) -> None:
+        request = PoolRequest(
+            template_id=node_type.template_id, name=self._pool_name(node_type.name),
+            namespace=self.namespace, tag=self.tag, worker_tag=self._worker_tag(node_type.name),
+            count=count, max_nodes=max_nodes, idle_node_shutdown=self.idle_node_shutdown,
+            idle_pool_shutdown=idle_pool, images_id=node_type.images_id,
+            userdata=node_type.userdata, metrics_enabled=node_type.metrics_enabled)
         pool = self.client.worker_pool_client.provision_worker_pool(
-            ComputeRequirementTemplateUsage(
-                templateId=node_type.template_id,
-                requirementName=self._pool_name(node_type.name),
-                requirementNamespace=self.namespace, requirementTag=self.tag,
-                targetInstanceCount=count, imagesId=node_type.images_id,
-                userData=node_type.userdata),
-            ProvisionedWorkerPoolProperties(
-                createNodeWorkers=NodeWorkerTarget.per_node(1), minNodes=0, maxNodes=max_nodes,
-                idleNodeShutdown=AutoShutdown(enabled=True, timeout=self.idle_node_shutdown),
-                idlePoolShutdown=(AutoShutdown(enabled=True, timeout=idle_pool) if idle_pool
-                                  else AutoShutdown(enabled=False)),
-                workerTag=self._worker_tag(node_type.name),
-                metricsEnabled=node_type.metrics_enabled))
+            request.usage(), request.properties())
         self._pools[node_type.name] = pool.id
         logger.info("Provisioned worker pool %s (%s)", pool.name, pool.id)
 
@@ -305,20 +295,15 @@ class YellowDogCluster:
 
     def _task_group(self, name: str, node_type: str, is_head: bool) -> TaskGroup:
         # A worker group stays open when all its nodes have gone, for the next scale-up.
-        return TaskGroup(
-            name=name, tag=node_type, finishIfAnyTaskFailed=is_head,
-            finishIfAllTasksFinished=is_head,
-            runSpecification=RunSpecification(
-                taskTypes=["bash"], taskTimeout=self.lifetime, namespaces=[self.namespace],
-                workerTags=[self._worker_tag(node_type)]))
+        return node_task_group(name, node_type, self._worker_tag(node_type), self.namespace,
+                               self.lifetime, is_head=is_head, stays_open=not is_head)
 
     def _add_tasks(self, group_name: str, node_type: NodeType, count: int,
                    environment: dict[str, str]) -> list[str]:
-        tasks = [Task(name=f"{node_type.name}-{secrets.token_hex(4)}", taskType="bash",
-                      arguments=["taskdata.txt"], taskData=node_type.script,
-                      environment=dict(environment)) for _ in range(count)]
+        names = [f"{node_type.name}-{secrets.token_hex(4)}" for _ in range(count)]
         added = self.client.work_client.add_tasks_to_task_group_by_name(
-            self.namespace, self.record.full_name, group_name, tasks)
+            self.namespace, self.record.full_name, group_name,
+            node_tasks(names, node_type.script, environment))
         self._cache = None
         return [task.id for task in added]
 

@@ -5,24 +5,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from datetime import timedelta
 from typing import Literal
 
 from yellowdog_client import PlatformClient
-from yellowdog_client.model import (
-    AutoShutdown,
-    ComputeRequirementTemplateUsage,
-    InstanceSearch,
-    NodeWorkerTarget,
-    ProvisionedWorkerPoolProperties,
-    RunSpecification,
-    Task,
-    TaskGroup,
-    TaskSearch,
-    TaskStatus,
-)
+from yellowdog_client.model import InstanceSearch, Task, TaskGroup, TaskSearch, TaskStatus
 from yellowdog_client.model.exceptions import InvalidRequestException
 
+from prefect_raydog.cluster import node_requests
 from prefect_raydog.errors import ClusterBuildError
 from prefect_raydog.spec import ClusterSpec, NodeGroupSpec, WorkerPoolSpec
 
@@ -30,7 +19,6 @@ logger = logging.getLogger("prefect_raydog.cluster")
 
 HEAD_TASK_GROUP = "head-node"
 OBSERVABILITY_TASK_GROUP = "observability-node"
-TASK_TYPE = "bash"
 
 Role = Literal["head", "observability", "worker"]
 
@@ -82,9 +70,7 @@ def observability_group(cluster: ClusterSpec, prefix: str) -> NodeGroup | None:
 def worker_group(prefix: str, number: int, spec: WorkerPoolSpec) -> NodeGroup:
     """The cluster's `number`th worker pool, named by the spec or else by its task group."""
     text = f"{number:02d}"
-    group = _new_group(
-        prefix, "worker", spec, f"worker-nodes-{text}", f"{text}-wrkrs", "worker"
-    )
+    group = _new_group(prefix, "worker", spec, f"worker-nodes-{text}", f"{text}-wrkrs", "worker")
     group.internal_name = spec.name or group.task_group_name
     return group
 
@@ -116,29 +102,26 @@ def _new_group(
 def provision_pool(client: PlatformClient, group: NodeGroup, cluster: ClusterSpec) -> None:
     """Provision the group's worker pool and record its pool and compute requirement IDs."""
     spec = group.spec
-    count = spec.start_count if isinstance(spec, WorkerPoolSpec) else 1
-    usage = ComputeRequirementTemplateUsage(
-        templateId=spec.template_id,
-        requirementName=group.requirement_name,
-        requirementNamespace=cluster.namespace,
-        requirementTag=cluster.tag,
-        targetInstanceCount=count,
-        imagesId=spec.images_id,
-        userData=spec.userdata,
-        instanceTags=spec.instance_tags,
-    )
-    properties = ProvisionedWorkerPoolProperties(
-        createNodeWorkers=NodeWorkerTarget.per_node(1),
-        minNodes=0,
-        maxNodes=group.node_limit,
-        idleNodeShutdown=_auto_shutdown(cluster.idle_node_shutdown),
-        idlePoolShutdown=_auto_shutdown(cluster.idle_pool_shutdown),
-        workerTag=group.worker_tag,
-        metricsEnabled=spec.metrics_enabled,
+    request = node_requests.PoolRequest(
+        template_id=spec.template_id,
+        name=group.requirement_name,
+        namespace=cluster.namespace,
+        tag=cluster.tag,
+        worker_tag=group.worker_tag,
+        count=spec.start_count if isinstance(spec, WorkerPoolSpec) else 1,
+        max_nodes=group.node_limit,
+        idle_node_shutdown=cluster.idle_node_shutdown,
+        idle_pool_shutdown=cluster.idle_pool_shutdown,
+        images_id=spec.images_id,
+        userdata=spec.userdata,
+        instance_tags=spec.instance_tags,
+        metrics_enabled=spec.metrics_enabled,
     )
     group.provision_attempted = True
     try:
-        pool = client.worker_pool_client.provision_worker_pool(usage, properties)
+        pool = client.worker_pool_client.provision_worker_pool(
+            request.usage(), request.properties()
+        )
     except Exception as error:
         hint = (
             "; check the template ID (or 'namespace/name') in the YellowDog portal"
@@ -154,24 +137,15 @@ def provision_pool(client: PlatformClient, group: NodeGroup, cluster: ClusterSpe
     logger.debug("Provisioned %s", group.describe())
 
 
-def _auto_shutdown(timeout: timedelta | None) -> AutoShutdown:
-    if timeout is None:
-        return AutoShutdown(enabled=False)
-    return AutoShutdown(enabled=True, timeout=timeout)
-
-
 def task_group(group: NodeGroup, cluster: ClusterSpec) -> TaskGroup:
     """The task group that runs the group's node tasks on its pool's workers."""
-    return TaskGroup(
-        name=group.task_group_name,
-        tag=group.internal_name,
-        runSpecification=RunSpecification(
-            taskTypes=[TASK_TYPE],
-            taskTimeout=cluster.cluster_lifetime,
-            workerTags=[group.worker_tag],
-            namespaces=[cluster.namespace],
-        ),
-        finishIfAnyTaskFailed=group.role == "head",
+    return node_requests.node_task_group(
+        group.task_group_name,
+        group.internal_name,
+        group.worker_tag,
+        cluster.namespace,
+        cluster.cluster_lifetime,
+        is_head=group.role == "head",
     )
 
 
@@ -190,16 +164,7 @@ def append_task_group(
 
 def node_tasks(group: NodeGroup, names: list[str], environment: dict[str, str]) -> list[Task]:
     """One task per name that starts a Ray node of the group, with the given environment."""
-    return [
-        Task(
-            name=name,
-            taskType=TASK_TYPE,
-            arguments=["taskdata.txt"],
-            taskData=group.script,
-            environment={**group.spec.environment, **environment},
-        )
-        for name in names
-    ]
+    return node_requests.node_tasks(names, group.script, {**group.spec.environment, **environment})
 
 
 def live_task_ids(

@@ -65,7 +65,15 @@ class RequirementWatch(SubscriptionEventListener[WorkRequirement]):
             self._changed.notify_all()
 
     def close(self) -> None:
-        self._client.work_client.remove_work_requirement_listener(self)
+        work = self._client.work_client
+        work.remove_work_requirement_listener(self)
+        # yellowdog-sdk 15's `remove_listener` stops at the first closed subscription it meets:
+        # on a client that watched another requirement before, ours stays open, and its thread
+        # spins at 100% CPU once the stream ends. So close ours where the SDK keeps it.
+        manager = getattr(work, "_WorkClientImpl__requirement_subscriptions", None)
+        subscription = getattr(manager, "_subscriptions", {}).get(self.work_requirement_id)
+        if subscription is not None and subscription.has_listener(self):
+            subscription.remove_listener(self)
 
     def wait(
         self,
