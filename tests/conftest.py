@@ -1,5 +1,5 @@
 """Shared fixtures: one local YellowDog platform for the session, and a per-test view of it
-that clears injected faults and checks that the test left nothing live behind."""
+that checks the test used every fault it injected and left nothing live behind."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 from prefect.settings import PREFECT_API_URL
@@ -113,11 +114,24 @@ def no_sdk_event_stream_left() -> Iterator[None]:
         pytest.fail(f"Left {len(left)} yellowdog-sdk event stream thread(s) running: {left}")
 
 
+@contextmanager
+def checked_use(platform: LocalPlatform) -> Iterator[LocalPlatform]:
+    """One test's use of a platform: API calls counted from zero; at the end, every fault the
+    test injected was used up (one that no call got means its path pattern no longer matches
+    the call it was meant for) and nothing is left live."""
+    platform.reset_api_calls()
+    platform.faults.forget()
+    try:
+        yield platform
+    finally:
+        pending, never_taken = platform.faults.pending(), platform.faults.never_taken()
+        platform.clear_faults()
+    assert_nothing_left(platform)
+    assert not pending, f"Injected faults not used up by the end of the test: {pending}"
+    assert not never_taken, f"Injected faults that no call got: {never_taken}"
+
+
 @pytest.fixture
 def platform(local_platform: LocalPlatform) -> Iterator[LocalPlatform]:
-    local_platform.reset_api_calls()
-    try:
-        yield local_platform
-    finally:
-        local_platform.clear_faults()
-    assert_nothing_left(local_platform)
+    with checked_use(local_platform) as platform:
+        yield platform
