@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
+import system_packages
 from prefect.settings import PREFECT_API_URL
 from prefect.testing.utilities import prefect_test_harness
 from yellowdog_client.common.server_sent_events.sse4python.event_source import EventSource
@@ -43,12 +44,23 @@ _RAY_UP_MODULES = {"test_autoscaler.py", "test_autoscaler_failures.py"}
 
 
 @pytest.hookimpl(tryfirst=True)
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Install the Debian packages the tests drive, once, before pytest-xdist starts workers."""
+    if not hasattr(session.config, "workerinput"):
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        system_packages.install_for_workers(reporter.write_line)
+
+
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if item.path.name in _RAY_UP_MODULES or item.nodeid.endswith("[autoscaler.py]"):
             item.add_marker(pytest.mark.xdist_group("ray-up"))
         elif item.path.name not in _SPREAD_MODULES:
             item.add_marker(pytest.mark.xdist_group(item.path.name))
+        needed = [name for mark in item.iter_markers("system_packages") for name in mark.args]
+        if reasons := list(filter(None, map(system_packages.why_missing, needed))):
+            item.add_marker(pytest.mark.skip(reason="; ".join(reasons)))
 
 
 def assert_nothing_left(platform: LocalPlatform, timeout: float = 30.0) -> None:

@@ -39,7 +39,7 @@ from prefect_raydog.autoscaler import RayDogNodeProvider
 from prefect_raydog.local import LocalPlatform
 from prefect_raydog.task_runners import RayDogTaskRunner
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.system_packages("openssh-server", "rsync")]
 
 RESTARTED_MONITORS_VIEW = """
 import json, os, yaml

@@ -17,10 +17,10 @@ from helpers import free_port
 from prefect_raydog.tunnels import RayTunnels
 
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
-pytestmark = pytest.mark.skipif(
-    not Path(SSHD).exists() or os.geteuid() != 0,
-    reason="needs OpenSSH's sshd (apt-get install openssh-server) and root to log in as root",
-)
+pytestmark = [
+    pytest.mark.system_packages("openssh-server"),
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root to log in as root"),
+]
 
 
 class _Echo(socketserver.BaseRequestHandler):

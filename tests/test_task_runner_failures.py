@@ -164,6 +164,7 @@ def test_a_cluster_kept_for_a_retry_that_never_comes_is_torn_down_when_it_expire
     assert not ray.is_initialized()
 
 
+@pytest.mark.system_packages("openssh-server")
 def test_a_runner_reaching_the_head_through_an_ssh_tunnel_runs_tasks_on_worker_nodes(
     saved_config, platform
 ):

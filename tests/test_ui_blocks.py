@@ -30,6 +30,7 @@ from prefect_raydog import RayDogClusterConfig, YellowDogCredentials
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
+pytestmark = pytest.mark.system_packages("chromium", "chromium-driver")
 IMAGES = Path(__file__).resolve().parent.parent / "docs" / "images"
 SECRET = "s3cr3t-typed-into-the-form"
 # Everything that would reach beyond loopback from a fresh headless profile, switched off.
