@@ -48,7 +48,7 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     """Install the Debian packages the tests drive, once, before pytest-xdist starts workers."""
     if not hasattr(session.config, "workerinput"):
         reporter = session.config.pluginmanager.get_plugin("terminalreporter")
-        system_packages.install_for_workers(reporter.write_line)
+        system_packages.install_for_workers(reporter.write_line if reporter else print)
 
 
 @pytest.hookimpl(tryfirst=True)
