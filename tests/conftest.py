@@ -1,5 +1,5 @@
 """Shared fixtures: one local YellowDog platform for the session, and a per-test view of it
-that clears injected faults and checks that the test left nothing live behind."""
+that checks the test used every fault it injected and left nothing live behind."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
+import system_packages
 from prefect.settings import PREFECT_API_URL
 from prefect.testing.utilities import prefect_test_harness
 from yellowdog_client.common.server_sent_events.sse4python.event_source import EventSource
@@ -42,12 +44,23 @@ _RAY_UP_MODULES = {"test_autoscaler.py", "test_autoscaler_failures.py"}
 
 
 @pytest.hookimpl(tryfirst=True)
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Install the Debian packages the tests drive, once, before pytest-xdist starts workers."""
+    if not hasattr(session.config, "workerinput"):
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        system_packages.install_for_workers(reporter.write_line if reporter else print)
+
+
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if item.path.name in _RAY_UP_MODULES or item.nodeid.endswith("[autoscaler.py]"):
             item.add_marker(pytest.mark.xdist_group("ray-up"))
         elif item.path.name not in _SPREAD_MODULES:
             item.add_marker(pytest.mark.xdist_group(item.path.name))
+        needed = [name for mark in item.iter_markers("system_packages") for name in mark.args]
+        if reasons := list(filter(None, map(system_packages.why_missing, needed))):
+            item.add_marker(pytest.mark.skip(reason="; ".join(reasons)))
 
 
 def assert_nothing_left(platform: LocalPlatform, timeout: float = 30.0) -> None:
@@ -113,11 +126,24 @@ def no_sdk_event_stream_left() -> Iterator[None]:
         pytest.fail(f"Left {len(left)} yellowdog-sdk event stream thread(s) running: {left}")
 
 
+@contextmanager
+def checked_use(platform: LocalPlatform) -> Iterator[LocalPlatform]:
+    """One test's use of a platform: API calls counted from zero; at the end, every fault the
+    test injected was used up (one that no call got means its path pattern no longer matches
+    the call it was meant for) and nothing is left live."""
+    platform.reset_api_calls()
+    platform.faults.forget()
+    try:
+        yield platform
+    finally:
+        pending, never_taken = platform.faults.pending(), platform.faults.never_taken()
+        platform.clear_faults()
+    assert_nothing_left(platform)
+    assert not pending, f"Injected faults not used up by the end of the test: {pending}"
+    assert not never_taken, f"Injected faults that no call got: {never_taken}"
+
+
 @pytest.fixture
 def platform(local_platform: LocalPlatform) -> Iterator[LocalPlatform]:
-    local_platform.reset_api_calls()
-    try:
-        yield local_platform
-    finally:
-        local_platform.clear_faults()
-    assert_nothing_left(local_platform)
+    with checked_use(local_platform) as platform:
+        yield platform

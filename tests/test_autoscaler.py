@@ -39,7 +39,7 @@ from prefect_raydog.autoscaler import RayDogNodeProvider
 from prefect_raydog.local import LocalPlatform
 from prefect_raydog.task_runners import RayDogTaskRunner
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.system_packages("openssh-server", "rsync")]
 
 RESTARTED_MONITORS_VIEW = """
 import json, os, yaml
@@ -136,6 +136,10 @@ def _held_on(gate: object, count: int) -> dict[int, str] | None:
     return latest if len(latest) >= count else None
 
 
+def _no_live_workers(cluster: RayCluster) -> bool:
+    return not [task for task in _worker_tasks(cluster).values() if not task.status.finished]
+
+
 def _running_nodes(cluster: RayCluster, pool_id: str) -> int:
     pools = cluster.platform.client.worker_pool_client
     return sum(1 for node in pools.get_nodes(NodeSearch(workerPoolId=pool_id)).iterate()
@@ -171,9 +175,7 @@ def test_a_job_needing_three_cpus_scales_workers_up_then_idle_ones_down(
     pool_id = next(pid for name, pid in _pools(cluster).items() if name.endswith("-cpu"))
 
     def scaled_down() -> bool:
-        tasks = work.get_tasks(TaskSearch(workRequirementId=requirement.id)).iterate()
-        live = [t for t in tasks if t.name.startswith("cpu-") and not t.status.finished]
-        return not live and _running_nodes(cluster, pool_id) == 0
+        return _no_live_workers(cluster) and _running_nodes(cluster, pool_id) == 0
 
     wait_for(scaled_down, 120, interval=1.0, what="idle workers to be removed, pool to shrink")
     ended = [work.get_task_by_id(task.id).status for task in workers]
@@ -213,10 +215,12 @@ def test_a_restarted_monitor_finds_the_same_nodes_and_tags(
     view = json.loads(output.split("VIEW ", 1)[1].splitlines()[0])
     work = cluster.platform.client.work_client
     (requirement,) = _live_requirements(cluster)
-    head_tasks = [task.id for task in work.get_tasks(TaskSearch(
+    live_tasks = [task for task in work.get_tasks(TaskSearch(
         workRequirementId=requirement.id)).iterate() if not task.status.finished]
-    assert sorted(view) == sorted(head_tasks), (view, head_tasks)
-    (tags,) = view.values()
+    assert sorted(view) == sorted(task.id for task in live_tasks), (view, live_tasks)
+    # The head's tags, whatever workers an earlier test left running.
+    (head,) = [task.id for task in live_tasks if task.name.startswith("head-")]
+    tags = view[head]
     # Written by `ray up` on this machine, read by a new provider on the head.
     assert tags[TAG_RAY_NODE_KIND] == NODE_KIND_HEAD
     assert tags[TAG_RAY_NODE_STATUS] == STATUS_UP_TO_DATE and tags[TAG_RAY_LAUNCH_CONFIG]
@@ -230,7 +234,8 @@ def where_it_runs(x: int) -> tuple[str, str]:
 
 def test_a_flow_runs_its_tasks_on_workers_the_autoscaler_adds_for_it(
         cluster: RayCluster, prefect_api: str) -> None:
-    assert not [t for t in _worker_tasks(cluster).values() if not t.status.finished]
+    # Workers an earlier test started are removed once idle; those the flow runs on are new.
+    wait_for(lambda: _no_live_workers(cluster), 120, interval=1.0, what="no worker to be left")
     runner = RayDogTaskRunner(address=f"ray://{_head_ip(cluster)}:10001",
                               api_relay_address=cluster.platform.host_address)
 

@@ -13,7 +13,7 @@ from autoscaler_helpers import RayCluster
 
 from prefect_raydog.local import LocalPlatform
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.system_packages("openssh-server", "rsync")]
 
 
 def test_a_head_that_cannot_start_fails_ray_up_with_its_error_and_leaves_nothing(

@@ -18,13 +18,16 @@ from cluster_helpers import (
     simulated_spec,
     start_platform,
 )
-from conftest import sdk_event_streams, wait_for
+from conftest import checked_use, sdk_event_streams, wait_for
 from pydantic import SecretStr
 from yellowdog_client.model import TaskSearch, TaskStatus
 
 from prefect_raydog.cluster import RayDogCluster, RayDogClusterProxy, sweep
 from prefect_raydog.errors import ClusterStateError, UnknownWorkerPoolError
 from prefect_raydog.spec import NodeGroupSpec, WorkerPoolSpec
+
+# The Retry-After of the throttled provisioning calls of the concurrency test.
+RETRY_AFTER_S = 3.0
 
 
 @pytest.fixture(scope="module")
@@ -36,9 +39,8 @@ def platform(tmp_path_factory):
 
 @pytest.fixture
 def client(platform):
-    yield fast_client(platform)
-    platform.clear_faults()
-    assert_nothing_left(platform)
+    with checked_use(platform):
+        yield fast_client(platform)
 
 
 def _tasks(client, cluster, group_name: str, statuses=None) -> list:
@@ -96,28 +98,32 @@ def test_every_group_gets_the_cluster_lifetime_and_pools_the_idle_shutdown(clien
 
 
 def test_build_provisions_every_pool_concurrently(platform, client):
-    # Each provisioning call is throttled once for a second: one after the other, the four
-    # Retry-After waits alone take 4 s, which no load can shorten; at once they take about 1 s.
+    # Each provisioning call is throttled once for 3 s: one after the other, the four Retry-After
+    # waits alone take 12 s, which no load can shorten; at once they take 3 s, leaving 9 s for
+    # everything else on a loaded machine.
     platform.faults.add(
-        "429", "/workerPools/provisioned/template", "POST", count=4, retry_after_s=1
+        "429", "/workerPools/provisioned/template", "POST", count=4, retry_after_s=RETRY_AFTER_S
     )
     cluster = RayDogCluster(simulated_spec(pools=3), client=client)
     started = time.monotonic()
     cluster.build()
     elapsed = time.monotonic() - started
     cluster.shut_down()
-    assert elapsed < 4
+    assert elapsed < 4 * RETRY_AFTER_S
 
 
-def test_build_returns_within_half_a_second_of_the_head_task_executing(client):
+def test_build_follows_the_update_stream_to_the_head_task_executing(platform, client):
     spec = simulated_spec(pools=1, head=NodeGroupSpec(template_id=ONE_SECOND_BOOT, script="x"))
     with RayDogCluster(spec, client=client) as cluster:
         returned = datetime.now(timezone.utc)
         lag = (returned - cluster.head_node_started_time).total_seconds()
+        calls = platform.api_calls()
     # The figure (build_overhead_s <= 0.5 s) is measured by benchmarks/builder.py on a quiet
-    # machine; here, on a loaded 2-core machine, check only that build() follows the update
-    # stream rather than waiting out a poll interval (capped at 3 s).
-    assert 0 <= lag < 2
+    # machine; here, on a loaded 2-core machine, check the mechanism instead of the clock:
+    # build() learnt of the head's task from the update stream, and never polled for it.
+    assert lag >= 0
+    assert calls.get("GET /work/requirements/{requirement_id}/updates", 0) >= 1
+    assert calls.get("GET /work/requirements/{requirement_id}", 0) == 0, calls
 
 
 def test_build_waits_for_the_workers_that_must_join(client):

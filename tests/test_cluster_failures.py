@@ -11,12 +11,11 @@ import pytest
 from cluster_helpers import (
     SIMULATED,
     SLOW_BOOT,
-    assert_nothing_left,
     fast_client,
     simulated_spec,
     start_platform,
 )
-from conftest import wait_for
+from conftest import checked_use, wait_for
 
 from prefect_raydog.cluster import RayDogCluster
 from prefect_raydog.errors import (
@@ -51,9 +50,8 @@ def platform(tmp_path_factory):
 
 @pytest.fixture
 def client(platform):
-    yield fast_client(platform)
-    platform.clear_faults()
-    assert_nothing_left(platform)
+    with checked_use(platform):
+        yield fast_client(platform)
 
 
 def test_an_unknown_template_for_the_second_pool_fails_the_build_and_ends_the_rest(
@@ -74,7 +72,10 @@ def test_an_unknown_template_for_the_second_pool_fails_the_build_and_ends_the_re
     assert "Unknown compute requirement template 'nowhere/nothing'" in message
     assert "Cleaned up: " in message and f"{cluster.build_name}-00-head" in message
     assert len(failure.value.cleaned_up) == 2 * 2 and not failure.value.not_cleaned_up
-    assert cluster.shut_down() is not None
+    # A shutdown after the failed build ends again only what the build's cleanup ended.
+    report = cluster.shut_down()
+    assert sorted(report.ended + report.already_gone) == sorted(failure.value.cleaned_up)
+    assert not report.failed, report
 
 
 def test_a_build_timeout_ends_everything_and_says_what_it_waited_for(client):
@@ -236,3 +237,4 @@ def test_a_persistent_fault_at_one_shutdown_call_is_covered_by_the_others(
     cluster.build()
     platform.faults.add("503", path, method, count=1000)
     assert not cluster.shut_down().failed
+    platform.clear_faults()

@@ -13,12 +13,11 @@ from cluster_helpers import (
     ONE_SECOND_BOOT,
     SIMULATED,
     SLOW_BOOT,
-    assert_nothing_left,
     fast_client,
     simulated_spec,
     start_platform,
 )
-from conftest import wait_for
+from conftest import checked_use, wait_for
 from yellowdog_client.model import TaskSearch, TaskStatus
 
 from prefect_raydog.cluster import RayDogCluster, RayDogClusterProxy, sweep
@@ -44,9 +43,8 @@ def platform(tmp_path_factory):
 
 @pytest.fixture
 def client(platform):
-    yield fast_client(platform)
-    platform.clear_faults()
-    assert_nothing_left(platform)
+    with checked_use(platform):
+        yield fast_client(platform)
 
 
 def _live_pool_ids(platform) -> set[str]:
@@ -219,6 +217,7 @@ def test_a_build_whose_update_stream_fails_reads_the_requirement_instead(platfor
     platform.faults.add("503", "/work/requirements/*/updates", "GET", count=1000)
     with RayDogCluster(simulated_spec(pools=1), client=client) as cluster:
         assert cluster.head_node_private_ip
+    platform.clear_faults()
     assert platform.api_calls().get("GET /work/requirements/{requirement_id}", 0) >= 1
 
 

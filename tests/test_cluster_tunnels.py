@@ -12,20 +12,15 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import free_port
 
 from prefect_raydog.tunnels import RayTunnels
 
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
-pytestmark = pytest.mark.skipif(
-    not Path(SSHD).exists() or os.geteuid() != 0,
-    reason="needs OpenSSH's sshd (apt-get install openssh-server) and root to log in as root",
-)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+pytestmark = [
+    pytest.mark.system_packages("openssh-server"),
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root to log in as root"),
+]
 
 
 class _Echo(socketserver.BaseRequestHandler):
@@ -52,7 +47,7 @@ def sshd(tmp_path: Path):
     for path in (key, host_key):
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)], check=True)
     (tmp_path / "authorized_keys").write_text(Path(f"{key}.pub").read_text())
-    port = _free_port()
+    port = free_port()
     config = tmp_path / "sshd_config"
     config.write_text(
         f"ListenAddress 127.0.0.1\nPort {port}\nHostKey {host_key}\n"

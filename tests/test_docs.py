@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import re
-import runpy
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -21,6 +20,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+import requests
 import yaml
 from prefect.client.orchestration import get_client
 from test_readme_commands import readme_commands
@@ -151,16 +151,32 @@ def test_every_code_block_is_a_copy_of_a_tested_file_or_reviewed_text():
     assert not stale, f"stale entries: {stale}"
 
 
+class _RecordAsserts(ast.NodeTransformer):
+    """Follows each `assert` with a line that records it ran."""
+
+    def visit_Assert(self, node: ast.Assert) -> list[ast.stmt]:
+        record = ast.parse(f"__asserts_ran__.add({node.lineno})").body[0]
+        return [node, ast.copy_location(record, node)]
+
+
 @pytest.mark.parametrize("example", sorted(p.name for p in EXAMPLES.glob("*.py")))
-def test_python_example_runs(example, prefect_api):
-    """Each example runs in this process (Prefect is imported once); the environment variables
+def test_python_example_runs_every_check_it_makes(example, prefect_api):
+    """Each example runs in this process (Prefect is imported once), as `__main__`, and checks
+    its own results with asserts: it has some, and each of them ran. The environment variables
     an example sets are put back afterwards."""
+    path = EXAMPLES / example
+    tree = ast.parse(path.read_text())
+    asserts = {node.lineno for node in ast.walk(tree) if isinstance(node, ast.Assert)}
+    code = compile(ast.fix_missing_locations(_RecordAsserts().visit(tree)), str(path), "exec")
+    ran: set[int] = set()
     environment = dict(os.environ)
     try:
-        runpy.run_path(str(EXAMPLES / example), run_name="__main__")
+        exec(code, {"__name__": "__main__", "__file__": str(path), "__asserts_ran__": ran})
     finally:
         os.environ.clear()
         os.environ.update(environment)
+    assert asserts, f"{example} checks nothing: it has no assert"
+    assert ran == asserts, f"asserts of {example} that never ran, by line: {asserts - ran}"
 
 
 @pytest.mark.parametrize("example", sorted(p.name for p in EXAMPLES.glob("*.sh")))
@@ -181,6 +197,11 @@ def test_shell_example_runs(example, prefect_api, platform):
     if example == "local_faults.sh":
         assert json.loads(result.stdout) == {"kind": "429", "path": "/work/requirements",
                                              "method": "POST", "count": 1, "retryAfterSeconds": 2}
+        # The fault it added throttles the next submission of a work requirement.
+        throttled = requests.post(
+            f"{platform.url}/work/requirements", json={},
+            headers={"Authorization": f"yd-key {platform.key_id}:{platform.key_secret}"})
+        assert (throttled.status_code, throttled.headers["Retry-After"]) == (429, "2")
 
 
 def test_cluster_yaml_is_a_valid_spec():

@@ -140,6 +140,8 @@ def test_non_zero_exit_code_is_reported_once(agent: ProcessAgent) -> None:
 
 
 def test_abort_runs_the_exit_trap_and_ends_the_whole_tree(agent: ProcessAgent) -> None:
+    # A grace no load outlasts: the SIGKILL after it must not beat the SIGTERM to the task.
+    agent.abort_grace_s = 30
     agent.boot_node("ydid:node:000000:n1", "yd-n1")
     exits = Exits()
     task = launch('trap "echo trap ran" EXIT; sleep 300 & sleep 300 & echo started; wait')

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from datetime import timedelta
@@ -451,7 +450,7 @@ def test_airflow_flow_add_groups_by_put_then_tasks_by_name(yd: Workspace) -> Non
 
 def test_work_requirement_with_no_groups_stays_running(yd: Workspace) -> None:
     requirement = yd.requirement()
-    time.sleep(0.2)
+    yd.platform.state.settle()
     current = yd.client.work_client.get_work_requirement_by_id(requirement.id)
     assert current.status == WorkRequirementStatus.RUNNING
 
@@ -488,7 +487,8 @@ def test_pool_grows_to_waiting_tasks_up_to_max_nodes_and_never_beyond(yd: Worksp
     tasks = yd.add_tasks(requirement.taskGroups[0].id, 5)
     for task in tasks[:3]:
         yd.wait_task(task.id, TaskStatus.EXECUTING)
-    time.sleep(0.3)
+    # Two tasks still wait: a pool that grew beyond maxNodes would do so in this step.
+    yd.platform.state.settle()
     nodes = yd.client.worker_pool_client.find_nodes(NodeSearch(workerPoolId=pool.id))
     assert len(nodes) == 3
     assert [yd.task(task.id).status for task in tasks[3:]] == [TaskStatus.READY] * 2
@@ -560,7 +560,12 @@ def test_busy_nodes_and_pools_are_not_idle(yd: Workspace) -> None:
     quick = AutoShutdown(enabled=True, timeout=timedelta(seconds=0.3))
     pool = yd.provision(count=1, idleNodeShutdown=quick, idlePoolShutdown=quick)
     yd.wait_task(task.id, TaskStatus.EXECUTING)
-    time.sleep(0.8)
+    # A pool like it with nothing to do, started later: once it has shut down for idleness,
+    # the busy pool's idle timeouts have passed too.
+    idle = yd.provision(count=1, tag="no-task-runs-here", idleNodeShutdown=quick,
+                        idlePoolShutdown=quick)
+    yd.wait_pool(idle.id, WorkerPoolStatus.TERMINATED)
+    yd.platform.state.settle()
     current = yd.client.worker_pool_client.get_worker_pool_by_id(pool.id)
     assert current.status == WorkerPoolStatus.RUNNING
     assert (

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 from conftest import assert_nothing_left, wait_for
+from helpers import free_port
 from process_nodes import Pools, process_pools
 from yellowdog_client.model import NodeSearch, TaskStatus
 
@@ -38,12 +39,6 @@ def pools(request: pytest.FixtureRequest) -> Iterator[Pools]:
         with process_pools(platform, abort_grace_s=10) as workspace:
             yield workspace
         assert_nothing_left(platform)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def port_open(host: str, port: int) -> bool:

@@ -23,6 +23,8 @@ from yellowdog_client.model import (
 
 from prefect_raydog.local import LocalPlatform
 
+pytestmark = pytest.mark.system_packages("openssh-server")
+
 
 def make_key(path: Path) -> str:
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)], check=True)

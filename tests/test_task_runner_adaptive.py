@@ -6,18 +6,19 @@ from __future__ import annotations
 import os
 import threading
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 import ray
 from conftest import assert_nothing_left
+from helpers import head_ips
 from prefect import flow, task
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 from prefect.runtime import flow_run
 from prefect.testing.utilities import prefect_test_harness
-from yellowdog_client.model import NodeSearch, NodeStatus
+from yellowdog_client.model import NodeSearch, NodeStatus, WorkRequirementSearch
 
 from prefect_raydog.blocks import RayDogClusterConfig
 from prefect_raydog.local import LocalPlatform
@@ -103,11 +104,6 @@ def where(seconds: float) -> tuple[str, dict]:
     return ray.util.get_node_ip_address(), ray.get_runtime_context().get_assigned_resources()
 
 
-def _head_ips() -> set[str]:
-    return {n["NodeManagerAddress"] for n in ray.nodes()
-            if n["Alive"] and not n["Resources"].get("CPU")}
-
-
 def _artifact(flow_run_id) -> str:
     with get_client(sync_client=True) as client:
         artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
@@ -138,17 +134,17 @@ def test_adaptive_pools_grow_for_placed_and_mapped_tasks_and_shrink_after(
         deadline = time.monotonic() + 90
         while not os.path.exists(shrunk) and time.monotonic() < deadline:
             time.sleep(0.2)
-        return placed, results, _head_ips(), os.path.exists(shrunk), flow_run.id
+        return placed, results, head_ips(), os.path.exists(shrunk), flow_run.id
 
     watch = _Watch(platform, "-01-wrkrs", Path(shrunk))
     watch.start()
     try:
-        placed, results, head_ips, did_shrink, flow_run_id = bursty()
+        placed, results, heads, did_shrink, flow_run_id = bursty()
     finally:
         watch.done.set()
     assert "raydog-pool-extra" in placed
     ips = {ip for ip, _ in results}
-    assert len(results) == 30 and ips and not ips & head_ips
+    assert len(results) == 30 and ips and not ips & heads
     assert watch.most >= 1 and did_shrink
     artifact = _artifact(flow_run_id)
     assert "Adaptive pool sizes" in artifact
@@ -157,26 +153,37 @@ def test_adaptive_pools_grow_for_placed_and_mapped_tasks_and_shrink_after(
     assert extra[:2] == [0, 1], extra
 
 
-def test_eager_provisioning_gives_the_first_result_sooner_than_lazy(prefect_api, platform):
+def _newest_requirement_created(platform: LocalPlatform) -> datetime:
+    requirements = platform.client.work_client.get_work_requirements(WorkRequirementSearch())
+    return max(summary.createdTime for summary in requirements.list_all())
+
+
+def test_eager_provisioning_starts_while_the_flow_prepares_and_lazy_at_the_first_submit(
+        prefect_api, platform):
+    """Eager gives the first result sooner because the cluster is on its way before the first
+    submission: the order of the two events shows it, however loaded the machine."""
     config = _config(platform, [{"name": "workers", "count": 1}], workers_to_join=1)
     config = config.model_copy(update={"head": config.head.model_copy(
         update={"template_id": SLOW_BOOT})})
 
-    def first_result_after(provision: str) -> float:
+    def submitted_and_provisioned(provision: str) -> tuple[datetime, datetime]:
         @flow(task_runner=_runner(platform, config, provision=provision))
         def prepares_then_submits():
-            started = time.monotonic()
-            # Longer than the first task's start on a fresh node varies under load.
-            time.sleep(15)
+            time.sleep(15)  # the flow's own work before its first task
+            submitted = datetime.now(timezone.utc)
             where.submit(0.0).result()
-            return time.monotonic() - started
+            return submitted
 
-        return prepares_then_submits()
+        submitted = prepares_then_submits()
+        # In the API's resolution, milliseconds.
+        submitted = submitted.replace(microsecond=submitted.microsecond // 1000 * 1000)
+        return submitted, _newest_requirement_created(platform)
 
-    lazy = first_result_after("lazy")
+    submitted, provisioned = submitted_and_provisioned("lazy")
+    assert submitted <= provisioned, (submitted, provisioned)
     assert_nothing_left(platform)
-    eager = first_result_after("eager")
-    assert eager < lazy, (eager, lazy)
+    submitted, provisioned = submitted_and_provisioned("eager")
+    assert provisioned < submitted, (submitted, provisioned)
 
 
 def test_a_flow_run_that_never_submits_ends_its_eager_cluster(prefect_api, platform):

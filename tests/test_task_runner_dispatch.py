@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import pickle
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import ray
+from helpers import worker_node_ids
 from prefect import flow, tags, task
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
@@ -62,8 +62,8 @@ def add_one(x: int) -> int:
 
 
 @task
-def where() -> int:
-    return os.getpid()
+def where() -> str:
+    return ray.get_runtime_context().get_node_id()
 
 
 @task
@@ -103,9 +103,9 @@ def test_mapped_tasks_return_correct_results_from_other_processes(runner):
     def mapped():
         return add_one.map(range(200)).result(), where.submit().result()
 
-    results, pid = mapped()
+    results, node = mapped()
     assert results == [x + 1 for x in range(200)]
-    assert pid != os.getpid()
+    assert node in worker_node_ids()
 
 
 def test_dependencies_pass_results_downstream(runner):

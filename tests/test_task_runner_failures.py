@@ -16,6 +16,7 @@ import paramiko
 import pytest
 import ray
 from conftest import assert_nothing_left, wait_for
+from helpers import head_ips, what_is_live
 from prefect import flow, task
 from pydantic import SecretStr
 
@@ -64,15 +65,6 @@ def add_one(x: int) -> int:
 @task
 def node_ip(x: int) -> tuple[int, str]:
     return x + 1, ray.util.get_node_ip_address()
-
-
-def _head_ips() -> set[str]:
-    return {n["NodeManagerAddress"] for n in ray.nodes()
-            if n["Alive"] and not n["Resources"].get("CPU")}
-
-
-def _live(platform) -> dict[str, list]:
-    return {kind: items for kind, items in platform.live_entities().items() if items}
 
 
 def _ssh_peers() -> list[str]:
@@ -148,29 +140,31 @@ def test_a_cluster_kept_for_a_retry_that_never_comes_is_torn_down_when_it_expire
     monkeypatch.setattr(parking, "_PARK_MARGIN_S", 30.0)
     runner = RayDogTaskRunner(cluster=BLOCK, api_relay_address=platform.host_address)
 
-    # The flow's own runner submits nothing (so attaches to nothing); it stands in the flow's
-    # context, which tasks carry to the nodes, where a thread pool's locks would not pickle.
-    @flow(task_runner=RayDogTaskRunner(address="ray://127.0.0.1:1"))
+    # The flow's own runner submits nothing and, lazy, attaches to nothing (an eager one would
+    # try to connect in the background until the flow's exit); it stands in the flow's context,
+    # which tasks carry to the nodes, where a thread pool's locks would not pickle.
+    @flow(task_runner=RayDogTaskRunner(address="ray://127.0.0.1:1", provision="lazy"))
     def first_attempt():
         # The flow run is still running when the runner exits, as between a failed attempt and
         # its retry: the runner keeps the cluster for a retry, which here never comes.
         with runner:
             value, ip = runner.submit(node_ip, {"x": 1}).result()
-            heads = _head_ips()
+            heads = head_ips()
         return value, ip, heads, runner._session_key() in parking._PARKED
 
     # The flow keeps no reference to the platform: its context travels to the nodes with tasks.
     value, ip, heads, parked = first_attempt()
-    live = _live(platform)
+    live = what_is_live(platform)
     assert value == 2 and ip not in heads
     assert parked
     assert live["workRequirements"] and live["workerPools"] and live["processes"]
-    wait_for(lambda: not _live(platform), timeout=90, interval=0.2,
+    wait_for(lambda: not what_is_live(platform), timeout=90, interval=0.2,
              what="the parked cluster to expire and be torn down")
     assert runner._session_key() not in parking._PARKED
     assert not ray.is_initialized()
 
 
+@pytest.mark.system_packages("openssh-server")
 def test_a_runner_reaching_the_head_through_an_ssh_tunnel_runs_tasks_on_worker_nodes(
     saved_config, platform
 ):
@@ -178,7 +172,7 @@ def test_a_runner_reaching_the_head_through_an_ssh_tunnel_runs_tasks_on_worker_n
 
     @flow(task_runner=runner)
     def tunnelled():
-        return node_ip.map(range(4)).result(), _head_ips(), _ssh_peers(), _ssh_processes()
+        return node_ip.map(range(4)).result(), head_ips(), _ssh_peers(), _ssh_processes()
 
     results, heads, peers, ssh_processes = tunnelled()
     assert [value for value, _ in results] == [1, 2, 3, 4]

@@ -15,6 +15,7 @@ from datetime import timedelta
 import pytest
 from conftest import wait_for
 from flow_scripts import LONG_FLOW
+from helpers import what_is_live
 from prefect import flow
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import WorkPoolCreate
@@ -55,10 +56,6 @@ def _prefect_env(**extra: str) -> dict[str, str]:
             "RAY_AUTH_MODE": "disabled", **extra}
 
 
-def _live(platform) -> dict[str, list]:
-    return {kind: items for kind, items in platform.live_entities().items() if items}
-
-
 def test_sigkilled_flow_process_leaves_the_cluster_to_the_platform_backstop(
     saved_configs, platform, tmp_path
 ):
@@ -80,7 +77,7 @@ def test_sigkilled_flow_process_leaves_the_cluster_to_the_platform_backstop(
             process.wait()
     footprint.wait_gone(time.monotonic())
     assert platform.live_entities()["workRequirements"]
-    wait_for(lambda: not _live(platform), timeout=SHORT_LIFETIME.total_seconds() + 30,
+    wait_for(lambda: not what_is_live(platform), timeout=SHORT_LIFETIME.total_seconds() + 30,
              interval=0.5, what="the platform to end the orphaned cluster")
 
 
@@ -154,7 +151,7 @@ def test_a_deployment_run_by_a_process_worker_runs_tasks_on_worker_nodes(
     assert [value for value, _ in recorded["results"]] == [1, 2, 3, 4]
     ips = {ip for _, ip in recorded["results"]}
     assert ips and not ips & set(recorded["heads"])
-    wait_for(lambda: not _live(platform), timeout=30, what="the cluster to be torn down")
+    wait_for(lambda: not what_is_live(platform), timeout=30, what="the cluster to be torn down")
 
 
 def test_cancelling_a_deployment_run_through_the_api_tears_the_cluster_down(
@@ -171,6 +168,6 @@ def test_cancelling_a_deployment_run_through_the_api_tears_the_cluster_down(
         client.set_flow_run_state(flow_run.id, Cancelling(), force=True)
     state = wait_for(lambda: (s := _flow_run_state(flow_run.id)) and s.is_final() and s,
                      timeout=60, interval=0.5, what="the cancelled run to finish")
-    wait_for(lambda: not _live(platform), timeout=45, what="the cluster to be torn down")
+    wait_for(lambda: not what_is_live(platform), timeout=45, what="the cluster to be torn down")
     assert not out.exists()
     assert state.is_cancelled(), f"a cancelled deployment run ended {state.type.value}"

@@ -8,17 +8,21 @@ import pickle
 import signal
 import subprocess
 import sys
-import threading
 import time
+import uuid
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import ray
 from conftest import wait_for
 from flow_scripts import LOCAL_PRESET_FLOW, LONG_FLOW
+from helpers import head_ips
 from prefect import flow, get_run_logger, task
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
+    FlowFilter,
+    FlowFilterName,
     FlowRunFilter,
     FlowRunFilterId,
     LogFilter,
@@ -59,11 +63,6 @@ def node_ip(x: int) -> tuple[int, str]:
     return x + 1, ray.util.get_node_ip_address()
 
 
-def _head_ips() -> set[str]:
-    return {n["NodeManagerAddress"] for n in ray.nodes()
-            if n["Alive"] and not n["Resources"].get("CPU")}
-
-
 def test_one_flow_run_maps_nests_and_calls_a_subflow_on_its_one_cluster(runner, platform):
     """200 mapped tasks on both worker nodes with their logs in the API, a task that submits
     another from its worker, and a subflow: all on the cluster provisioned once for the run,
@@ -76,15 +75,15 @@ def test_one_flow_run_maps_nests_and_calls_a_subflow_on_its_one_cluster(runner, 
     def parent():
         results = node_ip.map(range(200)).result()
         nested = submits_from_its_worker.submit(1).result()
-        return results, nested, child(), _head_ips(), flow_run.id
+        return results, nested, child(), head_ips(), flow_run.id
 
-    results, ((inner_value, inner_ip), outer_ip), environment, head_ips, flow_run_id = parent()
+    results, ((inner_value, inner_ip), outer_ip), environment, heads, flow_run_id = parent()
     assert [value for value, _ in results] == [x + 1 for x in range(200)]
     ips = {ip for _, ip in results}
     assert len(ips) == 2
-    assert not ips & head_ips
+    assert not ips & heads
     assert inner_value == 2
-    assert inner_ip not in head_ips and outer_ip not in head_ips
+    assert inner_ip not in heads and outer_ip not in heads
     assert platform.api_calls().get("POST /work/requirements", 0) == 1
     assert saved_secret() not in str(environment)
     assert environment.get("PREFECT_API_URL", "").find("127.0.0.1") == -1
@@ -228,7 +227,11 @@ def test_killed_worker_node_gives_crashed_task_runs_reported_to_the_api(runner, 
         time.sleep(10)
         return x
 
-    @flow(task_runner=runner)
+    # Its own name tells this flow's task runs from any an earlier test left RUNNING (the flow
+    # holds nothing else: its context travels to the nodes with each task).
+    name = f"doomed-{uuid.uuid4().hex[:8]}"
+
+    @flow(task_runner=runner, name=name)
     def doomed():
         futures = slow.map(range(2))
         states = [future.wait() or future.state for future in futures]
@@ -236,18 +239,21 @@ def test_killed_worker_node_gives_crashed_task_runs_reported_to_the_api(runner, 
 
     def running_tasks():
         with get_client(sync_client=True) as client:
-            return client.read_task_runs(task_run_filter=TaskRunFilter(
-                state=TaskRunFilterState(type=TaskRunFilterStateType(any_=["RUNNING"]))
-            ))
+            return client.read_task_runs(
+                flow_filter=FlowFilter(name=FlowFilterName(any_=[name])),
+                task_run_filter=TaskRunFilter(
+                    state=TaskRunFilterState(type=TaskRunFilterStateType(any_=["RUNNING"]))
+                ),
+            )
 
     def kill_a_worker_once_tasks_run():
-        wait_for(running_tasks, timeout=120, interval=0.2, what="running tasks")
+        wait_for(running_tasks, timeout=120, interval=0.2, what="running tasks of this flow")
         platform.kill_node(_worker_node_ids(platform)[0])
 
-    killer = threading.Thread(target=kill_a_worker_once_tasks_run, daemon=True)
-    killer.start()
-    types, ids = doomed()
-    killer.join()
+    with ThreadPoolExecutor(max_workers=1) as killer:
+        killed = killer.submit(kill_a_worker_once_tasks_run)
+        types, ids = doomed()
+        killed.result()
     assert "CRASHED" in types
     crashed = ids[types.index("CRASHED")]
 

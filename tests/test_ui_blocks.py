@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,6 +17,7 @@ from urllib.parse import urlsplit
 import pytest
 import requests
 from conftest import wait_for
+from helpers import free_port
 from prefect.events.worker import EventsWorker
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
@@ -30,6 +30,7 @@ from prefect_raydog import RayDogClusterConfig, YellowDogCredentials
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
+pytestmark = pytest.mark.system_packages("chromium", "chromium-driver")
 IMAGES = Path(__file__).resolve().parent.parent / "docs" / "images"
 SECRET = "s3cr3t-typed-into-the-form"
 # Everything that would reach beyond loopback from a fresh headless profile, switched off.
@@ -55,16 +56,10 @@ CHROMIUM_FLAGS = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """`prefect server start` on a free loopback port with its own home; the blocks registered."""
-    port = _free_port()
+    port = free_port()
     home = tmp_path_factory.mktemp("prefect-home")
     env = {
         **os.environ,

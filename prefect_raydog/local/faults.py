@@ -31,6 +31,8 @@ class Fault:
     method: str = "*"
     count: int = 1
     retry_after_s: float | None = None
+    taken: int = 0
+    """How many calls got this fault so far."""
 
     def matches(self, method: str, path: str) -> bool:
         return self.method in ("*", method) and fnmatch.fnmatchcase(path, self.path)
@@ -47,11 +49,13 @@ class Fault:
 
 
 class FaultPlan:
-    """The faults waiting to happen, consumed call by call. Thread-safe."""
+    """The faults waiting to happen, consumed call by call, and every fault added since the last
+    `forget()`, so that a test can check each was used. Thread-safe."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._faults: list[Fault] = []
+        self._added: list[Fault] = []
         self.drop_connection: Callable[[tuple[str, int] | None], None] = lambda client: None
         """Set by the platform: aborts the TCP connection of the given client address."""
 
@@ -70,6 +74,7 @@ class FaultPlan:
             fault.retry_after_s = 1.0
         with self._lock:
             self._faults.append(fault)
+            self._added.append(fault)
         return fault
 
     def clear(self) -> None:
@@ -80,12 +85,24 @@ class FaultPlan:
         with self._lock:
             return list(self._faults)
 
+    def never_taken(self) -> list[Fault]:
+        """The faults added since the last `forget()` that no call got."""
+        with self._lock:
+            return [fault for fault in self._added if not fault.taken]
+
+    def forget(self) -> None:
+        """Clear the faults, and the record of those added."""
+        with self._lock:
+            self._faults.clear()
+            self._added.clear()
+
     def take(self, method: str, path: str) -> Fault | None:
         """The fault this call gets, if any; counts it as used."""
         with self._lock:
             for fault in self._faults:
                 if fault.matches(method, path):
                     fault.count -= 1
+                    fault.taken += 1
                     if fault.count == 0:
                         self._faults.remove(fault)
                     return fault

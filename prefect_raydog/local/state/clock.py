@@ -27,6 +27,7 @@ class Clock(ABC):
         self._sequence = itertools.count()
         self._actions: list[Callable[[], None]] = []
         self._dirty = False
+        self._steps = 0
         self._executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="yd-local-node")
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -62,9 +63,20 @@ class Clock(ABC):
                     self.step()
                 except Exception:  # a bug in one step must not stop the whole platform
                     logger.exception("The local platform's scheduler step failed")
+                self._steps += 1
+                self._cond.notify_all()
                 actions, self._actions = self._actions, []
             for action in actions:
                 action()
+
+    def settle(self, timeout: float = 10.0) -> None:
+        """Return once the scheduler has run a whole step (due timers, claims, pool growth) that
+        started after this call: what the state at the call leads to at once has happened."""
+        with self._cond:
+            target = self._steps + 1
+            self._changed()
+            if not self._cond.wait_for(lambda: self._steps >= target or self._stopping, timeout):
+                raise TimeoutError(f"The local platform's scheduler ran no step in {timeout} s")
 
     def _wait_time(self) -> float:
         if not self._timers:

@@ -1,0 +1,41 @@
+"""Small helpers of more than one test module: the connected Ray cluster's nodes, what is live on
+a local platform, a free loopback port."""
+
+from __future__ import annotations
+
+import socket
+import sys
+
+import ray
+from ray import cloudpickle
+
+from prefect_raydog.local import LocalPlatform
+
+
+def head_ips() -> set[str]:
+    """The addresses of the connected Ray cluster's head: the alive nodes with no CPU for tasks."""
+    return {
+        n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"] and not n["Resources"].get("CPU")
+    }
+
+
+def worker_node_ids() -> set[str]:
+    """The IDs of the connected Ray cluster's alive worker nodes (those with CPU for tasks)."""
+    return {n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU")}
+
+
+def what_is_live(platform: LocalPlatform) -> dict[str, list]:
+    """What is live on `platform`, by kind, without the empty kinds."""
+    return {kind: items for kind, items in platform.live_entities().items() if items}
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that no one listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# A flow that calls these carries them to the nodes with its context, where this module is not
+# installed: it travels by value, as the test modules do.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
