@@ -29,6 +29,13 @@ class TaskLaunch:
     """The task's own environment plus the `YD_*` variables the state knows."""
 
 
+@dataclass(frozen=True)
+class NodeImage:
+    """The image a sealed node boots from: the driver's node requirements plus `packages`."""
+
+    packages: tuple[str, ...] = ()
+
+
 class NodeBootError(RuntimeError):
     """A node could not be started; the state reports its instance as failed to boot."""
 
@@ -39,9 +46,17 @@ class NodeRunner(Protocol):
     host_address: str
     """The address on which node processes reach services running on the platform's host."""
 
-    def boot_node(self, node_id: str, hostname: str, user_data: str | None = None) -> NodeAddress:
+    def boot_node(self, node_id: str, hostname: str, user_data: str | None = None,
+                  image: NodeImage | None = None) -> NodeAddress:
         """Give the node its isolation (namespaces, address) and return where it is reachable;
-        start an SSH server there when `user_data` holds OpenSSH public keys to authorize."""
+        start an SSH server there when `user_data` holds OpenSSH public keys to authorize. With
+        an `image`, the node is sealed as a VM booted from it: `user_data` runs as root first
+        (raising `NodeBootError` when it fails), then tasks and logins run as `yd-agent`."""
+        ...
+
+    def boot_output(self, node_id: str) -> str:
+        """What the node's userdata printed at boot, ending with its exit status; empty when it
+        ran none."""
         ...
 
     def run_task(self, node_id: str, launch: TaskLaunch, on_exit: Callable[[int], None]) -> None:

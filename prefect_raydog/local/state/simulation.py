@@ -156,7 +156,7 @@ class Simulation(Clock):
         assert self.runner is not None
         try:
             address = self.runner.boot_node(
-                node.id, node.hostname, node.pool.requirement.user_data)
+                node.id, node.hostname, node.pool.requirement.user_data, node.pool.template.image)
         except Exception as error:  # whatever stops a node booting is its boot failure
             logger.warning(
                 "Node %s of worker pool %s failed to boot: %s", node.id, node.pool.id, error

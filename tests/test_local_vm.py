@@ -1,0 +1,139 @@
+"""Sealed process nodes (`local/vm`), as hard as a cloud VM: a node sees only its image (the
+driver's node requirements, built once per content hash), runs its userdata as root at boot (a
+failing one keeps the node from registering), and runs tasks and SSH logins as `yd-agent`."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import pwd
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+from conftest import wait_for
+from process_nodes import Pools, process_pools
+from test_local_ssh import make_key, ssh
+from yellowdog_client.model import InstanceSearch, NodeSearch, TaskStatus
+
+from prefect_raydog.local import LocalPlatform
+from prefect_raydog.local.images import Image, ensure_image
+from prefect_raydog.local.machine import PROJECT
+
+VM = "local/vm"
+BASE_SITE_PACKAGES = sysconfig.get_path("purelib", vars={"base": sys.base_prefix})
+
+
+@pytest.fixture(scope="module")
+def image() -> Image:
+    """The driver's image, built once per machine (its cache is keyed by content) and reused."""
+    return ensure_image()
+
+
+@pytest.fixture
+def pools(platform: LocalPlatform, image: Image) -> Pools:
+    if platform.runner is None or platform.runner.network.mode != "bridge":
+        pytest.fail("sealed nodes need bridge networking (root)")
+    with process_pools(platform) as workspace:
+        yield workspace
+
+
+def run(pools: Pools, tag: str, script: str, user_data: str | None = None) -> str:
+    """`script`'s output, run as a task on a new sealed node."""
+    pool_id = pools.provision(1, tag, VM, user_data)
+    pools.wait_idle(pool_id, timeout=60)
+    (task,) = pools.run(tag, [script])
+    pools.wait_task(task.id, TaskStatus.COMPLETED, TaskStatus.FAILED, timeout=60)
+    output = pools.platform.task_output(task.id)
+    assert pools.client.work_client.get_task_by_id(task.id).status == TaskStatus.COMPLETED, output
+    return output
+
+
+def test_a_task_sees_only_its_image(pools: Pools) -> None:
+    output = run(
+        pools,
+        "image",
+        f"""
+python -c 'import prefect_raydog, prefect, ray; print(prefect_raydog.__file__, ray.__version__)'
+python -c 'import pytest' 2>&1 | tail -1
+for path in {PROJECT} {sys.prefix} {BASE_SITE_PACKAGES} {Path.home() / ".cache"} /opt/wheels; do
+    ls -A "$path" 2>/dev/null | head -1 | sed "s|^|$path has |"
+done
+echo done
+""",
+    )
+    lines = output.splitlines()
+    module, ray_version = lines[0].split()
+    assert module.startswith("/opt/yellowdog/image/app/prefect_raydog/")
+    assert ray_version == importlib.metadata.version("ray")
+    assert lines[1] == "ModuleNotFoundError: No module named 'pytest'"
+    # The driver's checkout, venv, its interpreter's packages, HOME's cache (pip's, the images)
+    # and local package registries are empty on the node.
+    assert lines[2:] == ["done"], output
+
+
+def test_tasks_run_as_yd_agent_in_directories_it_owns(pools: Pools) -> None:
+    output = run(
+        pools, "user", 'id -u; stat -c %U . "$HOME"; touch /opt/yellowdog/image/x 2>&1 || true'
+    )
+    uid, task_directory_owner, home_owner, refused = output.splitlines()[:4]
+    assert int(uid) == pwd.getpwnam("yd-agent").pw_uid != 0
+    assert task_directory_owner == home_owner == "yd-agent"
+    assert "Read-only file system" in refused
+
+
+def test_userdata_runs_as_root_at_boot_before_any_task(pools: Pools) -> None:
+    user_data = "#!/bin/bash\nid -u\necho from-userdata > /tmp/boot-mark\n"
+    output = run(pools, "userdata", "cat /tmp/boot-mark", user_data)
+    assert output.strip() == "from-userdata"
+    (node,) = pools.client.worker_pool_client.get_nodes(
+        NodeSearch(workerPoolId=pools.pool_ids[-1])
+    ).iterate()
+    assert pools.platform.node_boot_output(node.id) == "0\nuserdata exit status: 0\n"
+
+
+def test_a_node_whose_userdata_fails_never_registers(
+    pools: Pools, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, "prefect_raydog.local")
+    pool_id = pools.provision(1, "broken", VM, "#!/bin/bash\necho cannot-install >&2\nexit 3\n")
+    pool = pools.client.worker_pool_client.get_worker_pool_by_id(pool_id)
+    compute = pools.client.compute_client
+    (instance,) = wait_for(
+        lambda: [
+            instance
+            for instance in compute.get_instances(
+                InstanceSearch(computeRequirementId=pool.computeRequirementId)
+            ).list_all()
+            if instance.status.name == "TERMINATED"
+        ],
+        60,
+        what="the node's instance to end",
+    )
+    assert pools.client.worker_pool_client.find_nodes(NodeSearch(workerPoolId=pool_id)) == []
+    (record,) = [r for r in caplog.records if "failed to boot" in r.getMessage()]
+    assert "exit 3" in record.getMessage() and "cannot-install" in record.getMessage()
+    node_id = record.args[0]
+    assert pools.platform.node_boot_output(node_id).endswith(
+        "cannot-install\nuserdata exit status: 3\n"
+    )
+
+
+def test_an_ssh_login_runs_as_yd_agent_from_the_image(pools: Pools, tmp_path: Path) -> None:
+    key = tmp_path / "id_ed25519"
+    public = make_key(key)
+    user_data = f"#!/bin/bash\ncat >> ~yd-agent/.ssh/authorized_keys <<'EOF'\n{public}\nEOF\n"
+    pool_id = pools.provision(1, "login", VM, user_data)
+    pools.wait_idle(pool_id, timeout=60)
+    (node,) = pools.client.worker_pool_client.get_nodes(NodeSearch(workerPoolId=pool_id)).iterate()
+    result = ssh(
+        key,
+        node.details.publicIpAddress,
+        "id -u; whoami; python -c 'import prefect_raydog; print(prefect_raydog.__file__)'",
+    )
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.splitlines()) == 3, result.stdout + result.stderr
+    uid, name, module = result.stdout.splitlines()
+    assert int(uid) == pwd.getpwnam("yd-agent").pw_uid and name == "yd-agent"
+    assert module.startswith("/opt/yellowdog/image/app/")
