@@ -10,6 +10,8 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from packaging.requirements import InvalidRequirement, Requirement
+
 from prefect_raydog.local.nodes import NodeImage
 from prefect_raydog.local.wire import ACCOUNT, TYPE_PREFIX
 
@@ -224,6 +226,11 @@ def _image(where: str, mode: NodeMode, table: dict[str, Any]) -> NodeImage | Non
         raise TemplateError(f"{where}: field 'image' must be one of {list(IMAGES)}")
     if mode is not NodeMode.PROCESS:
         raise TemplateError(f"{where}: field 'image' needs mode 'process'")
-    if not all(isinstance(package, str) for package in packages):
-        raise TemplateError(f"{where}: field 'image_packages' must be a list of requirements")
+    for package in packages:
+        try:
+            Requirement(package)
+        except (InvalidRequirement, TypeError):
+            raise TemplateError(
+                f"{where}: field 'image_packages' must be a list of requirements, "
+                f"not {package!r}") from None
     return NodeImage(packages=tuple(packages))
