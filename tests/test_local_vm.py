@@ -4,9 +4,12 @@ failing one keeps the node from registering), and runs tasks and SSH logins as `
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import logging
 import pwd
+import socket
+import subprocess
 import sys
 import sysconfig
 from pathlib import Path
@@ -15,10 +18,13 @@ import pytest
 from conftest import wait_for
 from process_nodes import Pools, process_pools
 from test_local_ssh import make_key, ssh
+from typer.testing import CliRunner
 from yellowdog_client.model import InstanceSearch, NodeSearch, TaskStatus
 
+from prefect_raydog import scripts
+from prefect_raydog.cli import app
 from prefect_raydog.local import LocalPlatform
-from prefect_raydog.local.images import Image, ensure_image
+from prefect_raydog.local.images import Image, ensure_image, node_requirements
 from prefect_raydog.local.machine import PROJECT
 
 VM = "local/vm"
@@ -137,3 +143,63 @@ def test_an_ssh_login_runs_as_yd_agent_from_the_image(pools: Pools, tmp_path: Pa
     uid, name, module = result.stdout.splitlines()
     assert int(uid) == pwd.getpwnam("yd-agent").pw_uid and name == "yd-agent"
     assert module.startswith("/opt/yellowdog/image/app/")
+
+
+RAY_JOB = """
+import os, sys, ray
+ray.init(sys.argv[1], logging_level="ERROR")
+where = ray.remote(lambda: (os.getuid(), sys.prefix, ray.__file__)).remote()
+print(*ray.get(where))
+"""
+
+
+def test_ray_starts_from_the_image_as_yd_agent_and_runs_a_task(pools: Pools) -> None:
+    pool_id = pools.provision(1, "ray", VM)
+    pools.wait_idle(pool_id, timeout=60)
+    (node,) = pools.client.worker_pool_client.get_nodes(NodeSearch(workerPoolId=pool_id)).iterate()
+    environment = {"RAYDOG_VENV": "/opt/yellowdog/image/venv", "RAY_HEAD_ARGS": "--num-cpus=1"}
+    (head,) = pools.run("ray", [scripts.load("local-head")], environment)
+    address = node.details.privateIpAddress
+    wait_for(lambda: listening(address, 10001, head.id, pools), 120, 0.5, "Ray Client on the head")
+    job = subprocess.run(
+        [sys.executable, "-c", RAY_JOB, f"ray://{address}:10001"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert job.returncode == 0, job.stderr[-3000:]
+    uid, prefix, module = job.stdout.split()
+    assert int(uid) == pwd.getpwnam("yd-agent").pw_uid
+    assert prefix == "/opt/yellowdog/image/venv"
+    assert module.startswith("/opt/yellowdog/image/venv/")
+
+
+def listening(address: str, port: int, task_id: str, pools: Pools) -> bool:
+    """Whether `address:port` accepts connections; fails at once if the task has ended."""
+    task = pools.client.work_client.get_task_by_id(task_id)
+    assert task.status in (
+        TaskStatus.EXECUTING,
+        TaskStatus.DOWNLOADING,
+        TaskStatus.PENDING,
+        TaskStatus.READY,
+        TaskStatus.ALLOCATED,
+    ), pools.platform.task_output(task_id)
+    with contextlib.suppress(OSError), socket.create_connection((address, port), 1):
+        return True
+    return False
+
+
+def test_node_requirements_pin_the_drivers_versions_of_what_nodes_need() -> None:
+    version = importlib.metadata.version
+    lines = node_requirements(["pytest", "not-installed-here>=1"])
+    assert lines[0] == f"prefect-raydog=={version('prefect-raydog')}"
+    assert f"ray[client,default]=={version('ray')}" in lines
+    assert f"prefect=={version('prefect')}" in lines
+    assert lines[-2:] == [f"pytest=={version('pytest')}", "not-installed-here>=1"]
+    # The package's own extras (docs, test) are not for nodes.
+    assert not [line for line in lines if line.startswith(("mkdocs", "selenium"))]
+    printed = CliRunner().invoke(app, ["node-requirements", "pytest"]).stdout.splitlines()
+    assert printed == [
+        f"# Python {sys.version_info[0]}.{sys.version_info[1]} (the node's must match)",
+        *node_requirements(["pytest"]),
+    ]
