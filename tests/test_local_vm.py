@@ -203,3 +203,26 @@ def test_node_requirements_pin_the_drivers_versions_of_what_nodes_need() -> None
         f"# Python {sys.version_info[0]}.{sys.version_info[1]} (the node's must match)",
         *node_requirements(["pytest"]),
     ]
+
+
+def test_userdata_runs_once_per_instance_not_again_when_a_stopped_one_starts(
+    pools: Pools,
+) -> None:
+    pool_id = pools.provision(1, "restart", VM, "#!/bin/bash\necho booting\n")
+    pools.wait_idle(pool_id, timeout=60)
+    pool = pools.client.worker_pool_client.get_worker_pool_by_id(pool_id)
+    compute = pools.client.compute_client
+
+    def instance_is(status: str) -> bool:
+        search = InstanceSearch(computeRequirementId=pool.computeRequirementId)
+        return [i.status.name for i in compute.get_instances(search).list_all()] == [status]
+
+    compute.stop_compute_requirement_by_id(pool.computeRequirementId)
+    wait_for(lambda: instance_is("STOPPED"), 60, what="the instance to stop")
+    compute.start_compute_requirement_by_id(pool.computeRequirementId)
+    wait_for(lambda: instance_is("RUNNING"), 60, what="the instance to start again")
+    pools.wait_idle(pool_id, timeout=60)
+    (node,) = pools.client.worker_pool_client.get_nodes(NodeSearch(workerPoolId=pool_id)).iterate()
+    assert pools.platform.node_boot_output(node.id) == "booting\nuserdata exit status: 0\n"
+    (task,) = pools.run("restart", ["id -u"])
+    pools.wait_task(task.id, TaskStatus.COMPLETED, timeout=60)

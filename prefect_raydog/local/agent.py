@@ -24,6 +24,8 @@ TASK_TYPES = {"bash": "/bin/bash"}
 """The run command of each task type, as in the YellowDog agent's `application.yaml`."""
 
 AGENT_USER = machine.AGENT_USER
+USERDATA_EXIT = "userdata exit status: "
+USERDATA_DONE = f"{USERDATA_EXIT}0\n"
 
 DIE_WITH_PLATFORM = ("setpriv", "--pdeathsig", "KILL", "--",
                      "/bin/sh", "-c", 'test "$PPID" = "$0" && exec "$@"')
@@ -147,7 +149,8 @@ class ProcessAgent:
             self.network.remove_node(node.sandbox)
             raise NodeBootError(
                 f"cannot create the directories of node {node_id}: {error}") from error
-        if image is not None and user_data:
+        # As cloud-init's scripts, once per instance: not again when a stopped one starts.
+        if image is not None and user_data and USERDATA_DONE not in self.boot_output(node_id):
             self._run_userdata(node_id, node, user_data)
         keys = ssh.authorized_keys(user_data)
         if keys and node.sandbox.enter_sharing_pids:
@@ -208,7 +211,7 @@ class ProcessAgent:
             finally:
                 with self._lock:
                     self._booting.pop(node_id, None)
-            output.write(f"userdata exit status: {code}\n".encode())
+            output.write(f"{USERDATA_EXIT}{code}\n".encode())
         if code != 0:
             self.network.remove_node(node.sandbox)
             tail = output_path.read_text(errors="replace").strip().splitlines()[-10:]
