@@ -226,3 +226,34 @@ def test_userdata_runs_once_per_instance_not_again_when_a_stopped_one_starts(
     assert pools.platform.node_boot_output(node.id) == "booting\nuserdata exit status: 0\n"
     (task,) = pools.run("restart", ["id -u"])
     pools.wait_task(task.id, TaskStatus.COMPLETED, timeout=60)
+
+
+def test_a_pool_shut_down_while_its_node_runs_userdata_ends_it_and_the_node_never_registers(
+    pools: Pools,
+) -> None:
+    pool_id = pools.provision(1, "slow-boot", VM, "#!/bin/bash\nsleep 600\n")
+    booting = wait_for(pools.platform.runner.processes, 60, what="the userdata to run")
+    pools.client.worker_pool_client.shutdown_worker_pool_by_id(pool_id)
+    wait_for(
+        lambda: not alive(booting),
+        30,
+        what="the userdata to end",
+    )
+    assert pools.client.worker_pool_client.find_nodes(NodeSearch(workerPoolId=pool_id)) == []
+
+
+def test_a_platform_that_stops_ends_a_userdata_still_running(image: Image) -> None:
+    with LocalPlatform() as platform:
+        Pools(platform).provision(1, "slow-boot", VM, "#!/bin/bash\nsleep 600\n")
+        booting = wait_for(platform.runner.processes, 60, what="the userdata to run")
+    wait_for(lambda: not alive(booting), 10, what="the userdata to end")
+
+
+def alive(pids: list[int]) -> list[int]:
+    """Those of `pids` still running (a zombie, killed and not yet reaped, is not)."""
+    running = []
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                running.append(pid)
+    return running

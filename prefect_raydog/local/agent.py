@@ -26,6 +26,7 @@ TASK_TYPES = {"bash": "/bin/bash"}
 AGENT_USER = machine.AGENT_USER
 USERDATA_EXIT = "userdata exit status: "
 USERDATA_DONE = f"{USERDATA_EXIT}0\n"
+ROOT_ENVIRONMENT = {"HOME": "/root", "USER": "root", "LOGNAME": "root"}
 
 DIE_WITH_PLATFORM = ("setpriv", "--pdeathsig", "KILL", "--",
                      "/bin/sh", "-c", 'test "$PPID" = "$0" && exec "$@"')
@@ -127,6 +128,7 @@ class ProcessAgent:
         self._nodes: dict[str, _Node] = {}
         self._tasks: dict[str, _Task] = {}
         self._booting: dict[str, subprocess.Popen[bytes]] = {}
+        self._aborting_boots = False
 
     @classmethod
     def create(cls, data_dir: Path, network: str = "auto",
@@ -198,11 +200,14 @@ class ProcessAgent:
             process = subprocess.Popen(
                 [*DIE_WITH_PLATFORM, str(os.getpid()),
                  *self._enter(node, node.root, command, node.sandbox.enter, as_root=True)],
-                cwd=node.root, env=self._environment(node, {"HOME": "/root", "USER": "root"}),
+                cwd=node.root, env=self._environment(node, ROOT_ENVIRONMENT),
                 stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
                 start_new_session=True)
             with self._lock:
                 self._booting[node_id] = process
+                aborting = self._aborting_boots
+            if aborting:
+                _signal_group(process, signal.SIGKILL)
             try:
                 code = process.wait(machine.USERDATA_TIMEOUT_S)
             except subprocess.TimeoutExpired:
@@ -349,12 +354,22 @@ class ProcessAgent:
         if not task.ended.wait(self.abort_grace_s) and task.process is not None:
             _signal_group(task.process, signal.SIGKILL)
 
+    def abort_boots(self) -> None:
+        with self._lock:
+            self._aborting_boots = True
+            booting = list(self._booting.values())
+        for process in booting:
+            _signal_group(process, signal.SIGKILL)
+
     def stop_node(self, node_id: str, kill: bool = False) -> None:
         with self._lock:
             node = self._nodes.pop(node_id, None)
-            if node is None:
-                return
-            tasks = [self._tasks[task_id] for task_id in node.tasks]
+            booting = self._booting.get(node_id)
+            tasks = [self._tasks[task_id] for task_id in node.tasks] if node is not None else []
+        if booting is not None:
+            _signal_group(booting, signal.SIGKILL)
+        if node is None:
+            return
         for task in tasks:
             self._end(task, signal.SIGKILL if kill else signal.SIGTERM)
         for task in tasks:
@@ -384,6 +399,7 @@ class ProcessAgent:
         return _descendants_and_self(roots)
 
     def close(self) -> None:
+        self.abort_boots()
         with self._lock:
             node_ids = list(self._nodes)
         stoppers = [threading.Thread(target=self.stop_node, args=(node_id,), daemon=True)

@@ -64,13 +64,19 @@ class NodeRunner(Protocol):
         its process ends (a negative code means it was killed by that signal)."""
         ...
 
+    def abort_boots(self) -> None:
+        """End every boot still running its userdata, and any started from now on, as failed:
+        the platform is stopping."""
+        ...
+
     def abort_task(self, task_id: str) -> None:
         """SIGTERM the task's whole process group, then SIGKILL after a grace period."""
         ...
 
     def stop_node(self, node_id: str, kill: bool = False) -> None:
         """End every process of the node and remove its isolation. `kill=True` ends them with
-        SIGKILL at once, as when a machine dies. Idempotent."""
+        SIGKILL at once, as when a machine dies. A node still booting has its userdata ended,
+        which fails its boot. Idempotent."""
         ...
 
     def task_output(self, task_id: str) -> str:

@@ -177,6 +177,9 @@ class LocalPlatform:
 
     def stop(self) -> None:
         """Stop the scheduler, every node and the server. Safe to call twice."""
+        if self.runner is not None:
+            # A boot in its userdata would hold up the scheduler's stop for minutes.
+            self.runner.abort_boots()
         if self.state is not None:
             self.state.stop()
         if self.runner is not None:

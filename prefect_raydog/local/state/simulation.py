@@ -218,6 +218,8 @@ class Simulation(Clock):
         if node.status is None:
             if not node.boot_started:
                 self._node_terminated(node, worker_status="SHUTDOWN")
+            else:  # a process node's boot (its userdata) ends now; the boot then fails
+                self._later(lambda: self.runner.stop_node(node.id, kill=True))
             return
         task = node.task
         if task is not None and task.outcome is None:
