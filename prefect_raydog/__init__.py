@@ -35,6 +35,7 @@ _EXPORTS: dict[str, str] = {
     "ClusterStateError": "prefect_raydog.errors",
     "UnknownWorkerPoolError": "prefect_raydog.errors",
     "RayTunnels": "prefect_raydog.tunnels",
+    "node_requirements": "prefect_raydog.local.images",
 }
 
 

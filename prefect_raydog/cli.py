@@ -404,3 +404,17 @@ def sweep(
         report = cluster.sweep(client, namespace, tag)
     console.print(f"Swept namespace {namespace!r} for tag {tag!r}:", highlight=False)
     _print_report(report)
+
+
+@app.command("node-requirements")
+def node_requirements_command(
+    extra: Annotated[
+        list[str] | None,
+        typer.Argument(help="Further packages, such as the flow's own (pinned when installed)."),
+    ] = None,
+) -> None:
+    """Print the packages a node needs for this driver, pinned to its versions (pip's format)."""
+    from prefect_raydog.local.images import node_requirements
+
+    print(f"# Python {sys.version_info[0]}.{sys.version_info[1]} (the node's must match)")
+    print("\n".join(node_requirements(extra or ())))

@@ -152,7 +152,8 @@ def run_leaving_nothing(command: list[str], timeout: float, **options
 
 
 class Pools:
-    """Provisions `local/process` pools and work requirements through the SDK; tears down."""
+    """Provisions pools (of `local/process` nodes unless told otherwise) and work requirements
+    through the SDK; tears down."""
 
     def __init__(self, platform: LocalPlatform | None, client: PlatformClient | None = None
                  ) -> None:
@@ -163,11 +164,13 @@ class Pools:
         self.pool_ids: list[str] = []
         self.requirement_ids: list[str] = []
 
-    def provision(self, count: int, tag: str) -> str:
+    def provision(self, count: int, tag: str, template: str = "local/process",
+                  user_data: str | None = None) -> str:
         pool = self.client.worker_pool_client.provision_worker_pool(
             ComputeRequirementTemplateUsage(
-                templateId="local/process", requirementName=f"pool-{uuid.uuid4().hex[:8]}",
-                requirementNamespace=self.namespace, targetInstanceCount=count),
+                templateId=template, requirementName=f"pool-{uuid.uuid4().hex[:8]}",
+                requirementNamespace=self.namespace, targetInstanceCount=count,
+                userData=user_data),
             ProvisionedWorkerPoolProperties(
                 createNodeWorkers=NodeWorkerTarget(NodeWorkerTargetType.PER_NODE, 1),
                 workerTag=tag, maxNodes=count))

@@ -61,7 +61,7 @@ SHOWN_NOT_RUN = {
     "drives RayTunnels the same way against a real sshd",
     ("builder.md", "5215778e7a6f"): "commands against a YellowDog account; "
     "tests/test_cli_clusters.py runs up, status, down and sweep against the local platform",
-    ("local-platform.md", "d552ea1b55e1"): "output of a server in the foreground; "
+    ("local-platform.md", "42fe4043d33d"): "output of a server in the foreground; "
     "tests/test_local_cli.py checks that it prints the URL, the key and the templates",
     ("architecture.md", "9f48bf633936"): "a diagram of which module imports which, not code",
     ("autoscaler.md", "bad710aceeb3"): "the provider keys of docs/examples/autoscaler-local.yaml, "

@@ -17,6 +17,7 @@ from yellowdog_client.model import (
 )
 
 from prefect_raydog.local import LocalPlatform, NodeMode
+from prefect_raydog.local.nodes import NodeImage
 from prefect_raydog.local.state import InvalidRequest, PlatformState
 from prefect_raydog.local.templates import TemplateCatalogue, TemplateError
 
@@ -67,6 +68,13 @@ def test_templates_file_is_read(tmp_path: Path) -> None:
         ('[templates."a/b"]\nvcpus = "many"\n', "field 'vcpus'"),
         ('[templates."a/b"]\ncolour = 1\n', "unknown field"),
         ('[templates."a/b"]\nboot_failure_rate = 2\n', "boot_failure_rate"),
+        ('[templates."a/b"]\nmode = "process"\nimage = "ubuntu"\n', "'image' must be one of"),
+        ('[templates."a/b"]\nimage = "driver"\n', "'image' needs mode 'process'"),
+        ('[templates."a/b"]\nmode = "process"\nimage_packages = ["x"]\n', "needs field 'image'"),
+        (
+            '[templates."a/b"]\nmode = "process"\nimage = "driver"\nimage_packages = ["x=="]\n',
+            "'image_packages' must be a list of requirements, not 'x=='",
+        ),
     ],
 )
 def test_bad_templates_file_names_the_template_and_field(
@@ -74,6 +82,16 @@ def test_bad_templates_file_names_the_template_and_field(
 ) -> None:
     with pytest.raises(TemplateError, match=message):
         TemplateCatalogue(write(tmp_path, text))
+
+
+def test_a_file_template_with_an_image_gets_its_packages_on_top_of_the_drivers(
+    tmp_path: Path,
+) -> None:
+    text = '[templates."a/vm"]\nmode = "process"\nimage = "driver"\nimage_packages = ["numpy"]\n'
+    catalogue = TemplateCatalogue(write(tmp_path, text))
+    assert catalogue.get("a/vm").image == NodeImage(packages=("numpy",))
+    assert catalogue.get("local/vm").image == NodeImage()
+    assert catalogue.get("local/process").image is None
 
 
 def test_boot_delay_and_boot_failure_rate_of_file_templates(tmp_path: Path) -> None:

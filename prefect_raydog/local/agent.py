@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pwd
 import shutil
 import signal
 import subprocess
@@ -14,14 +15,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from prefect_raydog.local import ssh
+from prefect_raydog.local import machine, ssh
+from prefect_raydog.local.images import Image, ImageBuildError, ensure_image
 from prefect_raydog.local.network import NodeNetwork, NodeSandbox, open_network
-from prefect_raydog.local.nodes import NodeAddress, NodeBootError, TaskLaunch
+from prefect_raydog.local.nodes import NodeAddress, NodeBootError, NodeImage, TaskLaunch
 
 TASK_TYPES = {"bash": "/bin/bash"}
 """The run command of each task type, as in the YellowDog agent's `application.yaml`."""
 
-AGENT_USER = "yd-agent"
+AGENT_USER = machine.AGENT_USER
+USERDATA_EXIT = "userdata exit status: "
+USERDATA_DONE = f"{USERDATA_EXIT}0\n"
+ROOT_ENVIRONMENT = {"HOME": "/root", "USER": "root", "LOGNAME": "root"}
 
 DIE_WITH_PLATFORM = ("setpriv", "--pdeathsig", "KILL", "--",
                      "/bin/sh", "-c", 'test "$PPID" = "$0" && exec "$@"')
@@ -76,6 +81,9 @@ class _Node:
     root: Path
     tasks: set[str] = field(default_factory=set)
     sshd: subprocess.Popen[bytes] | None = None
+    image: Image | None = None
+    user: pwd.struct_passwd | None = None
+    """The agent user tasks run as on a sealed node (one with an image); None: as root."""
 
     @property
     def home(self) -> Path:
@@ -92,6 +100,10 @@ class _Node:
     @property
     def hosts_file(self) -> Path:
         return self.root / "hosts"
+
+    @property
+    def passwd(self) -> Path:
+        return self.root / "passwd"
 
 
 @dataclass
@@ -115,6 +127,8 @@ class ProcessAgent:
         self._lock = threading.Lock()
         self._nodes: dict[str, _Node] = {}
         self._tasks: dict[str, _Task] = {}
+        self._booting: dict[str, subprocess.Popen[bytes]] = {}
+        self._aborting_boots = False
 
     @classmethod
     def create(cls, data_dir: Path, network: str = "auto",
@@ -123,23 +137,23 @@ class ProcessAgent:
         `IsolationUnavailable` saying why when this machine cannot isolate nodes."""
         return cls(Path(data_dir), open_network(network), abort_grace_s)
 
-    def boot_node(self, node_id: str, hostname: str, user_data: str | None = None) -> NodeAddress:
+    def boot_node(self, node_id: str, hostname: str, user_data: str | None = None,
+                  image: NodeImage | None = None) -> NodeAddress:
         with self._lock:
             if node_id in self._nodes:
                 raise NodeBootError(f"node {node_id} is already booted")
-        root = (self.data_dir / "nodes" / _file_name(node_id)).resolve()
-        node = _Node(sandbox=self.network.add_node(hostname), root=root)
+        built, user = self._image(image), machine.agent_user() if image else None
+        node = _Node(sandbox=self.network.add_node(hostname), root=self._root(node_id),
+                     image=built, user=user)
         try:
-            for directory in (node.home, node.tmp, node.agent_data / "workers"):
-                directory.mkdir(parents=True, exist_ok=True)
-            node.tmp.chmod(0o1777)
-            if not node.sandbox.hosts_file_in_netns:
-                node.hosts_file.write_text(
-                    f"127.0.0.1 localhost\n{node.sandbox.address} {hostname}\n")
+            self._make_directories(node)
         except OSError as error:
             self.network.remove_node(node.sandbox)
             raise NodeBootError(
                 f"cannot create the directories of node {node_id}: {error}") from error
+        # As cloud-init's scripts, once per instance: not again when a stopped one starts.
+        if image is not None and user_data and USERDATA_DONE not in self.boot_output(node_id):
+            self._run_userdata(node_id, node, user_data)
         keys = ssh.authorized_keys(user_data)
         if keys and node.sandbox.enter_sharing_pids:
             self._start_sshd(node, keys)
@@ -148,18 +162,89 @@ class ProcessAgent:
         address = node.sandbox.address
         return NodeAddress(private_ip=address, public_ip=address, hostname=hostname)
 
+    def _root(self, node_id: str) -> Path:
+        return (self.data_dir / "nodes" / _file_name(node_id)).resolve()
+
+    @staticmethod
+    def _image(image: NodeImage | None) -> Image | None:
+        if image is None:
+            return None
+        try:
+            return ensure_image(image.packages)
+        except (ImageBuildError, OSError, subprocess.SubprocessError) as error:
+            raise NodeBootError(f"cannot build the node's image: {error}") from error
+
+    def _make_directories(self, node: _Node) -> None:
+        for directory in (node.home, node.tmp, node.agent_data / "workers"):
+            directory.mkdir(parents=True, exist_ok=True)
+        node.tmp.chmod(0o1777)
+        if not node.sandbox.hosts_file_in_netns:
+            node.hosts_file.write_text(
+                f"127.0.0.1 localhost\n{node.sandbox.address} {node.sandbox.hostname}\n")
+        if node.user is not None:
+            node.passwd.write_text(machine.passwd_file(node.user, node.home))
+            (node.home / ".ssh").mkdir(mode=0o700, exist_ok=True)
+            for directory in (node.home, node.home / ".ssh", node.agent_data / "workers"):
+                os.chown(directory, node.user.pw_uid, node.user.pw_gid)
+
+    def _run_userdata(self, node_id: str, node: _Node, user_data: str) -> None:
+        """Run the userdata as root inside the node, as cloud-init does at a VM's first boot;
+        its output and exit status go to the node's boot output. Failing, the node does not
+        boot."""
+        script = node.root / "userdata"
+        script.write_text(user_data)
+        script.chmod(0o700)
+        command = [str(script)] if user_data.startswith("#!") else ["/bin/bash", str(script)]
+        output_path = node.root / "boot-output.txt"
+        with output_path.open("ab") as output:
+            process = subprocess.Popen(
+                [*DIE_WITH_PLATFORM, str(os.getpid()),
+                 *self._enter(node, node.root, command, node.sandbox.enter, as_root=True)],
+                cwd=node.root, env=self._environment(node, ROOT_ENVIRONMENT),
+                stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
+                start_new_session=True)
+            with self._lock:
+                self._booting[node_id] = process
+                aborting = self._aborting_boots
+            if aborting:
+                _signal_group(process, signal.SIGKILL)
+            try:
+                code = process.wait(machine.USERDATA_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                _signal_group(process, signal.SIGKILL)
+                code = process.wait()
+            finally:
+                with self._lock:
+                    self._booting.pop(node_id, None)
+            output.write(f"{USERDATA_EXIT}{code}\n".encode())
+        if code != 0:
+            self.network.remove_node(node.sandbox)
+            tail = output_path.read_text(errors="replace").strip().splitlines()[-10:]
+            raise NodeBootError(
+                f"the userdata of node {node_id} failed (exit {code}); its output ends: "
+                + " | ".join(tail))
+
+    def boot_output(self, node_id: str) -> str:
+        try:
+            return (self._root(node_id) / "boot-output.txt").read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
     def _start_sshd(self, node: _Node, keys: list[str]) -> None:
         """Accept SSH on the node's own address, as a VM booted with these keys does."""
-        # The node's image has the platform's Python first on a login's PATH.
-        path = f"{Path(sys.executable).parent}:{os.environ.get('PATH', os.defpath)}"
+        # A host-Python node's image is the platform's Python, first on a login's PATH.
+        path = (machine.image_path(node.image) if node.image is not None else
+                f"{Path(sys.executable).parent}:{os.environ.get('PATH', os.defpath)}")
+        as_user = (machine.login_as_agent(node.user, node.passwd) if node.user is not None
+                   else [])
         try:
             config = ssh.prepare(node.root, node.home, node.sandbox.address, keys,
-                                 ssh.host_key(self.data_dir), path)
+                                 ssh.host_key(self.data_dir), path, as_user)
             log = node.root / "sshd.log"
             # Host PIDs stay visible to sshd, so that a login can join a task's PID namespace.
             node.sshd = ssh.start(
-                self._enter(node, node.home, [], node.sandbox.enter_sharing_pids), node.root,
-                config, log)
+                self._enter(node, node.home, [], node.sandbox.enter_sharing_pids, as_root=True),
+                node.root, config, log)
             ssh.wait_listening(node.sandbox.address, node.sshd, log)
         except (OSError, subprocess.CalledProcessError) as error:
             self.network.remove_node(node.sandbox)
@@ -194,6 +279,8 @@ class ProcessAgent:
 
     def _execute(self, node: _Node, launch: TaskLaunch, task: _Task) -> int:
         task.directory.mkdir(parents=True, exist_ok=True)
+        if node.user is not None:
+            os.chown(task.directory, node.user.pw_uid, node.user.pw_gid)
         output_path = task.directory / "taskoutput.txt"
         with output_path.open("ab") as output:
             run_command = TASK_TYPES.get(launch.task_type)
@@ -210,7 +297,7 @@ class ProcessAgent:
                     [*DIE_WITH_PLATFORM, str(os.getpid()),
                      *self._enter(node, task.directory, [run_command, *launch.arguments],
                                   node.sandbox.enter)],
-                    cwd=task.directory, env=self._environment(node, launch),
+                    cwd=task.directory, env=self._environment(node, launch.environment),
                     stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
                     start_new_session=True)
             if node.sshd is not None:
@@ -218,21 +305,29 @@ class ProcessAgent:
             return task.process.wait()
 
     def _enter(self, node: _Node, directory: Path, command: list[str],
-               enter: tuple[str, ...]) -> list[str]:
-        """`command` run in `directory` inside the node, entered through the `enter` prefix."""
+               enter: tuple[str, ...], as_root: bool = False) -> list[str]:
+        """`command` run in `directory` inside the node, entered through the `enter` prefix; on
+        a sealed node as the agent user unless `as_root`."""
         sandbox = node.sandbox
         hosts = "" if sandbox.hosts_file_in_netns else str(node.hosts_file)
-        keep = _under_tmp([node.root, *IMAGE_PATHS])
+        if node.image is not None and node.user is not None:
+            user = [] if as_root else machine.as_agent(node.user)
+            keep = _under_tmp([node.root])
+            command = [*machine.seal(node.image, node.passwd, node.root), *user, *command]
+        else:
+            keep = _under_tmp([node.root, *IMAGE_PATHS])
         return [*enter, "/bin/bash", "-c", ENTER_NODE, "enter-node", sandbox.hostname, hosts,
                 str(node.tmp), str(directory), *keep, "--", *command]
 
-    def _environment(self, node: _Node, launch: TaskLaunch) -> dict[str, str]:
+    def _environment(self, node: _Node, environment: dict[str, str]) -> dict[str, str]:
         """A fresh machine's agent service environment: nothing of the platform's own."""
+        path = (machine.image_path(node.image) if node.image is not None
+                else os.environ.get("PATH", os.defpath))
         return {
-            "PATH": os.environ.get("PATH", os.defpath),
+            "PATH": path,
             "HOME": str(node.home), "USER": AGENT_USER, "LOGNAME": AGENT_USER,
             "LANG": "C.UTF-8",
-            **launch.environment,
+            **environment,
             "YD_AGENT_HOME": str(node.home), "YD_AGENT_DATA": str(node.agent_data),
         }
 
@@ -259,12 +354,22 @@ class ProcessAgent:
         if not task.ended.wait(self.abort_grace_s) and task.process is not None:
             _signal_group(task.process, signal.SIGKILL)
 
+    def abort_boots(self) -> None:
+        with self._lock:
+            self._aborting_boots = True
+            booting = list(self._booting.values())
+        for process in booting:
+            _signal_group(process, signal.SIGKILL)
+
     def stop_node(self, node_id: str, kill: bool = False) -> None:
         with self._lock:
             node = self._nodes.pop(node_id, None)
-            if node is None:
-                return
-            tasks = [self._tasks[task_id] for task_id in node.tasks]
+            booting = self._booting.get(node_id)
+            tasks = [self._tasks[task_id] for task_id in node.tasks] if node is not None else []
+        if booting is not None:
+            _signal_group(booting, signal.SIGKILL)
+        if node is None:
+            return
         for task in tasks:
             self._end(task, signal.SIGKILL if kill else signal.SIGTERM)
         for task in tasks:
@@ -288,11 +393,13 @@ class ProcessAgent:
         with self._lock:
             roots = {task.process.pid for task in self._tasks.values()
                      if task.process is not None and not task.ended.is_set()}
+            roots |= {process.pid for process in self._booting.values()}
             roots |= {node.sshd.pid for node in self._nodes.values()
                       if node.sshd is not None and node.sshd.poll() is None}
         return _descendants_and_self(roots)
 
     def close(self) -> None:
+        self.abort_boots()
         with self._lock:
             node_ids = list(self._nodes)
         stoppers = [threading.Thread(target=self.stop_node, args=(node_id,), daemon=True)

@@ -29,6 +29,13 @@ class TaskLaunch:
     """The task's own environment plus the `YD_*` variables the state knows."""
 
 
+@dataclass(frozen=True)
+class NodeImage:
+    """The image a sealed node boots from: the driver's node requirements plus `packages`."""
+
+    packages: tuple[str, ...] = ()
+
+
 class NodeBootError(RuntimeError):
     """A node could not be started; the state reports its instance as failed to boot."""
 
@@ -39,14 +46,27 @@ class NodeRunner(Protocol):
     host_address: str
     """The address on which node processes reach services running on the platform's host."""
 
-    def boot_node(self, node_id: str, hostname: str, user_data: str | None = None) -> NodeAddress:
+    def boot_node(self, node_id: str, hostname: str, user_data: str | None = None,
+                  image: NodeImage | None = None) -> NodeAddress:
         """Give the node its isolation (namespaces, address) and return where it is reachable;
-        start an SSH server there when `user_data` holds OpenSSH public keys to authorize."""
+        start an SSH server there when `user_data` holds OpenSSH public keys to authorize. With
+        an `image`, the node is sealed as a VM booted from it: `user_data` runs as root first
+        (raising `NodeBootError` when it fails), then tasks and logins run as `yd-agent`."""
+        ...
+
+    def boot_output(self, node_id: str) -> str:
+        """What the node's userdata printed at boot, ending with its exit status; empty when it
+        ran none."""
         ...
 
     def run_task(self, node_id: str, launch: TaskLaunch, on_exit: Callable[[int], None]) -> None:
         """Start the task without blocking; call `on_exit(exit_code)` once, from any thread, when
         its process ends (a negative code means it was killed by that signal)."""
+        ...
+
+    def abort_boots(self) -> None:
+        """End every boot still running its userdata, and any started from now on, as failed:
+        the platform is stopping."""
         ...
 
     def abort_task(self, task_id: str) -> None:
@@ -55,7 +75,8 @@ class NodeRunner(Protocol):
 
     def stop_node(self, node_id: str, kill: bool = False) -> None:
         """End every process of the node and remove its isolation. `kill=True` ends them with
-        SIGKILL at once, as when a machine dies. Idempotent."""
+        SIGKILL at once, as when a machine dies. A node still booting has its userdata ended,
+        which fails its boot. Idempotent."""
         ...
 
     def task_output(self, task_id: str) -> str:

@@ -177,6 +177,9 @@ class LocalPlatform:
 
     def stop(self) -> None:
         """Stop the scheduler, every node and the server. Safe to call twice."""
+        if self.runner is not None:
+            # A boot in its userdata would hold up the scheduler's stop for minutes.
+            self.runner.abort_boots()
         if self.state is not None:
             self.state.stop()
         if self.runner is not None:
@@ -251,6 +254,11 @@ class LocalPlatform:
 
     def task_output(self, task_id: str) -> str:
         return self._state().task_output(task_id)
+
+    def node_boot_output(self, node_id: str) -> str:
+        """What node `node_id`'s userdata printed at boot, ending with its exit status (nodes of
+        a template with an image run their userdata); empty when it ran none."""
+        return self.runner.boot_output(node_id) if self.runner is not None else ""
 
     def kill_node(self, node_id: str) -> None:
         self._state().kill_node(node_id)

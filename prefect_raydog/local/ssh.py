@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -35,6 +36,7 @@ exec "$2" -D -e -f "$3"
 becomes sshd. The mount is private to the node's mount namespace."""
 
 ENTER_TASK = r"""#!/bin/bash
+as_user=(@AS_USER@)
 pid="$(cat "$(dirname "$0")/task.pid" 2>/dev/null || true)"
 if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
     enter=(nsenter --target "$pid" --pid --mount --uts --)
@@ -42,13 +44,14 @@ else
     enter=(unshare --pid --fork --mount-proc --)
 fi
 if [ -n "${SSH_ORIGINAL_COMMAND:-}" ]; then
-    exec "${enter[@]}" /bin/bash -c "$SSH_ORIGINAL_COMMAND"
+    exec "${enter[@]}" "${as_user[@]}" /bin/bash -c "$SSH_ORIGINAL_COMMAND"
 fi
-exec "${enter[@]}" /bin/bash -l
+exec "${enter[@]}" "${as_user[@]}" /bin/bash -l
 """
 """sshd's ForceCommand: a login joins the PID and mount namespaces of the task running on the
 node, so it sees the node's processes as on a VM (Ray finds its raylet by listing processes);
-with no task running, it gets a PID namespace of its own."""
+with no task running, it gets a PID namespace of its own. On a sealed node it then becomes the
+agent user (`as_user` of `prepare`): sshd knows that user as uid 0 so that the login can enter."""
 
 _host_key_lock = threading.Lock()
 
@@ -69,9 +72,10 @@ def host_key(data_dir: Path) -> Path:
 
 
 def prepare(root: Path, home: Path, address: str, keys: list[str], host_key_path: Path,
-            path_variable: str) -> Path:
+            path_variable: str, as_user: list[str] | None = None) -> Path:
     """Write the node's sshd configuration, authorized keys, passwd file and the login shell's
-    PATH (the one its tasks get); return the configuration file."""
+    PATH (the one its tasks get); return the configuration file. `as_user` is the command
+    prefix a login runs under once inside the node (none: it stays uid 0)."""
     ssh_dir = root / "ssh"
     ssh_dir.mkdir(parents=True, exist_ok=True)
     node_host_key = ssh_dir / "ssh_host_ed25519_key"
@@ -80,14 +84,16 @@ def prepare(root: Path, home: Path, address: str, keys: list[str], host_key_path
     keys_file = ssh_dir / "authorized_keys"
     keys_file.write_text("".join(f"{key}\n" for key in keys))
     keys_file.chmod(0o600)
-    passwd = Path("/etc/passwd").read_text()
+    # Without the host's own agent user (a real one, locked, with another home).
+    passwd = "".join(line for line in Path("/etc/passwd").read_text().splitlines(keepends=True)
+                     if not line.startswith(f"{SSH_USER}:"))
     (ssh_dir / "passwd").write_text(
         f"{passwd.rstrip()}\n{SSH_USER}:x:0:0:YellowDog agent:{home}:/bin/bash\n")
     profile = f'export PATH="{path_variable}"\nexport RAY_USAGE_STATS_ENABLED=0\n'
     for name in (".bashrc", ".profile"):
         (home / name).write_text(profile)
     enter_task = ssh_dir / "enter-task.sh"
-    enter_task.write_text(ENTER_TASK)
+    enter_task.write_text(ENTER_TASK.replace("@AS_USER@", shlex.join(as_user or [])))
     enter_task.chmod(0o755)
     config = ssh_dir / "sshd_config"
     config.write_text(

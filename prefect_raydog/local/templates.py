@@ -10,6 +10,9 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from packaging.requirements import InvalidRequirement, Requirement
+
+from prefect_raydog.local.nodes import NodeImage
 from prefect_raydog.local.wire import ACCOUNT, TYPE_PREFIX
 
 if sys.version_info >= (3, 11):
@@ -41,6 +44,10 @@ class Template:
     boot_delay_s: float = 0.0
     boot_failure_rate: float = 0.0
     supported_task_types: tuple[str, ...] = ("bash",)
+    image: NodeImage | None = None
+    """A process node's image: with one, the node is sealed as a cloud VM (it sees only the
+    image, runs its userdata at boot, runs tasks as `yd-agent`); without, it sees the host's
+    Python and packages."""
 
     @property
     def namespace(self) -> str:
@@ -124,7 +131,10 @@ IMAGE = "local"
 BUILT_IN = (
     Template(id="local/process", mode=NodeMode.PROCESS),
     Template(id="local/simulated", mode=NodeMode.SIMULATED, instance_type="local-simulated"),
+    Template(id="local/vm", mode=NodeMode.PROCESS, image=NodeImage()),
 )
+IMAGES = ("driver",)
+"""The values of a template file's `image` field: "driver" is the driver's node requirements."""
 
 _FIELDS = {
     "mode": str,
@@ -133,6 +143,8 @@ _FIELDS = {
     "memory_gb": (int, float),
     "boot_delay_s": (int, float),
     "boot_failure_rate": (int, float),
+    "image": str,
+    "image_packages": list,
 }
 
 
@@ -199,5 +211,26 @@ def _template_from_table(path: Path, template_id: str, table: object) -> Templat
         raise TemplateError(f"{where}: field 'boot_failure_rate' must be between 0 and 1")
     if float(table.get("boot_delay_s", 0.0)) < 0:
         raise TemplateError(f"{where}: field 'boot_delay_s' must not be negative")
-    fields = {name: table[name] for name in _FIELDS if name in table and name != "mode"}
-    return Template(id=template_id, mode=mode, **fields)
+    fields = {name: table[name] for name in _FIELDS
+              if name in table and name not in ("mode", "image", "image_packages")}
+    return Template(id=template_id, mode=mode, image=_image(where, mode, table), **fields)
+
+
+def _image(where: str, mode: NodeMode, table: dict[str, Any]) -> NodeImage | None:
+    packages = table.get("image_packages", [])
+    if "image" not in table:
+        if packages:
+            raise TemplateError(f"{where}: field 'image_packages' needs field 'image'")
+        return None
+    if table["image"] not in IMAGES:
+        raise TemplateError(f"{where}: field 'image' must be one of {list(IMAGES)}")
+    if mode is not NodeMode.PROCESS:
+        raise TemplateError(f"{where}: field 'image' needs mode 'process'")
+    for package in packages:
+        try:
+            Requirement(package)
+        except (InvalidRequirement, TypeError):
+            raise TemplateError(
+                f"{where}: field 'image_packages' must be a list of requirements, "
+                f"not {package!r}") from None
+    return NodeImage(packages=tuple(packages))

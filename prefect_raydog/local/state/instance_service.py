@@ -195,7 +195,7 @@ class InstanceService(PoolService):
         assert self.runner is not None
         user_data = node.pool.requirement.user_data
         try:
-            self.runner.boot_node(node.id, node.hostname, user_data)
+            self.runner.boot_node(node.id, node.hostname, user_data, node.pool.template.image)
         except Exception as error:  # an instance that cannot start again is lost
             logger.warning("Instance of node %s failed to start: %s", node.id, error)
             with self._cond:

@@ -156,7 +156,7 @@ class Simulation(Clock):
         assert self.runner is not None
         try:
             address = self.runner.boot_node(
-                node.id, node.hostname, node.pool.requirement.user_data)
+                node.id, node.hostname, node.pool.requirement.user_data, node.pool.template.image)
         except Exception as error:  # whatever stops a node booting is its boot failure
             logger.warning(
                 "Node %s of worker pool %s failed to boot: %s", node.id, node.pool.id, error
@@ -218,6 +218,8 @@ class Simulation(Clock):
         if node.status is None:
             if not node.boot_started:
                 self._node_terminated(node, worker_status="SHUTDOWN")
+            else:  # a process node's boot (its userdata) ends now; the boot then fails
+                self._later(lambda: self.runner.stop_node(node.id, kill=True))
             return
         task = node.task
         if task is not None and task.outcome is None:
