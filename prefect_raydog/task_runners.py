@@ -49,7 +49,7 @@ from prefect_ray.context import RemoteOptionsContext
 from prefect_ray.task_runners import PrefectRayFuture, RayTaskRunner
 from typing_extensions import Self
 
-from prefect_raydog.runner.node import _inside_ray_worker, _Outcome, _worker_remote
+from prefect_raydog.runner.node import _inside_ray_worker, _Outcome, remote_for
 from prefect_raydog.runner.packing import Kept, keep, unpack
 from prefect_raydog.runner.parking import live_session, release_session, take_session
 from prefect_raydog.runner.placement import _PLACEMENT, placement, pool_resource
@@ -326,7 +326,7 @@ class RayDogTaskRunner(RayTaskRunner):
             **(_PLACEMENT.get() or {}),
         }
         if self._session is None:
-            return _worker_remote().options(**options)
+            return remote_for(options)
         return self._session.remote_function(options)
 
     def _context_ref(self, task: Task) -> Any:

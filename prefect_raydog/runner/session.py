@@ -24,7 +24,7 @@ from prefect.utilities.importtools import lazy_import
 
 from prefect_raydog.runner.adaptive import AdaptivePools
 from prefect_raydog.runner.heldlog import HeldRunLog
-from prefect_raydog.runner.node import _Outcome, _run_on_node
+from prefect_raydog.runner.node import _Outcome, remote_for
 from prefect_raydog.runner.placement import _with_pool_resources
 from prefect_raydog.runner.recorded import wait_for_final_states
 from prefect_raydog.runner.relay import _TcpRelay, shared_relay
@@ -64,7 +64,6 @@ class _Session:
         self._failure: BaseException | None = None
         self._failure_raised = False
         self._lock = threading.Lock()
-        self._remote: Any = None
         self._remote_by_options: dict[str, Any] = {}
         self._reporter: Any = None
         self._workers_to_join = 0
@@ -146,7 +145,6 @@ class _Session:
         from concurrent.futures import ThreadPoolExecutor
 
         self._reporter = self._stack.enter_context(ThreadPoolExecutor(1, "raydog-crash-report"))
-        self._remote = ray.remote(max_retries=0)(_run_on_node)
 
     def _provision(self, runner: RayDogTaskRunner, logger: Any) -> str:
         """Build the cluster (torn down by the stack) and return the Ray Client address."""
@@ -265,12 +263,8 @@ class _Session:
         return runtime_env
 
     def remote_function(self, options: dict[str, Any]) -> Any:
-        key = repr(sorted(options.items()))
-        remote = self._remote_by_options.get(key)
-        if remote is None:
-            remote = self._remote.options(**options) if options else self._remote
-            self._remote_by_options[key] = remote
-        return remote
+        """`_run_on_node` with a task's Ray options, one per options for this connection."""
+        return remote_for(options, self._remote_by_options)
 
     def track(self, ref: Any, task: Task, task_run_id: uuid.UUID,
               settle: Callable[[Any], None]) -> None:
