@@ -202,6 +202,23 @@ def test_remote_options_that_options_takes_still_apply(runner):
     assert half_a_cpu()[2] == 0.5
 
 
+def test_a_subflow_with_its_own_runner_runs_on_the_cluster_of_its_attached_parent(runner):
+    """One Ray connection per process: the subflow's `RayDogTaskRunner()` would provision a
+    cluster of its own; it runs on the one its parent is attached to instead."""
+    @flow(task_runner=RayDogTaskRunner())
+    def child():
+        return worker_process.submit().result()[0]
+
+    @flow(task_runner=runner)
+    def parent():
+        inner = child()
+        outer = worker_process.submit().result()[0]
+        return inner, outer, {n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]}
+
+    inner, outer, cluster_ips = parent()
+    assert {inner, outer} <= cluster_ips
+
+
 def test_cluster_and_address_together_are_rejected():
     with pytest.raises(ValueError, match="either `cluster`"):
         RayDogTaskRunner(cluster="a", address="local")

@@ -42,6 +42,13 @@ ray = lazy_import("ray")
 
 # Each `ray.init` retries for up to 30 s by itself; past this, a head's client server is gone.
 _CLIENT_CONNECT_TIMEOUT_S = 120.0
+# One Ray connection per process: every session connects and disconnects under this lock.
+_CONNECTION_LOCK = threading.Lock()
+_ALREADY_CONNECTED = (
+    "This process is already connected to a Ray cluster, so RayDogTaskRunner cannot connect to "
+    "the cluster it would provision: call ray.shutdown() first, or pass "
+    "RayDogTaskRunner(address=...) to use the connected cluster."
+)
 # Unsaved config blocks live here, by token, so a pickled runner never carries their secrets.
 _UNSAVED_CONFIGS: dict[str, RayDogClusterConfig] = {}
 
@@ -98,6 +105,11 @@ class _Session:
         that the cluster could not start."""
         with self._lock:
             if self._ready:
+                if not ray.is_initialized():  # Ray would start a cluster of its own here
+                    raise RuntimeError(
+                        f"The Ray connection to cluster {self.cluster_name} was closed while "
+                        "the flow run used it (ray.shutdown() in this process?)."
+                    )
                 return
             if self._failure is not None:
                 if not self._failure_raised:
@@ -125,19 +137,15 @@ class _Session:
         elif runner.address:
             logger.info("Connecting to the Ray cluster at %s.", runner.address)
             _connect(runner.address, runner.init_kwargs, logger)
-            self._stack.callback(ray.shutdown)
+            self._stack.callback(_disconnect)
         elif ray.is_initialized():
-            raise RuntimeError(
-                "This process is already connected to a Ray cluster, so RayDogTaskRunner cannot "
-                "connect to the cluster it would provision: call ray.shutdown() first, or pass "
-                "RayDogTaskRunner(address=...) to use the connected cluster."
-            )
+            raise RuntimeError(_ALREADY_CONNECTED)
         else:
             address = self._provision(runner, logger)
             self._check_not_closing()
             _connect(address, {**runner.init_kwargs, "runtime_env": self._runtime_env(runner)},
                      logger, self._closing)
-            self._stack.callback(ray.shutdown)
+            self._stack.callback(_disconnect)
             self._wait_for_workers(logger)
             self.adaptive = AdaptivePools.start(self.cluster, self.stats, logger)
             if self.adaptive is not None:
@@ -414,7 +422,9 @@ def _connect(address: str, init_kwargs: dict[str, Any], logger: Any,
     while True:
         attempt += 1
         try:
-            with _signal_handlers_kept(), _connection_noise_hidden():
+            with _CONNECTION_LOCK, _signal_handlers_kept(), _connection_noise_hidden():
+                if ray.is_initialized():  # another session connected meanwhile
+                    raise RuntimeError(_ALREADY_CONNECTED)
                 ray.init(address, **kwargs)
             break
         except ConnectionError as exc:
@@ -426,6 +436,11 @@ def _connect(address: str, init_kwargs: dict[str, Any], logger: Any,
             time.sleep(min(0.2 * attempt, 2.0))
     alive = [node for node in ray.nodes() if node.get("Alive")]
     logger.info("Connected to the Ray cluster at %s: %d node(s).", address, len(alive))
+
+
+def _disconnect() -> None:
+    with _CONNECTION_LOCK:
+        ray.shutdown()
 
 
 @contextmanager
