@@ -49,11 +49,11 @@ from prefect_ray.context import RemoteOptionsContext
 from prefect_ray.task_runners import PrefectRayFuture, RayTaskRunner
 from typing_extensions import Self
 
-from prefect_raydog.runner.node import _inside_ray_worker, _Outcome, _worker_remote
+from prefect_raydog.runner.node import _inside_ray_worker, _Outcome, remote_for
 from prefect_raydog.runner.packing import Kept, keep, unpack
 from prefect_raydog.runner.parking import live_session, release_session, take_session
 from prefect_raydog.runner.placement import _PLACEMENT, placement, pool_resource
-from prefect_raydog.runner.session import _cluster_reference
+from prefect_raydog.runner.session import _cluster_reference, _run_logger
 from prefect_raydog.runner.shipping import _register_code_by_value, _rewrite_api_url
 
 if TYPE_CHECKING:
@@ -150,6 +150,11 @@ class RayDogFuture(PrefectRayFuture):
             if self._kept is not None:
                 return True
         while True:
+            if not ray.is_initialized():  # ray.get would start a Ray cluster of its own
+                lost = ConnectionError(f"The Ray connection closed before task run "
+                                       f"{self.task_run_id} ended")
+                self._kept = run_coro_as_sync(exception_to_crashed_state(lost))
+                return True
             # Short slices: a blocking ray.get holds off SIGINT/SIGTERM until it returns.
             remaining = _WAIT_SLICE_S if deadline is None else deadline - time.monotonic()
             try:
@@ -166,13 +171,16 @@ class RayDogFuture(PrefectRayFuture):
             return True
 
     def _settled_by(self, deadline: float | None) -> bool:
-        """Wait for the session to deliver the outcome, in short slices (see `_resolve`)."""
+        """Wait for the session to deliver the outcome, in short slices (see `_resolve`), while
+        the Ray connection that would deliver it lasts."""
         settled = threading.Event()
         self.add_done_callback(lambda _: settled.set())
         while not settled.wait(_WAIT_SLICE_S if deadline is None
                                else max(0.0, min(deadline - time.monotonic(), _WAIT_SLICE_S))):
             if deadline is not None and time.monotonic() >= deadline:
                 return False
+            if not ray.is_initialized():
+                return True
         return True
 
 
@@ -262,6 +270,12 @@ class RayDogTaskRunner(RayTaskRunner):
         if _inside_ray_worker():
             return self
         self._session = take_session(self)
+        if self._session.key != self._session_key():
+            _run_logger(self).warning(
+                "%r runs its tasks on Ray cluster %s, which this process is already connected "
+                "to for an enclosing flow run (a process has one Ray connection); its own "
+                "configuration is not used.", self, self._session.cluster_name,
+            )
         if self.provision == "eager":
             self._session.start_in_background(self)
         return self
@@ -326,7 +340,7 @@ class RayDogTaskRunner(RayTaskRunner):
             **(_PLACEMENT.get() or {}),
         }
         if self._session is None:
-            return _worker_remote().options(**options)
+            return remote_for(options)
         return self._session.remote_function(options)
 
     def _context_ref(self, task: Task) -> Any:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import pickle
 from urllib.parse import urlsplit, urlunsplit
 
@@ -17,6 +18,7 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.events.worker import EventsWorker
 from prefect.logging.handlers import APILogWorker
 from prefect.settings import PREFECT_API_URL, temporary_settings
+from prefect_ray.context import remote_options
 
 from prefect_raydog.blocks import RayDogClusterConfig
 from prefect_raydog.cluster import RayDogCluster
@@ -171,6 +173,51 @@ def test_duplicate_equals_and_pickles_every_field():
     assert copy._config() == runner._config()
     assert pickle.loads(pickle.dumps(runner)) == runner
     assert RayDogTaskRunner(cluster="a") != RayDogTaskRunner(cluster="b")
+
+
+@task
+def worker_process() -> tuple[str, int, float]:
+    """The node and Ray worker process that ran this task run, and the CPUs Ray assigned it."""
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 0.0)
+    return ray.util.get_node_ip_address(), os.getpid(), cpus
+
+
+def test_remote_options_take_what_ray_remote_takes_max_calls_1_gives_each_run_a_new_worker(
+        runner):
+    """`max_calls`, which `.options()` refuses, means what it means on `@ray.remote`."""
+    @flow(task_runner=runner)
+    def consecutive():
+        with remote_options(max_calls=1):
+            return [worker_process.submit().result() for _ in range(3)]
+
+    workers = [(ip, pid) for ip, pid, _ in consecutive()]
+    assert len(set(workers)) == len(workers), workers
+
+
+def test_remote_options_that_options_takes_still_apply(runner):
+    @flow(task_runner=runner)
+    def half_a_cpu():
+        with remote_options(num_cpus=0.5):
+            return worker_process.submit().result()
+
+    assert half_a_cpu()[2] == 0.5
+
+
+def test_a_subflow_with_its_own_runner_runs_on_the_cluster_of_its_attached_parent(runner):
+    """One Ray connection per process: the subflow's `RayDogTaskRunner()` would provision a
+    cluster of its own; it runs on the one its parent is attached to instead."""
+    @flow(task_runner=RayDogTaskRunner())
+    def child():
+        return worker_process.submit().result()[0]
+
+    @flow(task_runner=runner)
+    def parent():
+        inner = child()
+        outer = worker_process.submit().result()[0]
+        return inner, outer, {n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]}
+
+    inner, outer, cluster_ips = parent()
+    assert {inner, outer} <= cluster_ips
 
 
 def test_cluster_and_address_together_are_rejected():

@@ -100,6 +100,29 @@ def test_one_flow_run_maps_nests_and_calls_a_subflow_on_its_one_cluster(runner, 
     assert summary and "node-hours" in summary[0].data
     assert saved_secret() not in summary[0].data
 
+@task
+def ray_namespace() -> str:
+    return ray.get_runtime_context().namespace
+
+
+def test_a_subflow_with_its_own_runner_runs_on_the_cluster_its_parent_provisioned(
+        saved_config, platform):
+    """One Ray connection per process: the subflow's `RayDogTaskRunner()` runs on the parent's
+    cluster and connection (its Ray namespace), which stays usable after the subflow ends."""
+    @flow(task_runner=RayDogTaskRunner())
+    def child():
+        return ray_namespace.submit().result()
+
+    @flow(task_runner=RayDogTaskRunner(cluster=BLOCK, api_relay_address=platform.host_address,
+                                       init_kwargs={"namespace": "nested-parent"}))
+    def parent():
+        before = ray_namespace.submit().result()
+        return before, child(), ray_namespace.submit().result()
+
+    assert parent() == ("nested-parent",) * 3
+    assert platform.api_calls().get("POST /work/requirements", 0) == 1
+
+
 def _completed_task_names(flow_run_id) -> Counter:
     """How many of the flow run's task runs have a Completed state in the API, by task name."""
     with get_client(sync_client=True) as client:

@@ -84,11 +84,12 @@ def prepare(root: Path, home: Path, address: str, keys: list[str], host_key_path
     keys_file = ssh_dir / "authorized_keys"
     keys_file.write_text("".join(f"{key}\n" for key in keys))
     keys_file.chmod(0o600)
-    # Without the host's own agent user (a real one, locked, with another home).
-    passwd = "".join(line for line in Path("/etc/passwd").read_text().splitlines(keepends=True)
-                     if not line.startswith(f"{SSH_USER}:"))
+    # The node's own account replaces a host account of the same name: sshd takes the first.
+    passwd = [line for line in Path("/etc/passwd").read_text().splitlines()
+              if not line.startswith(f"{SSH_USER}:")]
     (ssh_dir / "passwd").write_text(
-        f"{passwd.rstrip()}\n{SSH_USER}:x:0:0:YellowDog agent:{home}:/bin/bash\n")
+        "".join(f"{line}\n" for line in passwd)
+        + f"{SSH_USER}:x:0:0:YellowDog agent:{home}:/bin/bash\n")
     profile = f'export PATH="{path_variable}"\nexport RAY_USAGE_STATS_ENABLED=0\n'
     for name in (".bashrc", ".profile"):
         (home / name).write_text(profile)

@@ -203,15 +203,27 @@ def _flush_events() -> None:
         EventsWorker.instance().wait_until_empty()
 
 
-_WORKER_REMOTE: Any = None
+_WORKER_REMOTES: dict[str, Any] = {}
 
 
-def _worker_remote() -> Any:
-    """The remote entry point, built once per process, for submits made on a node."""
-    global _WORKER_REMOTE
-    if _WORKER_REMOTE is None:
-        _WORKER_REMOTE = ray.remote(max_retries=0)(_run_on_node)
-    return _WORKER_REMOTE
+def remote_for(options: dict[str, Any], cache: dict[str, Any] | None = None) -> Any:
+    """`_run_on_node` as a Ray remote function with a task's `options`, kept in `cache` (on a
+    node, this process's) by options.
+
+    The options go to `ray.remote` as prefect-ray gives them, so each means what it means on
+    `@ray.remote` (`max_calls` too, which `.options()` refuses); the task's name, the one option
+    that differs per task, goes to `.options()` of the function decorated once for the rest."""
+    cache = _WORKER_REMOTES if cache is None else cache
+    key = repr(sorted(options.items()))
+    remote = cache.get(key)
+    if remote is None:
+        decorated = {name: value for name, value in options.items() if name != "name"}
+        if "name" in options:
+            remote = remote_for(decorated, cache).options(name=options["name"])
+        else:
+            remote = ray.remote(**{"max_retries": 0, **decorated})(_run_on_node)
+        cache[key] = remote
+    return remote
 
 
 def _inside_ray_worker() -> bool:

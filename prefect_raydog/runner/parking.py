@@ -61,10 +61,19 @@ def _end_all_parked() -> None:
 
 
 def take_session(runner: RayDogTaskRunner) -> _Session:
-    """The session for `runner`'s configuration: the live one, a parked one, or a new one."""
+    """The session for `runner`'s configuration: the live one, a parked one, or a new one.
+
+    A process has one Ray connection: while a session of another configuration is live (a
+    subflow with its own runner inside a flow with another), `runner` shares that session, as
+    prefect-ray shares the connection, and its own configuration is not used."""
     key = runner._session_key()
     with _SESSIONS_LOCK:
-        session = _SESSIONS.get(key) or _unpark(key) or _Session(runner)
+        session = (
+            _SESSIONS.get(key)
+            or _unpark(key)
+            or next(iter(_SESSIONS.values()), None)
+            or _Session(runner)
+        )
         _SESSIONS[key] = session
         session.users += 1
     return session
@@ -76,7 +85,8 @@ def release_session(session: _Session, flow_run: Any, exc_type: type | None) -> 
         session.users -= 1
         last_user = session.users == 0
         if last_user:
-            _SESSIONS.pop(session.key, None)
+            for key in [key for key, live in _SESSIONS.items() if live is session]:
+                del _SESSIONS[key]
     if last_user and exc_type is None and _retry_coming(flow_run):
         _park(session, flow_run)
     elif last_user:

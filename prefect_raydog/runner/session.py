@@ -24,7 +24,7 @@ from prefect.utilities.importtools import lazy_import
 
 from prefect_raydog.runner.adaptive import AdaptivePools
 from prefect_raydog.runner.heldlog import HeldRunLog
-from prefect_raydog.runner.node import _Outcome, _run_on_node
+from prefect_raydog.runner.node import _Outcome, remote_for
 from prefect_raydog.runner.placement import _with_pool_resources
 from prefect_raydog.runner.recorded import wait_for_final_states
 from prefect_raydog.runner.relay import _TcpRelay, shared_relay
@@ -42,6 +42,13 @@ ray = lazy_import("ray")
 
 # Each `ray.init` retries for up to 30 s by itself; past this, a head's client server is gone.
 _CLIENT_CONNECT_TIMEOUT_S = 120.0
+# One Ray connection per process: every session connects and disconnects under this lock.
+_CONNECTION_LOCK = threading.Lock()
+_ALREADY_CONNECTED = (
+    "This process is already connected to a Ray cluster, so RayDogTaskRunner cannot connect to "
+    "the cluster it would provision: call ray.shutdown() first, or pass "
+    "RayDogTaskRunner(address=...) to use the connected cluster."
+)
 # Unsaved config blocks live here, by token, so a pickled runner never carries their secrets.
 _UNSAVED_CONFIGS: dict[str, RayDogClusterConfig] = {}
 
@@ -64,7 +71,6 @@ class _Session:
         self._failure: BaseException | None = None
         self._failure_raised = False
         self._lock = threading.Lock()
-        self._remote: Any = None
         self._remote_by_options: dict[str, Any] = {}
         self._reporter: Any = None
         self._workers_to_join = 0
@@ -99,6 +105,11 @@ class _Session:
         that the cluster could not start."""
         with self._lock:
             if self._ready:
+                if not ray.is_initialized():  # Ray would start a cluster of its own here
+                    raise RuntimeError(
+                        f"The Ray connection to cluster {self.cluster_name} was closed while "
+                        "the flow run used it (ray.shutdown() in this process?)."
+                    )
                 return
             if self._failure is not None:
                 if not self._failure_raised:
@@ -126,19 +137,15 @@ class _Session:
         elif runner.address:
             logger.info("Connecting to the Ray cluster at %s.", runner.address)
             _connect(runner.address, runner.init_kwargs, logger)
-            self._stack.callback(ray.shutdown)
+            self._stack.callback(_disconnect)
         elif ray.is_initialized():
-            raise RuntimeError(
-                "This process is already connected to a Ray cluster, so RayDogTaskRunner cannot "
-                "connect to the cluster it would provision: call ray.shutdown() first, or pass "
-                "RayDogTaskRunner(address=...) to use the connected cluster."
-            )
+            raise RuntimeError(_ALREADY_CONNECTED)
         else:
             address = self._provision(runner, logger)
             self._check_not_closing()
             _connect(address, {**runner.init_kwargs, "runtime_env": self._runtime_env(runner)},
                      logger, self._closing)
-            self._stack.callback(ray.shutdown)
+            self._stack.callback(_disconnect)
             self._wait_for_workers(logger)
             self.adaptive = AdaptivePools.start(self.cluster, self.stats, logger)
             if self.adaptive is not None:
@@ -146,7 +153,6 @@ class _Session:
         from concurrent.futures import ThreadPoolExecutor
 
         self._reporter = self._stack.enter_context(ThreadPoolExecutor(1, "raydog-crash-report"))
-        self._remote = ray.remote(max_retries=0)(_run_on_node)
 
     def _provision(self, runner: RayDogTaskRunner, logger: Any) -> str:
         """Build the cluster (torn down by the stack) and return the Ray Client address."""
@@ -265,12 +271,8 @@ class _Session:
         return runtime_env
 
     def remote_function(self, options: dict[str, Any]) -> Any:
-        key = repr(sorted(options.items()))
-        remote = self._remote_by_options.get(key)
-        if remote is None:
-            remote = self._remote.options(**options) if options else self._remote
-            self._remote_by_options[key] = remote
-        return remote
+        """`_run_on_node` with a task's Ray options, one per options for this connection."""
+        return remote_for(options, self._remote_by_options)
 
     def track(self, ref: Any, task: Task, task_run_id: uuid.UUID,
               settle: Callable[[Any], None]) -> None:
@@ -420,7 +422,9 @@ def _connect(address: str, init_kwargs: dict[str, Any], logger: Any,
     while True:
         attempt += 1
         try:
-            with _signal_handlers_kept(), _connection_noise_hidden():
+            with _CONNECTION_LOCK, _signal_handlers_kept(), _connection_noise_hidden():
+                if ray.is_initialized():  # another session connected meanwhile
+                    raise RuntimeError(_ALREADY_CONNECTED)
                 ray.init(address, **kwargs)
             break
         except ConnectionError as exc:
@@ -432,6 +436,11 @@ def _connect(address: str, init_kwargs: dict[str, Any], logger: Any,
             time.sleep(min(0.2 * attempt, 2.0))
     alive = [node for node in ray.nodes() if node.get("Alive")]
     logger.info("Connected to the Ray cluster at %s: %d node(s).", address, len(alive))
+
+
+def _disconnect() -> None:
+    with _CONNECTION_LOCK:
+        ray.shutdown()
 
 
 @contextmanager

@@ -24,7 +24,9 @@ Choices where YellowDog's behaviour is not documented (contract section 5 and 9.
   FAILED when any of its groups failed, COMPLETED otherwise, CANCELLED when it was cancelled.
 - A pool is idle (for `idlePoolShutdown`) when none of its nodes is booting or running a task;
   a node is idle (for `idleNodeShutdown`) from registration or from the end of its last task.
-  Idle node shutdown never takes a pool below `minNodes`.
+  Idle node shutdown never takes a pool below `minNodes`. A node that registers, or ends a
+  task, while a task it matches waits takes that task before any idle timer can end the node
+  or its pool, whatever the timeouts (0 s included), as on YellowDog.
 - When several pools can serve one task group, each grows for all of its waiting tasks.
 - `DELETE` of a pool that is already SHUTDOWN or TERMINATED, and terminating a compute
   requirement that is already TERMINATING or TERMINATED, succeed and change nothing: RayDog's

@@ -53,13 +53,17 @@ class Simulation(Clock):
     # ---- the scheduler ---------------------------------------------------------------------
 
     def step(self) -> None:
-        """Fire due timers, let idle workers claim waiting tasks, grow pools. Caller holds the
-        lock; cheap when nothing changed."""
-        self._fire_due_timers()
+        """Let idle workers claim waiting tasks, grow pools, then fire due timers. Caller holds
+        the lock; cheap when nothing changed.
+
+        Claims come first: a node that registered or finished its task while a matching task
+        waits takes it, as on YellowDog, before its idle timer or its pool's (0 s ones
+        included) can end it. A change a timer makes is claimed in the next step, at once."""
         if self._dirty:
             self._dirty = False
             self._claim_tasks()
             self._grow_pools()
+        self._fire_due_timers()
 
     def _claim_tasks(self) -> None:
         for group in list(self._waiting):
