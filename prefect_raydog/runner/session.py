@@ -201,8 +201,9 @@ class _Session:
                     "RayDogTaskRunner was given an unsaved RayDogClusterConfig in another "
                     "process; save the block and pass its name: RayDogTaskRunner(cluster=NAME)."
                 )
-            return config, runner.api_relay_address
-        return RayDogClusterConfig.load(runner.cluster, _sync=True), runner.api_relay_address
+        else:
+            config = RayDogClusterConfig.load(runner.cluster, _sync=True)
+        return config, runner.api_relay_address or config.api_relay_address
 
     def _relay_api(self, host: str, shared: bool = False) -> str:
         """Relay the API on `host`: for this session, or (`shared`, for a cluster this session
