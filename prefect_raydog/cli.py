@@ -466,18 +466,23 @@ def status(
 @app.command()
 def sweep(
     namespace: Annotated[str, typer.Option(help="The namespace to sweep.")],
-    tag: Annotated[str, typer.Option(help="End every cluster with this tag.")],
+    tag: Annotated[str, typer.Option(help="End the orphaned clusters with this tag.")],
+    everything: Annotated[
+        bool, typer.Option("--all", help="End every cluster with the tag, healthy ones too.")
+    ] = False,
     key_id: KeyId = None,
     url: ApiUrl = DEFAULT_API_URL,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
 ) -> None:
-    """Shut down every cluster in the namespace with the tag, orphaned pools included."""
+    """Shut down the orphaned clusters in the namespace with the tag (head gone, lifetime passed,
+    or pools never given a work requirement), and leave the healthy ones; `--all` ends them all."""
     from prefect_raydog import cluster
 
+    which = "every cluster" if everything else "the orphaned clusters"
     if not yes:
-        typer.confirm(f"End every cluster tagged {tag!r} in namespace {namespace!r}?", abort=True)
+        typer.confirm(f"End {which} tagged {tag!r} in namespace {namespace!r}?", abort=True)
     with _platform(*_key(key_id), url) as client, _progress("Sweeping") as step:
-        step(f"finding and ending clusters tagged {tag!r} in {namespace!r}")
-        report = cluster.sweep(client, namespace, tag)
+        step(f"finding and ending {which} tagged {tag!r} in {namespace!r}")
+        report = cluster.sweep(client, namespace, tag, everything=everything)
     console.print(f"Swept namespace {namespace!r} for tag {tag!r}:", highlight=False)
     _print_report(report)
