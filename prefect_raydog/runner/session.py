@@ -76,9 +76,10 @@ class _Session:
         self._held_log: HeldRunLog | None = None
         self._closing = threading.Event()
 
-    def start_in_background(self, runner: RayDogTaskRunner) -> None:
+    def start_in_background(self, runner: RayDogTaskRunner, engine: Any = None) -> None:
         """Provision and connect now, in the background: the first submission waits only for
-        what is left, and a failure is raised there."""
+        what is left, and a failure is raised there. With the flow `engine` entering the runner,
+        the cluster is named for its flow run and logs to the run's log as it starts."""
         if self._ready or self._failure is not None or self._starter is not None:
             return
 
@@ -89,6 +90,11 @@ class _Session:
                 logging.getLogger(__name__).warning("The Ray cluster could not start: %s", exc)
 
         self._held_log = HeldRunLog(runner.logger)
+        if engine is not None:
+            from prefect.logging.loggers import flow_run_logger
+
+            self.flow_run_id = engine.flow_run.id
+            self._held_log.attach(flow_run_logger(engine.flow_run, engine.flow))
         context = contextvars.copy_context()
         self._starter = threading.Thread(target=context.run, args=(start,), daemon=True,
                                          name="raydog-provision")
@@ -106,7 +112,7 @@ class _Session:
                     raise self._failure
                 raise RuntimeError(f"The Ray cluster could not start: {self._failure}")
             flow_ctx = FlowRunContext.get()
-            if flow_ctx and flow_ctx.flow_run:
+            if self.flow_run_id is None and flow_ctx and flow_ctx.flow_run:
                 self.flow_run_id = flow_ctx.flow_run.id
             try:
                 self._start(runner)
