@@ -33,6 +33,7 @@ from prefect_raydog.runner.stats import _ClusterStats
 
 if TYPE_CHECKING:
     import ray
+    from prefect.states import State
     from prefect.tasks import Task
 
     from prefect_raydog.blocks import RayDogClusterConfig
@@ -56,7 +57,8 @@ class _Session:
         self.cluster_name = runner.address or runner.cluster or "local"
         self.node_api_url: str | None = runner.node_api_url
         self.flow_run_id: uuid.UUID | None = None
-        self.in_flight: dict[Any, None] = {}
+        self.in_flight: dict[Any, tuple[Task, uuid.UUID]] = {}
+        self._cancelled: set[Any] = set()
         self.finished_on_nodes = bytearray()  # task run ids, packed: see recorded.py
         self.last_done = 0.0
         self._stack = ExitStack()
@@ -282,7 +284,7 @@ class _Session:
     def track(self, ref: Any, task: Task, task_run_id: uuid.UUID,
               settle: Callable[[Any], None]) -> None:
         """Follow a task run to its end; `settle` gets its outcome (or the exception)."""
-        self.in_flight[ref] = None
+        self.in_flight[ref] = (task, task_run_id)
         if self.adaptive is not None:
             self.adaptive.submitted(ref)
         if self.flow_run_id is None and (flow_ctx := FlowRunContext.get()) and flow_ctx.flow_run:
@@ -300,7 +302,8 @@ class _Session:
             if isinstance(outcome, _Outcome):
                 self.stats.record(outcome.node_ip)
                 self.finished_on_nodes.extend(task_run_id.bytes)
-            elif isinstance(outcome, Exception) and self._reporter is not None:
+            elif (isinstance(outcome, Exception) and self._reporter is not None
+                  and ref not in self._cancelled):
                 self.stats.crashed += 1
                 # After teardown the reporter is shut: these are the runs teardown cancelled.
                 with contextlib.suppress(RuntimeError):
@@ -311,10 +314,13 @@ class _Session:
 
     def _report_crash(self, task: Task, task_run_id: uuid.UUID, exc: Exception) -> None:
         """Tell the API that the task run crashed: its own engine died with its worker."""
+        self._report_state(task, task_run_id, run_coro_as_sync(exception_to_crashed_state(exc)))
+
+    def _report_state(self, task: Task, task_run_id: uuid.UUID, state: State) -> None:
+        """Set a task run's final state for its engine, which is gone."""
         from prefect.client.orchestration import get_client
         from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
 
-        state = run_coro_as_sync(exception_to_crashed_state(exc))
         try:
             with get_client(sync_client=True) as client:
                 try:
@@ -330,15 +336,43 @@ class _Session:
                     )
         except Exception:
             logging.getLogger(__name__).warning(
-                "Could not report the crash of task run %s", task_run_id, exc_info=True
+                "Could not report the %s state of task run %s", state.name, task_run_id,
+                exc_info=True,
             )
 
-    def cancel_all(self) -> None:
-        for ref in list(self.in_flight):
+    def cancel_all(self, crashed: bool = False) -> None:
+        """End every task run in flight: its worker is killed, so its state is set here,
+        Cancelled (or Crashed, when its flow run's process is stopped without a cancellation)."""
+        from prefect.states import Cancelled, Crashed
+
+        cancelled = list(self.in_flight.items())
+        self._cancelled.update(ref for ref, _ in cancelled)
+        for ref, _ in cancelled:
             try:
                 ray.cancel(ref, force=True)
             except Exception:
                 logging.getLogger(__name__).debug("Could not cancel %s", ref, exc_info=True)
+        for _, (task, task_run_id) in cancelled:
+            state = (Crashed(message="Its flow run's process was stopped.") if crashed
+                     else Cancelled(message="Its flow run was cancelled."))
+            self._report_state(task, task_run_id, state)
+
+    def terminated(self) -> None:
+        """The flow run's process is told to stop (SIGTERM) with task runs in flight: they end
+        Cancelled if the flow run is being cancelled, else Crashed. Prefect's engine asks the
+        runner to cancel them only after the runner has exited, when it has no session."""
+        if not self.in_flight or self.flow_run_id is None:
+            return
+        from prefect.client.orchestration import get_client
+
+        try:
+            with get_client(sync_client=True) as client:
+                state = client.read_flow_run(self.flow_run_id).state
+        except Exception:
+            logging.getLogger(__name__).warning("Could not read the flow run's state",
+                                                exc_info=True)
+            state = None
+        self.cancel_all(crashed=not (state and (state.is_cancelling() or state.is_cancelled())))
 
     def close(self) -> None:
         self._end_background_start()
