@@ -23,6 +23,7 @@ from prefect.utilities.asyncutils import run_coro_as_sync
 from prefect.utilities.importtools import lazy_import
 
 from prefect_raydog.runner.adaptive import AdaptivePools
+from prefect_raydog.runner.ending import being_cancelled, record_final_state
 from prefect_raydog.runner.heldlog import HeldRunLog
 from prefect_raydog.runner.node import _Outcome, _run_on_node
 from prefect_raydog.runner.placement import _with_pool_resources
@@ -33,7 +34,6 @@ from prefect_raydog.runner.stats import _ClusterStats
 
 if TYPE_CHECKING:
     import ray
-    from prefect.states import State
     from prefect.tasks import Task
 
     from prefect_raydog.blocks import RayDogClusterConfig
@@ -314,31 +314,8 @@ class _Session:
 
     def _report_crash(self, task: Task, task_run_id: uuid.UUID, exc: Exception) -> None:
         """Tell the API that the task run crashed: its own engine died with its worker."""
-        self._report_state(task, task_run_id, run_coro_as_sync(exception_to_crashed_state(exc)))
-
-    def _report_state(self, task: Task, task_run_id: uuid.UUID, state: State) -> None:
-        """Set a task run's final state for its engine, which is gone."""
-        from prefect.client.orchestration import get_client
-        from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
-
-        try:
-            with get_client(sync_client=True) as client:
-                try:
-                    client.set_task_run_state(task_run_id, state, force=True)
-                except (ObjectNotFound, PrefectHTTPStatusError) as error:
-                    # The server may not have ingested the dead node's events yet: the sync
-                    # client reports that as a bare 404.
-                    if getattr(getattr(error, "response", None), "status_code", 404) != 404:
-                        raise
-                    client.create_task_run(
-                        task, flow_run_id=self.flow_run_id, dynamic_key=str(task_run_id),
-                        id=task_run_id, state=state,
-                    )
-        except Exception:
-            logging.getLogger(__name__).warning(
-                "Could not report the %s state of task run %s", state.name, task_run_id,
-                exc_info=True,
-            )
+        state = run_coro_as_sync(exception_to_crashed_state(exc))
+        record_final_state(task, task_run_id, self.flow_run_id, state)
 
     def cancel_all(self, crashed: bool = False) -> None:
         """End every task run in flight: its worker is killed, so its state is set here,
@@ -355,24 +332,14 @@ class _Session:
         for _, (task, task_run_id) in cancelled:
             state = (Crashed(message="Its flow run's process was stopped.") if crashed
                      else Cancelled(message="Its flow run was cancelled."))
-            self._report_state(task, task_run_id, state)
+            record_final_state(task, task_run_id, self.flow_run_id, state)
 
     def terminated(self) -> None:
         """The flow run's process is told to stop (SIGTERM) with task runs in flight: they end
         Cancelled if the flow run is being cancelled, else Crashed. Prefect's engine asks the
         runner to cancel them only after the runner has exited, when it has no session."""
-        if not self.in_flight or self.flow_run_id is None:
-            return
-        from prefect.client.orchestration import get_client
-
-        try:
-            with get_client(sync_client=True) as client:
-                state = client.read_flow_run(self.flow_run_id).state
-        except Exception:
-            logging.getLogger(__name__).warning("Could not read the flow run's state",
-                                                exc_info=True)
-            state = None
-        self.cancel_all(crashed=not (state and (state.is_cancelling() or state.is_cancelled())))
+        if self.in_flight and self.flow_run_id is not None:
+            self.cancel_all(crashed=not being_cancelled(self.flow_run_id))
 
     def close(self) -> None:
         self._end_background_start()
