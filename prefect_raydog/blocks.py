@@ -264,6 +264,14 @@ class RayDogClusterConfig(Block):
     idle_pool_shutdown: timedelta | None = _spec_field(ClusterSpec, "idle_pool_shutdown")
     build_timeout: timedelta = _spec_field(ClusterSpec, "build_timeout")
     workers_to_join: int = _spec_field(ClusterSpec, "workers_to_join")
+    api_relay_address: str | None = Field(
+        default=None,
+        title="Prefect API relay address",
+        description=(
+            "An address of the flow's machine that the nodes reach: the runner relays a "
+            "loopback Prefect API there for the flow run. Empty: the nodes use the flow's URL."
+        ),
+    )
     ssh_tunnel: bool = Field(
         default=False,
         title="Connect through an SSH tunnel",

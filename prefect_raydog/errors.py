@@ -60,6 +60,17 @@ class ClusterBuildError(RayDogError):
         return " ".join(parts)
 
 
+class KeyRefusedError(ClusterBuildError):
+    """YellowDog refused the application key, so nothing could be created (or ended)."""
+
+    def _message(self) -> str:
+        made = f" Made before: {', '.join(self.not_cleaned_up)}." if self.not_cleaned_up else ""
+        return (
+            f"{self.what_failed.rstrip('.')}: YellowDog refused the application key; the key "
+            f"ID or secret is wrong, or the key was revoked: check the credentials.{made}"
+        )
+
+
 class ClusterBuildTimeout(ClusterBuildError, TimeoutError):
     """The head node (or the required workers) did not start within the build timeout."""
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import threading
 import time
 import uuid
@@ -277,7 +278,7 @@ class RayDogTaskRunner(RayTaskRunner):
                 "configuration is not used.", self, self._session.cluster_name,
             )
         if self.provision == "eager":
-            self._session.start_in_background(self)
+            self._session.start_in_background(self, _entering_engine())
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
@@ -373,6 +374,20 @@ class RayDogTaskRunner(RayTaskRunner):
         if len(self._task_refs) > 256:
             self._task_refs.popitem(last=False)
         return ref
+
+
+def _entering_engine() -> Any:
+    """The flow engine entering this runner, if any: Prefect enters a flow run's task runner
+    before it sets the run's context, so the run is known only to the engine, up the stack."""
+    from prefect.flow_engine import AsyncFlowRunEngine, FlowRunEngine
+
+    frame = sys._getframe(2)
+    while frame is not None:
+        engine = frame.f_locals.get("self")
+        if isinstance(engine, (FlowRunEngine, AsyncFlowRunEngine)):
+            return engine if engine.flow_run is not None else None
+        frame = frame.f_back
+    return None
 
 
 def _forget_no_assets(task_run_id: uuid.UUID) -> None:

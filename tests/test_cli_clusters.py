@@ -33,7 +33,7 @@ def tag(platform: LocalPlatform) -> Iterator[str]:
     """A tag unique to the test; whatever a failing test left with it is swept afterwards."""
     tag = unique_name("cli")
     yield tag
-    sweep(platform.client, NAMESPACE, tag)
+    sweep(platform.client, NAMESPACE, tag, everything=True)
 
 
 def invoke(platform: LocalPlatform, *args: str, input: str | None = None) -> Result:
@@ -82,7 +82,9 @@ def test_up_status_down(platform: LocalPlatform, tmp_path: Path, tag: str) -> No
     assert name not in after.output and "No live clusters" in after.output
 
 
-def test_sweep_ends_every_tagged_cluster(platform: LocalPlatform, tmp_path: Path, tag: str) -> None:
+def test_sweep_all_ends_every_tagged_cluster(
+    platform: LocalPlatform, tmp_path: Path, tag: str
+) -> None:
     names = []
     for state in ("a.json", "b.json"):
         spec, name = write_spec(tmp_path, tag=tag)
@@ -96,7 +98,9 @@ def test_sweep_ends_every_tagged_cluster(platform: LocalPlatform, tmp_path: Path
         name in invoke(platform, "status", "--namespace", NAMESPACE).output for name in names
     )
 
-    swept = invoke(platform, "sweep", "--namespace", NAMESPACE, "--tag", tag, "--yes")
+    spared = invoke(platform, "sweep", "--namespace", NAMESPACE, "--tag", tag, "--yes")
+    assert spared.exit_code == 0 and "nothing to end" in spared.output, spared.output
+    swept = invoke(platform, "sweep", "--namespace", NAMESPACE, "--tag", tag, "--all", "--yes")
     assert swept.exit_code == 0, swept.output
     assert all(name in swept.output for name in names)
     assert (

@@ -284,15 +284,23 @@ def test_a_client_that_watched_one_cluster_stops_watching_the_next_after_its_bui
     wait_for(lambda: not sdk_event_streams(), timeout=30, what="every stream to end")
 
 
-def test_sweep_ends_every_cluster_with_the_tag_and_spares_the_others(platform, client):
-    tagged = [RayDogCluster(simulated_spec(tag="orphans"), client=client) for _ in range(2)]
+def test_sweep_ends_the_orphaned_cluster_and_spares_the_healthy_one(platform, client):
+    orphan, healthy = (RayDogCluster(simulated_spec(tag="orphans"), client=client)
+                       for _ in range(2))
     other = RayDogCluster(simulated_spec(tag="keep"), client=client)
-    for cluster in [*tagged, other]:
+    for cluster in (orphan, healthy, other):
         cluster.build()
+    # What a head that ends its cluster (its driver gone) leaves: workers and pools live.
+    (head,) = _tasks(client, orphan, "head-node")
+    client.work_client.cancel_task_by_id(head.id, True)
     report = sweep(fast_client(platform), NAMESPACE, "orphans")
-    assert len(report.ended) == 2 * (1 + 3 * 2)
-    remaining = platform.live_entities()["workRequirements"]
-    assert [r["id"] for r in remaining] == [other.work_requirement_id]
+    assert len(report.ended) == 1 + 3 * 2 and not report.failed, report
+    live = platform.live_entities()
+    assert sorted(r["id"] for r in live["workRequirements"]) == sorted(
+        [healthy.work_requirement_id, other.work_requirement_id])
+    assert not [p for p in live["workerPools"] if p["name"].startswith(orphan.build_name)]
+    everything = sweep(fast_client(platform), NAMESPACE, "orphans", everything=True)
+    assert len(everything.ended) == 1 + 3 * 2
     other.shut_down()
 
 
@@ -301,7 +309,8 @@ def test_sweep_finds_pools_whose_work_requirement_was_never_submitted(platform, 
     cluster = RayDogCluster(simulated_spec(tag="half-built"), client=client)
     cluster._provision(cluster._all_groups())
     assert len(platform.live_entities()["workerPools"]) == 3
-    report = sweep(fast_client(platform), NAMESPACE, "half-built")
+    assert not sweep(fast_client(platform), NAMESPACE, "half-built").ended  # it may be building
+    report = sweep(fast_client(platform), NAMESPACE, "half-built", grace=timedelta(0))
     assert len(report.ended) == 3 * 2
 
 

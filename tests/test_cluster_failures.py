@@ -15,13 +15,16 @@ from cluster_helpers import (
     simulated_spec,
     start_platform,
 )
-from conftest import checked_use, wait_for
+from conftest import assert_nothing_left, checked_use, wait_for
+from yellowdog_client import PlatformClient
+from yellowdog_client.model import ApiKey, RetryProperties, ServicesSchema
 
 from prefect_raydog.cluster import RayDogCluster
 from prefect_raydog.errors import (
     ClusterBuildError,
     ClusterBuildTimeout,
     ClusterShutdownError,
+    KeyRefusedError,
     NodeTaskFailed,
 )
 from prefect_raydog.spec import NodeGroupSpec, WorkerPoolSpec
@@ -76,6 +79,19 @@ def test_an_unknown_template_for_the_second_pool_fails_the_build_and_ends_the_re
     report = cluster.shut_down()
     assert sorted(report.ended + report.already_gone) == sorted(failure.value.cleaned_up)
     assert not report.failed, report
+
+
+def test_a_wrong_key_secret_fails_the_build_with_one_line_that_says_the_key_is_wrong(platform):
+    schema = ServicesSchema(defaultUrl=platform.url, retry=RetryProperties(maxAttempts=1))
+    wrong = PlatformClient.create(schema, ApiKey(platform.key_id, "not-the-secret"))
+    cluster = RayDogCluster(simulated_spec(), client=wrong)
+    with pytest.raises(KeyRefusedError) as failure:
+        cluster.build()
+    message = str(failure.value)
+    assert "refused the application key" in message and "\n" not in message
+    assert "COULD NOT" not in message and "not-the-secret" not in message
+    assert cluster.shut_down() is not None
+    assert_nothing_left(platform)
 
 
 def test_a_build_timeout_ends_everything_and_says_what_it_waited_for(client):

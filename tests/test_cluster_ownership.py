@@ -189,10 +189,10 @@ def test_sweep_ends_what_it_can_and_reports_what_it_could_not(platform, client):
     half_built = RayDogCluster(simulated_spec(tag="sweep-errors"), client=client)
     half_built._provision(half_built._all_groups())
     platform.faults.add("503", "/compute/requirements/*", "GET", count=1000)
-    report = sweep(fast_client(platform), NAMESPACE, "sweep-errors")
+    report = sweep(fast_client(platform), NAMESPACE, "sweep-errors", everything=True)
     assert len(report.ended) == 1 + 3 * 2 and len(report.failed) == 3, report
     platform.clear_faults()
-    assert len(sweep(fast_client(platform), NAMESPACE, "sweep-errors").ended) == 3 * 2
+    assert len(sweep(fast_client(platform), NAMESPACE, "sweep-errors", everything=True).ended) == 6
 
 
 def test_a_broken_worker_script_fails_the_build_at_once_with_its_error(client):

@@ -23,6 +23,7 @@ import pytest
 import requests
 import yaml
 from prefect.client.orchestration import get_client
+from test_deployment_recipe import recipe_commands
 from test_readme_commands import readme_commands
 
 from prefect_raydog import ClusterSpec
@@ -57,13 +58,15 @@ SHOWN_NOT_RUN = {
     ("deployments.md", "21eb2174212a"): "a worker runs until stopped; "
     "tests/test_task_runner_lifecycle.py runs a process worker for a deployment",
     ("deployments.md", "cadf33f43a99"): "serves until stopped",
+    ("deployments.md", "97b2806084ba"): "a server until stopped; tests/test_deployment_recipe.py "
+    "runs the rest of the recipe against the session's Prefect server instead",
     ("builder.md", "40b4f682045d"): "needs SSH to a head node; tests/test_cluster_tunnels.py "
     "drives RayTunnels the same way against a real sshd",
     ("builder.md", "5215778e7a6f"): "commands against a YellowDog account; "
     "tests/test_cli_clusters.py runs up, status, down and sweep against the local platform",
-    ("local-platform.md", "42fe4043d33d"): "output of a server in the foreground; "
+    ("local-platform.md", "8ccf286b5ae0"): "output of a server in the foreground; "
     "tests/test_local_cli.py checks that it prints the URL, the key and the templates",
-    ("architecture.md", "9f48bf633936"): "a diagram of which module imports which, not code",
+    ("architecture.md", "31339935eabe"): "a diagram of which module imports which, not code",
     ("autoscaler.md", "bad710aceeb3"): "the provider keys of docs/examples/autoscaler-local.yaml, "
     "which tests/test_autoscaler.py runs with ray up and ray down",
     ("autoscaler.md", "4264ba99185b"): "a shell session with a platform in the background; "
@@ -78,6 +81,8 @@ SHOWN_NOT_RUN = {
 # test runs its command by construction, .ci/run holds its own copy.
 MAIN_COMMAND, TEST_COMMAND = readme_commands()
 RUN_VERBATIM = {MAIN_COMMAND: "tests/test_readme_commands.py", TEST_COMMAND: ".ci/run"}
+# The deployment recipe's commands but its first, `prefect server start` (in SHOWN_NOT_RUN).
+RUN_VERBATIM.update(dict.fromkeys(recipe_commands()[1:], "tests/test_deployment_recipe.py"))
 
 FENCE = re.compile(
     r"^(?P<indent> *)(?P<fence>```+|~~~+)(?P<info>[^\n]*)\n(?P<body>.*?)^(?P=indent)(?P=fence)\s*$",

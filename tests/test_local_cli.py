@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,7 +29,9 @@ TREE = "sleep 300 & sleep 300 & echo started; wait"
 @contextmanager
 def local_start(*options: str) -> Iterator[tuple[subprocess.Popen[str], PlatformClient]]:
     """`local start` in a child process, and a client of the platform it printed; afterwards the
-    child is ended and nothing of it is left."""
+    child is ended and nothing of it is left. Without --state-dir, a new one of its own."""
+    if "--state-dir" not in options:
+        options = (*options, "--state-dir", tempfile.mkdtemp(prefix="raydog-local-state-"))
     process = subprocess.Popen([*START, *options], stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, env=ENVIRONMENT)
     footprint = None
@@ -42,6 +45,7 @@ def local_start(*options: str) -> Iterator[tuple[subprocess.Popen[str], Platform
         key_id = re.search(r"key id:\s+(\S+)", printed).group(1)
         key_secret = re.search(r"key secret:\s+(\S+)", printed).group(1)
         footprint = Footprint.of(process.pid)
+        process.printed = printed  # type: ignore[attr-defined]
         yield process, PlatformClient.create(ServicesSchema(defaultUrl=url),
                                              ApiKey(key_id, key_secret))
     finally:
@@ -57,6 +61,19 @@ def test_local_start_prints_url_and_key_and_stops_on_ctrl_c() -> None:
         assert client.worker_pool_client.get_worker_pools(WorkerPoolSearch()).list_all() == []
         process.send_signal(signal.SIGINT)
         assert process.wait(30) == 0
+
+
+def test_a_restart_with_the_same_state_dir_keeps_the_url_and_key(tmp_path: Path) -> None:
+    with local_start("--network", "loopback", "--state-dir", str(tmp_path)) as (first, client):
+        first.send_signal(signal.SIGINT)
+        assert first.wait(30) == 0
+    with local_start("--network", "loopback", "--state-dir", str(tmp_path)) as (second, _):
+        assert client.worker_pool_client.get_worker_pools(WorkerPoolSearch()).list_all() == []
+        heading = [line for line in second.printed.splitlines() if "key" in line or "http" in line]
+        assert all(line in first.printed for line in heading) and len(heading) == 3
+        busy = subprocess.run([*START, "--network", "loopback", "--state-dir", str(tmp_path)],
+                              capture_output=True, text=True, env=ENVIRONMENT, timeout=60)
+        assert busy.returncode == 2 and "already running" in busy.stdout
 
 
 @pytest.mark.parametrize(("signum", "network"), [

@@ -3,6 +3,7 @@ process nodes, real Ray on them and a real Prefect API."""
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -23,6 +24,7 @@ from yellowdog_client.model import NodeSearch, NodeStatus, WorkRequirementSearch
 from prefect_raydog.blocks import RayDogClusterConfig
 from prefect_raydog.local import LocalPlatform
 from prefect_raydog.runner import adaptive
+from prefect_raydog.runner.heldlog import HeldRunLog
 from prefect_raydog.spec import WorkerPoolSpec
 from prefect_raydog.task_runners import RayDogTaskRunner, placement
 
@@ -151,6 +153,31 @@ def test_adaptive_pools_grow_for_placed_and_mapped_tasks_and_shrink_after(
     workers, extra = _sizes(artifact, "workers"), _sizes(artifact, "extra")
     assert workers[0] == 0 and max(workers) > 0 and workers[-1] == 0, workers
     assert extra[:2] == [0, 1], extra
+
+
+def test_held_start_lines_reach_the_run_log_with_the_time_they_were_logged():
+    records: list[logging.LogRecord] = []
+    run_log = logging.getLogger("raydog-tests.held-run-log")
+    run_log.addHandler(_Collect(records))
+    run_log.propagate = False
+    run_log.setLevel(logging.INFO)
+    held = HeldRunLog(logging.getLogger("raydog-tests.held-fallback"))
+    held.info("Provisioning %s.", "x")
+    logged_by = time.time()
+    time.sleep(0.01)  # the flow run becomes known later
+    held.attach(logging.LoggerAdapter(run_log, {"flow_run_id": "run-1"}))
+    (record,) = records
+    assert (record.getMessage(), record.flow_run_id) == ("Provisioning x.", "run-1")
+    assert record.created <= logged_by
+
+
+class _Collect(logging.Handler):
+    def __init__(self, records: list[logging.LogRecord]) -> None:
+        super().__init__(logging.INFO)
+        self.records = records
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
 
 
 def _newest_requirement_created(platform: LocalPlatform) -> datetime:

@@ -19,6 +19,7 @@ from helpers import what_is_live
 from prefect import flow
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import WorkPoolCreate
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.deployments import run_deployment
 from prefect.settings import PREFECT_API_URL
 from prefect.states import Cancelling
@@ -154,7 +155,15 @@ def test_a_deployment_run_by_a_process_worker_runs_tasks_on_worker_nodes(
     wait_for(lambda: not what_is_live(platform), timeout=30, what="the cluster to be torn down")
 
 
-def test_cancelling_a_deployment_run_through_the_api_tears_the_cluster_down(
+def _task_run_states(flow_run_id: uuid.UUID) -> list[str]:
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        )
+    return sorted(run.state.type.value for run in runs if run.state)
+
+
+def test_cancelling_a_deployment_run_cancels_its_task_runs_and_tears_the_cluster_down(
     deployment, platform, tmp_path
 ):
     out = tmp_path / "results.json"
@@ -171,3 +180,5 @@ def test_cancelling_a_deployment_run_through_the_api_tears_the_cluster_down(
     wait_for(lambda: not what_is_live(platform), timeout=45, what="the cluster to be torn down")
     assert not out.exists()
     assert state.is_cancelled(), f"a cancelled deployment run ended {state.type.value}"
+    wait_for(lambda: _task_run_states(flow_run.id) == ["CANCELLED"] * 2, timeout=30,
+             what="both task runs to be Cancelled")

@@ -99,6 +99,20 @@ def test_one_flow_run_maps_nests_and_calls_a_subflow_on_its_one_cluster(runner, 
                if a.key == "raydog-cluster" and str(a.flow_run_id) == flow_run_id]
     assert summary and "node-hours" in summary[0].data
     assert saved_secret() not in summary[0].data
+    heading = summary[0].data.splitlines()[0]  # the cluster is named for the flow run
+    assert heading.endswith(f"-{flow_run_id.replace('-', '')[:8]}`"), heading
+    _assert_start_logged_as_it_happened(logs)
+
+
+def _assert_start_logged_as_it_happened(logs) -> None:
+    """The eager start's lines in the flow run's log carry the times they were logged: the
+    workers joined as many seconds after the provisioning line as the joined line says."""
+    provisioning = next(log for log in logs if log.message.startswith("Provisioning Ray cluster"))
+    joined = next(log for log in logs if "Ray worker node(s) joined after" in log.message)
+    joined_s = float(joined.message.rsplit("after ", 1)[1].split(" s")[0])
+    waited = (joined.timestamp - provisioning.timestamp).total_seconds()
+    assert waited >= joined_s / 2 > 0, (waited, joined.message)
+
 
 @task
 def ray_namespace() -> str:

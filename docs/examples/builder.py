@@ -55,8 +55,8 @@ with LocalPlatform(templates=templates) as platform, tempfile.TemporaryDirectory
     proxy.load_saved_state_from_json_file(state_file)
     proxy.shut_down()
 
-    # End every cluster in the namespace with the tag, including pools orphaned by a process
-    # that died before it submitted its work requirement.
+    # End the orphaned clusters in the namespace with the tag (head gone, lifetime passed, or
+    # pools left with no work requirement) and leave the healthy ones; everything=True ends all.
     sweep(client, "ray", "nightly")
     # --8<-- [end:build]
 

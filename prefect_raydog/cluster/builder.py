@@ -16,6 +16,7 @@ from typing import Any, Literal, NamedTuple
 from pydantic import SecretStr
 from yellowdog_client import PlatformClient
 from yellowdog_client.model import Task, WorkRequirement
+from yellowdog_client.model.exceptions import NotAuthorisedException
 
 from prefect_raydog.cluster.client import (
     DEFAULT_API_URL,
@@ -46,11 +47,22 @@ from prefect_raydog.errors import (
     ClusterBuildError,
     ClusterShutdownError,
     ClusterStateError,
+    KeyRefusedError,
     UnknownWorkerPoolError,
 )
 from prefect_raydog.spec import BUILD_ID_LENGTH, ClusterSpec, WorkerPoolSpec
 
 logger = logging.getLogger("prefect_raydog.cluster")
+
+
+def _key_refused(error: BaseException | None) -> bool:
+    """Whether YellowDog refused the key somewhere in this error's chain of causes."""
+    while error is not None:
+        if isinstance(error, NotAuthorisedException):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
 
 _LOST = object()
 
@@ -273,6 +285,8 @@ class RayDogCluster(_WorkerPools):
         try:
             yield
         except BaseException as error:
+            if _key_refused(error):
+                self._refuse_key(action)
             if groups is None:
                 report = self._end_everything()
                 with self._lock:
@@ -294,6 +308,15 @@ class RayDogCluster(_WorkerPools):
             )
             cls = type(error) if isinstance(error, ClusterBuildError) else ClusterBuildError
             raise cls(failure, report.ended + report.already_gone, report.failed) from error
+
+    def _refuse_key(self, action: str) -> None:
+        """Every call, teardown's included, would be refused the same way: end nothing."""
+        made = [group.describe() for group in self._all_groups() if group.pool_id]
+        with self._lock:
+            self._state = "shut_down"
+            if not made:
+                self._shutdown_report = ShutdownReport()
+        raise KeyRefusedError(f"{action} failed", (), made) from None
 
     def _check_not_closing(self) -> None:
         if self._closing.is_set():

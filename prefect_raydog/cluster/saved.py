@@ -6,20 +6,22 @@ from __future__ import annotations
 import json
 import logging
 import re
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 from pydantic import SecretStr
 from yellowdog_client import PlatformClient
 from yellowdog_client.model import (
+    TaskSearch,
     WorkerPoolSearch,
     WorkerPoolStatus,
     WorkRequirementSearch,
     WorkRequirementStatus,
 )
 
-from prefect_raydog.cluster.client import DEFAULT_API_URL, _client_or_credentials
-from prefect_raydog.cluster.nodes import NodeGroup
+from prefect_raydog.cluster.client import DEFAULT_API_URL, _client_or_credentials, _is_not_found
+from prefect_raydog.cluster.nodes import HEAD_TASK_GROUP, NodeGroup
 from prefect_raydog.cluster.teardown import ShutdownReport, _Teardown, end_work_requirement_named
 from prefect_raydog.errors import ClusterStateError
 from prefect_raydog.spec import ClusterSpec
@@ -33,6 +35,8 @@ _LIVE_WORK_REQUIREMENT = [
     WorkRequirementStatus.CANCELLING,
 ]
 _LIVE_POOL = [status for status in WorkerPoolStatus if not status.finished]
+# A build provisions its pools, then submits its work requirement and head task within seconds.
+SWEEP_GRACE = timedelta(minutes=10)
 _RAYDOG_POOL_NAME = re.compile(r"^(?P<cluster>.+)-(\d{2,}-head|\d{2,}-wrkrs|observability)$")
 
 
@@ -142,10 +146,15 @@ def _named_pool(name: str) -> NodeGroup:
     )
 
 
-def sweep(client: PlatformClient, namespace: str, tag: str) -> ShutdownReport:
-    """End every RayDog cluster in the namespace whose tag matches: live work requirements with
-    the tag, and live pools named like a RayDog cluster's whose compute requirement has the tag
-    (so pools provisioned by a process killed before it submitted its work requirement too)."""
+def sweep(
+    client: PlatformClient, namespace: str, tag: str, everything: bool = False,
+    grace: timedelta = SWEEP_GRACE,
+) -> ShutdownReport:
+    """End the orphaned RayDog clusters in the namespace whose tag matches, and leave the healthy
+    ones: a cluster is orphaned when its head's node task is no longer live (its Ray cluster is
+    gone), when it has outlived its lifetime, or when its pools have had no work requirement for
+    `grace` (a process killed between provisioning and submitting). `everything` ends every
+    cluster with the tag, healthy or not."""
     report = ShutdownReport()
     work = client.work_client
     search = WorkRequirementSearch(namespace=namespace, tag=tag, statuses=_LIVE_WORK_REQUIREMENT)
@@ -154,28 +163,71 @@ def sweep(client: PlatformClient, namespace: str, tag: str) -> ShutdownReport:
         for summary in _listed(report, "work requirements", work.get_work_requirements(search))
         if summary.tag == tag
     ]
-    clusters = {summary.name for summary in requirements}
+    now = datetime.now(timezone.utc)
+    orphans = [r for r in requirements if everything or _orphaned(client, r, now, grace, report)]
+    healthy = {summary.name for summary in requirements} - {summary.name for summary in orphans}
+    orphan_names = {summary.name for summary in orphans}
     groups: list[NodeGroup] = []
     pools = client.worker_pool_client.get_worker_pools(
         WorkerPoolSearch(namespace=namespace, statuses=_LIVE_POOL)
     )
     for pool in _listed(report, "worker pools", pools):
         match = _RAYDOG_POOL_NAME.match(pool.name or "")
-        if match is None:
+        if match is None or match["cluster"] in healthy:
             continue
-        if match["cluster"] not in clusters:
+        if match["cluster"] not in orphan_names:
             try:
-                if not _pool_has_tag(client, pool.id, tag):
+                if not _pool_has_tag(client, pool.id, tag) or (
+                    not everything and _younger(pool.createdTime, now, grace)
+                    and not _submitted(client, namespace, match["cluster"])
+                ):
                     continue
             except Exception as error:  # noqa: BLE001 - one pool must not stop the sweep
                 report.failed.append(f"worker pool {pool.name} ({pool.id}): {error}")
                 continue
         groups.append(_saved_pool(pool.id, pool.name or ""))
     report.merge(
-        _Teardown(client).run([summary.id for summary in requirements], groups, namespace)
+        _Teardown(client).run([summary.id for summary in orphans], groups, namespace)
     )
     logger.info("Swept namespace %s for clusters tagged %s: %s", namespace, tag, report)
     return report
+
+
+def _orphaned(
+    client: PlatformClient, summary: Any, now: datetime, grace: timedelta, report: ShutdownReport
+) -> bool:
+    """Whether a live work requirement's cluster is gone: its head task ended, or its lifetime
+    (the head task group's task timeout) has passed. A requirement that cannot be read is kept."""
+    try:
+        requirement = client.work_client.get_work_requirement_by_id(summary.id)
+        (head,) = [g for g in requirement.taskGroups or [] if g.name == HEAD_TASK_GROUP]
+        lifetime = head.runSpecification.taskTimeout
+        if lifetime is not None and not _younger(summary.createdTime, now, lifetime):
+            return True
+        tasks = client.work_client.get_tasks(
+            TaskSearch(workRequirementId=summary.id, taskGroupId=head.id)
+        ).list_all()
+        if not tasks and _younger(summary.createdTime, now, grace):
+            return False  # still being built: its head task is on its way
+        return not any(task.status is not None and not task.status.finished for task in tasks)
+    except Exception as error:  # noqa: BLE001 - one cluster must not stop the sweep
+        report.failed.append(f"work requirement {summary.name} ({summary.id}): {error}")
+        return False
+
+
+def _submitted(client: PlatformClient, namespace: str, name: str) -> bool:
+    """Whether the cluster's work requirement was ever submitted (it has ended since)."""
+    try:
+        client.work_client.get_work_requirement_by_name(namespace, name)
+    except Exception as error:  # noqa: BLE001
+        if _is_not_found(error):
+            return False
+        raise
+    return True
+
+
+def _younger(created: datetime | None, now: datetime, age: timedelta) -> bool:
+    return created is not None and now - created < age
 
 
 def _listed(report: ShutdownReport, what: str, search: Any) -> list[Any]:

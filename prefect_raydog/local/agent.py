@@ -131,11 +131,12 @@ class ProcessAgent:
         self._aborting_boots = False
 
     @classmethod
-    def create(cls, data_dir: Path, network: str = "auto",
-               abort_grace_s: float = 10.0) -> ProcessAgent:
-        """An agent for nodes on a `network` ("auto", "bridge" or "loopback"); raises
-        `IsolationUnavailable` saying why when this machine cannot isolate nodes."""
-        return cls(Path(data_dir), open_network(network), abort_grace_s)
+    def create(cls, data_dir: Path, network: str = "auto", abort_grace_s: float = 10.0,
+               bridge_index: int | None = None) -> ProcessAgent:
+        """An agent for nodes on a `network` ("auto", "bridge" or "loopback"; the bridge numbered
+        `bridge_index` if free); raises `IsolationUnavailable` saying why when this machine
+        cannot isolate nodes."""
+        return cls(Path(data_dir), open_network(network, bridge_index), abort_grace_s)
 
     def boot_node(self, node_id: str, hostname: str, user_data: str | None = None,
                   image: NodeImage | None = None) -> NodeAddress:

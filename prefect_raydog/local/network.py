@@ -66,14 +66,15 @@ class NodeNetwork(Protocol):
     def close(self) -> None: ...
 
 
-def open_network(mode: str = "auto") -> NodeNetwork:
-    """The node network for `mode` ("auto", "bridge" or "loopback"); "auto" prefers a bridge."""
+def open_network(mode: str = "auto", bridge_index: int | None = None) -> NodeNetwork:
+    """The node network for `mode` ("auto", "bridge" or "loopback"); "auto" prefers a bridge,
+    the one numbered `bridge_index` when it is free."""
     if mode not in ("auto", "bridge", "loopback"):
         raise ValueError(f"Unknown network mode {mode!r}: use 'auto', 'bridge' or 'loopback'")
     if mode == "loopback":
         return LoopbackNetwork()
     try:
-        return BridgeNetwork()
+        return BridgeNetwork(bridge_index)
     except IsolationUnavailable as error:
         if mode == "bridge":
             raise
@@ -135,7 +136,7 @@ class BridgeNetwork:
 
     mode = "bridge"
 
-    def __init__(self) -> None:
+    def __init__(self, preferred_index: int | None = None) -> None:
         if os.geteuid() != 0:
             raise IsolationUnavailable("a bridge for node networks needs root (CAP_NET_ADMIN)")
         if shutil.which("ip") is None:
@@ -144,7 +145,7 @@ class BridgeNetwork:
         if reason is not None:
             raise IsolationUnavailable(f"network and PID namespaces are refused here: {reason}")
         self._lock = threading.Lock()
-        self._lock_file, self.index = _claim_bridge_index()
+        self._lock_file, self.index = _claim_bridge_index(preferred_index)
         self.bridge = f"{BRIDGE_PREFIX}{self.index}"
         self.reaper = Reaper(self.bridge, self._lock_file.fileno(), self._lock_file.name)
         self.subnet = ipaddress.ip_network(SUBNET_TEMPLATE.format(index=self.index))
@@ -216,14 +217,15 @@ class BridgeNetwork:
         _unlock(self._lock_file)
 
 
-def _claim_bridge_index() -> tuple[IO[str], int]:
+def _claim_bridge_index(preferred: int | None = None) -> tuple[IO[str], int]:
     """A bridge index that no live platform holds (an flock on its lock file, released when the
-    holder dies) and no existing interface or route uses."""
+    holder dies) and no existing interface or route uses; `preferred` first, if given."""
     LOCK_DIR.mkdir(parents=True, exist_ok=True)
     _remove_leftovers_of_dead_platforms()
     links = set(_run("ip", "-o", "link", "show").split())
     routes = _run("ip", "-4", "route", "show", "table", "all")
-    for index in range(256):
+    first = [] if preferred is None else [preferred]
+    for index in [*first, *range(256)]:
         lock_file = _lock(index)
         if lock_file is None:
             continue

@@ -44,8 +44,10 @@ class LocalPlatform:
         key_id: str | None = None,
         key_secret: str | None = None,
         base_path: str = "",
+        bridge_index: int | None = None,
     ) -> None:
         self.host, self.port, self.network = host, port, network
+        self.bridge_index = bridge_index
         self.templates = TemplateCatalogue(templates)
         self.data_dir = data_dir
         self.key_id = key_id or f"local-{secrets.token_hex(4)}"
@@ -99,7 +101,9 @@ class LocalPlatform:
             self._temporary_dir = tempfile.TemporaryDirectory(prefix="yd-local-")
             self.data_dir = Path(self._temporary_dir.name)
         try:
-            self.runner = ProcessAgent.create(self.data_dir, self.network)
+            self.runner = ProcessAgent.create(self.data_dir, self.network,
+                                              bridge_index=self.bridge_index)
+            self.bridge_index = getattr(self.runner.network, "index", None)
         except Exception as error:  # simulated nodes must work whatever stops process nodes
             return f"{type(error).__name__}: {error}"
         return ""

@@ -7,6 +7,8 @@ import atexit
 import threading
 from typing import TYPE_CHECKING, Any
 
+from prefect.exceptions import TerminationSignal
+
 from prefect_raydog.runner.session import _Session
 
 if TYPE_CHECKING:
@@ -92,6 +94,8 @@ def release_session(session: _Session, flow_run: Any, exc_type: type | None) -> 
     elif last_user:
         if exc_type is None or issubclass(exc_type, Exception):
             session.settle()
+        elif issubclass(exc_type, TerminationSignal):
+            session.terminated()
         session.close()
 
 

@@ -23,6 +23,7 @@ from prefect.utilities.asyncutils import run_coro_as_sync
 from prefect.utilities.importtools import lazy_import
 
 from prefect_raydog.runner.adaptive import AdaptivePools
+from prefect_raydog.runner.ending import being_cancelled, record_final_state
 from prefect_raydog.runner.heldlog import HeldRunLog
 from prefect_raydog.runner.node import _Outcome, remote_for
 from prefect_raydog.runner.placement import _with_pool_resources
@@ -63,7 +64,8 @@ class _Session:
         self.cluster_name = runner.address or runner.cluster or "local"
         self.node_api_url: str | None = runner.node_api_url
         self.flow_run_id: uuid.UUID | None = None
-        self.in_flight: dict[Any, None] = {}
+        self.in_flight: dict[Any, tuple[Task, uuid.UUID]] = {}
+        self._cancelled: set[Any] = set()
         self.finished_on_nodes = bytearray()  # task run ids, packed: see recorded.py
         self.last_done = 0.0
         self._stack = ExitStack()
@@ -82,9 +84,10 @@ class _Session:
         self._held_log: HeldRunLog | None = None
         self._closing = threading.Event()
 
-    def start_in_background(self, runner: RayDogTaskRunner) -> None:
+    def start_in_background(self, runner: RayDogTaskRunner, engine: Any = None) -> None:
         """Provision and connect now, in the background: the first submission waits only for
-        what is left, and a failure is raised there."""
+        what is left, and a failure is raised there. With the flow `engine` entering the runner,
+        the cluster is named for its flow run and logs to the run's log as it starts."""
         if self._ready or self._failure is not None or self._starter is not None:
             return
 
@@ -95,6 +98,11 @@ class _Session:
                 logging.getLogger(__name__).warning("The Ray cluster could not start: %s", exc)
 
         self._held_log = HeldRunLog(runner.logger)
+        if engine is not None:
+            from prefect.logging.loggers import flow_run_logger
+
+            self.flow_run_id = engine.flow_run.id
+            self._held_log.attach(flow_run_logger(engine.flow_run, engine.flow))
         context = contextvars.copy_context()
         self._starter = threading.Thread(target=context.run, args=(start,), daemon=True,
                                          name="raydog-provision")
@@ -117,7 +125,7 @@ class _Session:
                     raise self._failure
                 raise RuntimeError(f"The Ray cluster could not start: {self._failure}")
             flow_ctx = FlowRunContext.get()
-            if flow_ctx and flow_ctx.flow_run:
+            if self.flow_run_id is None and flow_ctx and flow_ctx.flow_run:
                 self.flow_run_id = flow_ctx.flow_run.id
             try:
                 self._start(runner)
@@ -207,8 +215,9 @@ class _Session:
                     "RayDogTaskRunner was given an unsaved RayDogClusterConfig in another "
                     "process; save the block and pass its name: RayDogTaskRunner(cluster=NAME)."
                 )
-            return config, runner.api_relay_address
-        return RayDogClusterConfig.load(runner.cluster, _sync=True), runner.api_relay_address
+        else:
+            config = RayDogClusterConfig.load(runner.cluster, _sync=True)
+        return config, runner.api_relay_address or config.api_relay_address
 
     def _relay_api(self, host: str, shared: bool = False) -> str:
         """Relay the API on `host`: for this session, or (`shared`, for a cluster this session
@@ -277,7 +286,7 @@ class _Session:
     def track(self, ref: Any, task: Task, task_run_id: uuid.UUID,
               settle: Callable[[Any], None]) -> None:
         """Follow a task run to its end; `settle` gets its outcome (or the exception)."""
-        self.in_flight[ref] = None
+        self.in_flight[ref] = (task, task_run_id)
         if self.adaptive is not None:
             self.adaptive.submitted(ref)
         if self.flow_run_id is None and (flow_ctx := FlowRunContext.get()) and flow_ctx.flow_run:
@@ -295,7 +304,8 @@ class _Session:
             if isinstance(outcome, _Outcome):
                 self.stats.record(outcome.node_ip)
                 self.finished_on_nodes.extend(task_run_id.bytes)
-            elif isinstance(outcome, Exception) and self._reporter is not None:
+            elif (isinstance(outcome, Exception) and self._reporter is not None
+                  and ref not in self._cancelled):
                 self.stats.crashed += 1
                 # After teardown the reporter is shut: these are the runs teardown cancelled.
                 with contextlib.suppress(RuntimeError):
@@ -306,34 +316,32 @@ class _Session:
 
     def _report_crash(self, task: Task, task_run_id: uuid.UUID, exc: Exception) -> None:
         """Tell the API that the task run crashed: its own engine died with its worker."""
-        from prefect.client.orchestration import get_client
-        from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
-
         state = run_coro_as_sync(exception_to_crashed_state(exc))
-        try:
-            with get_client(sync_client=True) as client:
-                try:
-                    client.set_task_run_state(task_run_id, state, force=True)
-                except (ObjectNotFound, PrefectHTTPStatusError) as error:
-                    # The server may not have ingested the dead node's events yet: the sync
-                    # client reports that as a bare 404.
-                    if getattr(getattr(error, "response", None), "status_code", 404) != 404:
-                        raise
-                    client.create_task_run(
-                        task, flow_run_id=self.flow_run_id, dynamic_key=str(task_run_id),
-                        id=task_run_id, state=state,
-                    )
-        except Exception:
-            logging.getLogger(__name__).warning(
-                "Could not report the crash of task run %s", task_run_id, exc_info=True
-            )
+        record_final_state(task, task_run_id, self.flow_run_id, state)
 
-    def cancel_all(self) -> None:
-        for ref in list(self.in_flight):
+    def cancel_all(self, crashed: bool = False) -> None:
+        """End every task run in flight: its worker is killed, so its state is set here,
+        Cancelled (or Crashed, when its flow run's process is stopped without a cancellation)."""
+        from prefect.states import Cancelled, Crashed
+
+        cancelled = list(self.in_flight.items())
+        self._cancelled.update(ref for ref, _ in cancelled)
+        for ref, _ in cancelled:
             try:
                 ray.cancel(ref, force=True)
             except Exception:
                 logging.getLogger(__name__).debug("Could not cancel %s", ref, exc_info=True)
+        for _, (task, task_run_id) in cancelled:
+            state = (Crashed(message="Its flow run's process was stopped.") if crashed
+                     else Cancelled(message="Its flow run was cancelled."))
+            record_final_state(task, task_run_id, self.flow_run_id, state)
+
+    def terminated(self) -> None:
+        """The flow run's process is told to stop (SIGTERM) with task runs in flight: they end
+        Cancelled if the flow run is being cancelled, else Crashed. Prefect's engine asks the
+        runner to cancel them only after the runner has exited, when it has no session."""
+        if self.in_flight and self.flow_run_id is not None:
+            self.cancel_all(crashed=not being_cancelled(self.flow_run_id))
 
     def close(self) -> None:
         self._end_background_start()
