@@ -30,6 +30,7 @@ from prefect_raydog.runner.recorded import wait_for_final_states
 from prefect_raydog.runner.relay import _TcpRelay, shared_relay
 from prefect_raydog.runner.shipping import refuse_loopback_api
 from prefect_raydog.runner.stats import _ClusterStats
+from prefect_raydog.runner.warmup import warm_workers
 
 if TYPE_CHECKING:
     import ray
@@ -127,6 +128,7 @@ class _Session:
             logger.info("Connecting to the Ray cluster at %s.", runner.address)
             _connect(runner.address, runner.init_kwargs, logger)
             self._stack.callback(ray.shutdown)
+            warm_workers()
         elif ray.is_initialized():
             raise RuntimeError(
                 "This process is already connected to a Ray cluster, so RayDogTaskRunner cannot "
@@ -140,6 +142,7 @@ class _Session:
                      logger, self._closing)
             self._stack.callback(ray.shutdown)
             self._wait_for_workers(logger)
+            warm_workers()
             self.adaptive = AdaptivePools.start(self.cluster, self.stats, logger)
             if self.adaptive is not None:
                 self._stack.callback(self.adaptive.stop)
