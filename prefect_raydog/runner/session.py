@@ -420,6 +420,12 @@ def _connect(address: str, init_kwargs: dict[str, Any], logger: Any,
     if address == "local":
         kwargs.setdefault("include_dashboard", False)
     deadline, attempt = time.monotonic() + _CLIENT_CONNECT_TIMEOUT_S, 0
+    if address.startswith("ray://"):  # connect as soon as a starting head's port is open
+        from prefect_raydog.cluster.client import wait_until_listening
+
+        head = urlsplit(address)
+        stopped = stop.is_set if stop is not None else (lambda: False)
+        wait_until_listening(head.hostname, head.port or 10001, _CLIENT_CONNECT_TIMEOUT_S, stopped)
     while True:
         attempt += 1
         try:
