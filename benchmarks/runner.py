@@ -35,7 +35,6 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 from prefect import flow, task  # noqa: E402
 from prefect.client.orchestration import get_client  # noqa: E402
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId  # noqa: E402
 from prefect.events.worker import EventsWorker  # noqa: E402
 from prefect.logging.handlers import APILogWorker  # noqa: E402
 from prefect.runtime import flow_run  # noqa: E402
@@ -116,28 +115,27 @@ def _raw_ray_timed_map(address: str, n: int) -> float:
 
 
 def _completed_count(flow_run_id: str) -> int:
+    """How many of the flow run's task runs the API holds in a Completed state (one request)."""
+    body = {
+        "flow_runs": {"id": {"any_": [flow_run_id]}},
+        "task_runs": {"state": {"type": {"any_": ["COMPLETED"]}}},
+    }
     with get_client(sync_client=True) as client:
-        filter_ = FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
-        count, offset = 0, 0
-        while True:
-            page = client.read_task_runs(flow_run_filter=filter_, limit=200, offset=offset)
-            count += sum(1 for run in page if run.state and run.state.is_completed())
-            offset += len(page)
-            if len(page) < 200:
-                return count
+        response = client._client.post("/task_runs/count", json=body)
+        response.raise_for_status()
+        return response.json()
 
 
-def _until_states_saved(runner: Any, n: int) -> tuple[float, float]:
-    """(results-back seconds, seconds until every task run's final state is in the API)."""
+def _until_states_saved(runner: Any, n: int, wait_s: float = 300) -> tuple[float, float, int]:
+    """(results-back seconds, seconds until every task run's final state is in the API, how
+    many final states it holds: all of them, unless `wait_s` passed first)."""
     start = time.perf_counter()
     elapsed, flow_run_id = _timed_map(runner, n)
     map_started = start + (time.perf_counter() - start) - elapsed
-    deadline = time.perf_counter() + 300
-    while (saved := _completed_count(flow_run_id)) < n + WARM_UP:
-        if time.perf_counter() > deadline:
-            raise RuntimeError(f"the API holds {saved} of {n + WARM_UP} final states after 300 s")
+    deadline = time.perf_counter() + wait_s
+    while (saved := _completed_count(flow_run_id)) < n + WARM_UP and time.perf_counter() < deadline:
         time.sleep(0.2)
-    return elapsed, time.perf_counter() - map_started
+    return elapsed, time.perf_counter() - map_started, saved
 
 
 def _first_task_at(runner: Any) -> tuple[float, float]:
@@ -289,7 +287,9 @@ def _client_figures(address: str, quick: bool) -> dict[str, Any]:
     saved: dict[str, list[float]] = {"ours": [], "theirs": []}
     for _ in range(rounds):
         for name, runner in runners.items():
-            elapsed, until_saved = _until_states_saved(runner, n)
+            elapsed, until_saved, saved_states = _until_states_saved(runner, n)
+            if saved_states < n + WARM_UP:
+                raise RuntimeError(f"{name}: the API holds {saved_states} of {n + WARM_UP} states")
             results[name].append(elapsed)
             saved[name].append(until_saved)
         results["raw"].append(_raw_ray_timed_map(address, n))
@@ -315,15 +315,19 @@ def _client_figures(address: str, quick: bool) -> dict[str, Any]:
 
 
 def _large_flow_figures(address: str, per_task_500_ms: float) -> dict[str, Any]:
-    """One flow of `LARGE_FLOW_TASKS` tasks: per task against the 500-task rounds' figure,
-    once the API holds every final state (`_until_states_saved` checks that)."""
-    elapsed, until_saved = _until_states_saved(RayDogTaskRunner(address=address), LARGE_FLOW_TASKS)
+    """One flow of `LARGE_FLOW_TASKS` tasks: per task against the 500-task rounds' figure, and
+    how many of its final states the API holds at the end (all, or the figure says how many)."""
+    runner = RayDogTaskRunner(address=address)
+    elapsed, until_saved, saved = _until_states_saved(runner, LARGE_FLOW_TASKS, wait_s=120)
     per_task_ms = 1000 * elapsed / LARGE_FLOW_TASKS
-    return {
+    figures = {
         "ms_per_task_10k": round(per_task_ms, 2),
         "ms_per_task_10k_over_500": round(per_task_ms / per_task_500_ms, 3),
-        "ms_per_task_10k_states_saved": round(1000 * until_saved / LARGE_FLOW_TASKS, 2),
+        "final_states_in_api_10k": saved - WARM_UP,
     }
+    if saved == LARGE_FLOW_TASKS + WARM_UP:
+        figures["ms_per_task_10k_states_saved"] = round(1000 * until_saved / LARGE_FLOW_TASKS, 2)
+    return figures
 
 
 def _cold_run(kind: str, address: str) -> float:
