@@ -4,8 +4,10 @@
 One cluster is provisioned on an embedded local platform; both runners attach to it through
 Ray Client (`ray://HEAD:10001`), in alternating rounds, and report to one Prefect server that
 the nodes reach through a relay on the platform's host-side bridge address. Ray never runs on
-this machine's own network. `first_task_after_ready_s` provisions a second cluster through the
-runner itself (not in the `--quick` smoke run).
+this machine's own network. Plain `ray.remote` calls through the same Ray Client give the floor,
+warm in the same rounds and cold in fresh driver processes (`--cold KIND ADDRESS` is one such
+process). `first_task_after_ready_s` provisions a second cluster through the runner itself; it,
+the cold runs and the flow of 10,000 tasks are not in the `--quick` smoke run.
 """
 
 from __future__ import annotations
@@ -17,7 +19,11 @@ import gc
 import json
 import logging
 import os
+import socket
 import statistics
+import subprocess
+import sys
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -29,7 +35,6 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 from prefect import flow, task  # noqa: E402
 from prefect.client.orchestration import get_client  # noqa: E402
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId  # noqa: E402
 from prefect.events.worker import EventsWorker  # noqa: E402
 from prefect.logging.handlers import APILogWorker  # noqa: E402
 from prefect.runtime import flow_run  # noqa: E402
@@ -46,6 +51,8 @@ from prefect_raydog.task_runners import RayDogTaskRunner  # noqa: E402
 
 WARM_UP = 20
 WORKER_NODES = 2
+COLD_TASKS = 200
+LARGE_FLOW_TASKS = 10_000
 
 
 @task
@@ -54,8 +61,13 @@ def add_one(x: int) -> int:
 
 
 @task
-def started_at() -> float:
-    return time.time()
+def started_at() -> tuple[float, float]:
+    """When this task started, and when its Ray worker process started (epoch seconds)."""
+    with open("/proc/self/stat") as stat:
+        start_ticks = int(stat.read().rsplit(")", 1)[1].split()[19])
+    with open("/proc/stat") as stat:
+        boot = next(int(line.split()[1]) for line in stat if line.startswith("btime"))
+    return time.time(), boot + start_ticks / os.sysconf("SC_CLK_TCK")
 
 
 def _timed_map(runner: Any, n: int) -> tuple[float, str]:
@@ -73,34 +85,65 @@ def _timed_map(runner: Any, n: int) -> tuple[float, str]:
     return mapped()
 
 
+def _plus_one(x: int) -> int:
+    return x + 1
+
+
+def _raw_ray_map(n: int) -> float:
+    """Seconds from the first of `n` plain `ray.remote` calls to the last result, through the
+    Ray Client connection this process has."""
+    import ray
+
+    plus_one = ray.remote(_plus_one)
+    start = time.perf_counter()
+    results = ray.get([plus_one.remote(x) for x in range(n)])
+    elapsed = time.perf_counter() - start
+    assert results == [x + 1 for x in range(n)]
+    return elapsed
+
+
+def _raw_ray_timed_map(address: str, n: int) -> float:
+    """`_raw_ray_map` after the same warm-up as the runners', on a connection of its own."""
+    import ray
+
+    _connect(address, {}, logging.getLogger("benchmark"))
+    try:
+        _raw_ray_map(WARM_UP)
+        return _raw_ray_map(n)
+    finally:
+        ray.shutdown()
+
+
 def _completed_count(flow_run_id: str) -> int:
+    """How many of the flow run's task runs the API holds in a Completed state (one request)."""
+    body = {
+        "flow_runs": {"id": {"any_": [flow_run_id]}},
+        "task_runs": {"state": {"type": {"any_": ["COMPLETED"]}}},
+    }
     with get_client(sync_client=True) as client:
-        filter_ = FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
-        count, offset = 0, 0
-        while True:
-            page = client.read_task_runs(flow_run_filter=filter_, limit=200, offset=offset)
-            count += sum(1 for run in page if run.state and run.state.is_completed())
-            offset += len(page)
-            if len(page) < 200:
-                return count
+        response = client._client.post("/task_runs/count", json=body)
+        response.raise_for_status()
+        return response.json()
 
 
-def _until_states_saved(runner: Any, n: int) -> tuple[float, float]:
-    """(results-back seconds, seconds until every task run's final state is in the API)."""
+def _until_states_saved(runner: Any, n: int, wait_s: float = 300) -> tuple[float, float, int]:
+    """(results-back seconds, seconds until every task run's final state is in the API, how
+    many final states it holds: all of them, unless `wait_s` passed first)."""
     start = time.perf_counter()
     elapsed, flow_run_id = _timed_map(runner, n)
     map_started = start + (time.perf_counter() - start) - elapsed
-    deadline = time.perf_counter() + 300
-    while _completed_count(flow_run_id) < n + WARM_UP and time.perf_counter() < deadline:
+    deadline = time.perf_counter() + wait_s
+    while (saved := _completed_count(flow_run_id)) < n + WARM_UP and time.perf_counter() < deadline:
         time.sleep(0.2)
-    return elapsed, time.perf_counter() - map_started
+    return elapsed, time.perf_counter() - map_started, saved
 
 
-def _first_task_at(runner: Any) -> float:
-    """When (epoch seconds) the first task of a new flow run started on a node."""
+def _first_task_at(runner: Any) -> tuple[float, float]:
+    """When (epoch seconds) the first task of a new flow run started on a node, and when its
+    worker process started."""
 
     @flow(task_runner=runner)
-    def first() -> float:
+    def first() -> tuple[float, float]:
         return started_at.submit().result()
 
     return first()
@@ -108,24 +151,75 @@ def _first_task_at(runner: Any) -> float:
 
 def _first_task_after_start(runner: Any) -> float:
     start = time.time()
-    return _first_task_at(runner) - start
+    return _first_task_at(runner)[0] - start
 
 
-def _first_task_after_platform_ready(platform: LocalPlatform, config: RayDogClusterConfig
-                                     ) -> float:
+@contextlib.contextmanager
+def _step_times() -> Iterator[dict[str, float]]:
+    """When (epoch seconds) the runner's session got past each step to its first task: the
+    head's node task running (`build` returned), Ray Client connected, the workers joined
+    (when it warms them)."""
+    from prefect_raydog.runner import session
+
+    at: dict[str, float] = {}
+
+    def timed(step: str, function: Any) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            result = function(*args, **kwargs)
+            at.setdefault(step, time.time())
+            return result
+
+        return call
+
+    def built(self: RayDogCluster, *args: Any, **kwargs: Any) -> Any:
+        head = build(self, *args, **kwargs)
+        at["head_running"] = time.time()
+        threading.Thread(target=_until_listening, args=(head.private_ip, at), daemon=True).start()
+        return head
+
+    originals = build, _, _ = (RayDogCluster.build, session._connect, session.warm_workers)
+    RayDogCluster.build = built
+    session._connect = timed("connected", session._connect)
+    session.warm_workers = timed("workers_joined", session.warm_workers)
+    try:
+        yield at
+    finally:
+        RayDogCluster.build, session._connect, session.warm_workers = originals
+
+
+def _until_listening(host: str, at: dict[str, float]) -> None:
+    """Note when the head's Ray Client port first accepts a connection."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection((host, 10001), timeout=1):
+            at["client_port_open"] = time.time()
+            return
+        time.sleep(0.05)
+
+
+def _first_task_after_platform_ready(
+    platform: LocalPlatform, config: RayDogClusterConfig
+) -> dict[str, float]:
     """Seconds from the platform running every node task to the first Prefect task running,
-    for a cluster the runner provisions: the runner's own start-up cost."""
+    for a cluster the runner provisions (the runner's own start-up cost), and to each step
+    on the way there."""
     from yellowdog_client.model import TaskSearch, WorkRequirementSearch
 
     runner = RayDogTaskRunner(cluster=config, api_relay_address=platform.host_address)
-    first_task = _first_task_at(runner)
+    with _step_times() as steps:
+        first_task, process_started = _first_task_at(runner)
+    steps["worker_process_started"] = process_started
     work = platform.client.work_client
-    requirements = list(work.get_work_requirements(
-        WorkRequirementSearch(namespace=config.namespace)).iterate())
+    requirements = list(
+        work.get_work_requirements(WorkRequirementSearch(namespace=config.namespace)).iterate()
+    )
     newest = max(requirements, key=lambda requirement: requirement.createdTime)
     tasks = work.get_tasks(TaskSearch(workRequirementId=newest.id)).iterate()
     ready = max(task.startedTime.timestamp() for task in tasks)
-    return first_task - ready
+    figures = {
+        f"first_task_{step}_after_ready_s": round(at - ready, 2) for step, at in steps.items()
+    }
+    return figures | {"first_task_after_ready_s": round(first_task - ready, 2)}
 
 
 def _rss_kib() -> int:
@@ -185,18 +279,22 @@ def _provisioned(platform: LocalPlatform, config: RayDogClusterConfig) -> Iterat
 
 
 def _client_figures(address: str, quick: bool) -> dict[str, Any]:
-    """Both runners through Ray Client to the same cluster, alternating round by round."""
+    """Both runners and plain Ray through Ray Client to the same cluster, alternating round by
+    round."""
     n, rounds = (20, 1) if quick else (500, 2)
-    runners = {"ours": RayDogTaskRunner(address=address),
-               "theirs": RayTaskRunner(address=address)}
-    results: dict[str, list[float]] = {"ours": [], "theirs": []}
+    runners = {"ours": RayDogTaskRunner(address=address), "theirs": RayTaskRunner(address=address)}
+    results: dict[str, list[float]] = {"ours": [], "theirs": [], "raw": []}
     saved: dict[str, list[float]] = {"ours": [], "theirs": []}
     for _ in range(rounds):
         for name, runner in runners.items():
-            elapsed, until_saved = _until_states_saved(runner, n)
+            elapsed, until_saved, saved_states = _until_states_saved(runner, n)
+            if saved_states < n + WARM_UP:
+                raise RuntimeError(f"{name}: the API holds {saved_states} of {n + WARM_UP} states")
             results[name].append(elapsed)
             saved[name].append(until_saved)
+        results["raw"].append(_raw_ray_timed_map(address, n))
     ours, theirs = statistics.median(results["ours"]), statistics.median(results["theirs"])
+    raw = statistics.median(results["raw"])
     ours_saved = statistics.median(saved["ours"])
     theirs_saved = statistics.median(saved["theirs"])
     figures = {
@@ -205,6 +303,8 @@ def _client_figures(address: str, quick: bool) -> dict[str, Any]:
         "client_per_task_ms": round(1000 * ours / n, 2),
         "client_prefect_ray_per_task_ms": round(1000 * theirs / n, 2),
         "client_ratio_vs_prefect_ray": round(ours / theirs, 3),
+        "client_raw_ray_per_task_ms": round(1000 * raw / n, 2),
+        "client_ratio_vs_raw_ray": round(ours / raw, 3),
         "client_states_saved_per_task_ms": round(1000 * ours_saved / n, 2),
         "client_prefect_ray_states_saved_per_task_ms": round(1000 * theirs_saved / n, 2),
         "client_states_saved_ratio_vs_prefect_ray": round(ours_saved / theirs_saved, 3),
@@ -212,6 +312,78 @@ def _client_figures(address: str, quick: bool) -> dict[str, Any]:
     if not quick:
         figures["first_task_attached_s"] = round(_first_task_after_start(runners["ours"]), 3)
     return figures
+
+
+def _large_flow_figures(address: str, per_task_500_ms: float) -> dict[str, Any]:
+    """One flow of `LARGE_FLOW_TASKS` tasks: per task against the 500-task rounds' figure, and
+    how many of its final states the API holds at the end (all, or the figure says how many)."""
+    runner = RayDogTaskRunner(address=address)
+    elapsed, until_saved, saved = _until_states_saved(runner, LARGE_FLOW_TASKS, wait_s=120)
+    per_task_ms = 1000 * elapsed / LARGE_FLOW_TASKS
+    figures = {
+        "ms_per_task_10k": round(per_task_ms, 2),
+        "ms_per_task_10k_over_500": round(per_task_ms / per_task_500_ms, 3),
+        "final_states_in_api_10k": saved - WARM_UP,
+    }
+    if saved == LARGE_FLOW_TASKS + WARM_UP:
+        figures["ms_per_task_10k_states_saved"] = round(1000 * until_saved / LARGE_FLOW_TASKS, 2)
+    return figures
+
+
+def _cold_run(kind: str, address: str) -> float:
+    """In a fresh driver process (so a new Ray job, new worker processes): seconds from the
+    first submit of `COLD_TASKS` mapped tasks to the last result. `kind` is "raw" (plain Ray),
+    "ours", or "unwarmed" (ours without warming the job's workers)."""
+    import ray
+
+    if kind == "raw":
+        _connect(address, {}, logging.getLogger("benchmark"))
+        try:
+            return _raw_ray_map(COLD_TASKS)
+        finally:
+            ray.shutdown()
+    if kind == "unwarmed":
+        from prefect_raydog.runner import session
+
+        session.warm_workers = lambda: []
+
+    @flow(task_runner=RayDogTaskRunner(address=address))
+    def cold() -> float:
+        start = time.perf_counter()
+        results = add_one.map(range(COLD_TASKS)).result()
+        elapsed = time.perf_counter() - start
+        assert results == [x + 1 for x in range(COLD_TASKS)]
+        return elapsed
+
+    return cold()
+
+
+def _cold_figures(address: str, api_url: str, rounds: int = 3) -> dict[str, Any]:
+    """Cold runs, each in a fresh process, alternating kinds round by round."""
+    kinds = ("ours", "unwarmed", "raw")
+    elapsed: dict[str, list[float]] = {kind: [] for kind in kinds}
+    environment = {**os.environ, "PREFECT_API_URL": api_url}
+    for _ in range(rounds):
+        for kind in kinds:
+            process = subprocess.run(
+                [sys.executable, __file__, "--cold", kind, address],
+                capture_output=True,
+                text=True,
+                env=environment,
+                timeout=600,
+            )
+            if process.returncode:
+                raise RuntimeError(f"the cold {kind} run failed: {process.stderr[-3000:]}")
+            elapsed[kind].append(json.loads(process.stdout.strip().splitlines()[-1]))
+    per_task = {
+        kind: 1000 * statistics.median(times) / COLD_TASKS for kind, times in elapsed.items()
+    }
+    return {
+        "cold_per_task_ms": round(per_task["ours"], 2),
+        "cold_unwarmed_per_task_ms": round(per_task["unwarmed"], 2),
+        "cold_raw_ray_per_task_ms": round(per_task["raw"], 2),
+        "client_cold_ratio_vs_raw_ray": round(per_task["ours"] / per_task["raw"], 3),
+    }
 
 
 def _memory_figures(address: str, quick: bool) -> dict[str, Any]:
@@ -231,23 +403,38 @@ def _memory_figures(address: str, quick: bool) -> dict[str, Any]:
 def run(quick: bool) -> dict[str, Any]:
     """Every figure, on clusters provisioned on one local platform."""
     with LocalPlatform() as platform:
-        config = RayDogClusterConfig.local(platform.url, platform.key_id, platform.key_secret,
-                                           worker_nodes=WORKER_NODES)
-        first_task_after_ready = (  # a cluster of its own: the smoke run skips it
-            None if quick else _first_task_after_platform_ready(platform, config))
-        with _api_for_nodes(platform.host_address), _provisioned(platform, config) as address:
+        config = RayDogClusterConfig.local(
+            platform.url, platform.key_id, platform.key_secret, worker_nodes=WORKER_NODES
+        )
+        first_task = (  # a cluster of its own: the smoke run skips it
+            {} if quick else _first_task_after_platform_ready(platform, config)
+        )
+        with (
+            _api_for_nodes(platform.host_address) as api_url,
+            _provisioned(platform, config) as address,
+        ):
             figures = _client_figures(address, quick)
-            figures.update(_memory_figures(address, quick))
-    if first_task_after_ready is not None:
-        figures["first_task_after_ready_s"] = round(first_task_after_ready, 2)
-    return figures
+            if not quick:
+                figures |= _cold_figures(address, api_url)
+                figures |= _large_flow_figures(address, figures["client_per_task_ms"])
+            figures |= _memory_figures(address, quick)
+    return figures | first_task
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--quick", action="store_true", help="a small smoke run")
+    parser.add_argument(
+        "--cold",
+        nargs=2,
+        metavar=("KIND", "ADDRESS"),
+        help="one cold run in this process (the benchmark starts these)",
+    )
     args = parser.parse_args()
+    if args.cold:
+        print(json.dumps(_cold_run(*args.cold)))
+        return
     with prefect_test_harness(server_startup_timeout=120):
         figures = run(args.quick)
     if args.json:

@@ -4,6 +4,8 @@ the Ray dashboard (8265) can be reached where only SSH is open."""
 from __future__ import annotations
 
 import logging
+import socket
+import socketserver
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,55 @@ logger = logging.getLogger("prefect_raydog.tunnels")
 
 RAY_CLIENT_PORT = 10001
 DASHBOARD_PORT = 8265
+_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
+
+
+def _no_delay(sock: object) -> None:
+    # Ray Client's gRPC messages are small: without it each reply waits for a delayed ACK.
+    if isinstance(sock, socket.socket):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class _NoDelayForwarder(SSHTunnelForwarder):
+    """sshtunnel's forwarder with TCP_NODELAY on both legs of each tunnel (neither library sets
+    it): the local connections its servers accept, and the SSH connection, which also
+    acknowledges each read at once."""
+
+    def _make_ssh_forward_server_class(self, remote_address: Any) -> type:
+        server: type[socketserver.TCPServer] = super()._make_ssh_forward_server_class(
+            remote_address
+        )
+
+        class NoDelayServer(server):  # type: ignore[misc, valid-type]
+            def get_request(self) -> tuple[socket.socket, Any]:
+                request, address = super().get_request()
+                _no_delay(request)
+                return request, address
+
+        return NoDelayServer
+
+    def _get_transport(self) -> Any:
+        # sshtunnel connects a socket given as its proxy: this one, so paramiko writes with
+        # TCP_NODELAY and acknowledges at once (see _QuickAckSocket).
+        family = socket.AF_INET6 if ":" in self.ssh_host else socket.AF_INET
+        self.ssh_proxy = _QuickAckSocket(family, socket.SOCK_STREAM)
+        _no_delay(self.ssh_proxy)
+        try:
+            return super()._get_transport()
+        finally:
+            self.ssh_proxy = None
+
+
+class _QuickAckSocket(socket.socket):
+    """The SSH connection's socket, acknowledging each read at once: OpenSSH's sshd sends a
+    forwarded reply's second part only once the first is acknowledged (it sets no TCP_NODELAY
+    on a connection without a terminal), and a delayed ACK takes 40 ms."""
+
+    def recv(self, size: int, flags: int = 0) -> bytes:
+        data = super().recv(size, flags)
+        if _QUICKACK is not None:  # Linux only; it lasts until the kernel's next ACK decision
+            self.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
+        return data
 
 
 def _secret(value: str | SecretStr | None) -> str | None:
@@ -51,7 +102,7 @@ class RayTunnels:
             raise ValueError("local_ports must give one local port per remote port")
         self.head_ip = head_ip
         self.remote_ports = remote_ports
-        self._forwarder = SSHTunnelForwarder(
+        self._forwarder = _NoDelayForwarder(
             (head_ip, ssh_port),
             ssh_username=ssh_user,
             ssh_pkey=str(private_key_file) if private_key_file else None,

@@ -19,7 +19,7 @@ EXPECTED_KEYS = {
     "autoscaler.py": {"scale_up_s", "api_calls_per_scale_up", "node_seconds_ratio_vs_fixed"},
     "runner.py": {"client_per_task_ms", "client_prefect_ray_per_task_ms",
                   "client_ratio_vs_prefect_ray", "client_states_saved_ratio_vs_prefect_ray",
-                  "driver_kb_per_task"},
+                  "client_ratio_vs_raw_ray", "driver_kb_per_task"},
 }
 
 

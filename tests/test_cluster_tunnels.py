@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from helpers import free_port
+from round_trips import MEDIAN_BOUND_MS, median_split_reply_ms, split_reply_server
 
 from prefect_raydog.tunnels import RayTunnels
 
@@ -92,6 +93,18 @@ def test_tunnels_forward_each_remote_port_through_ssh_with_a_private_key(sshd, e
             assert _ask(local_port, b"hi") == b"echo:hi", remote_port
 
 
+def test_a_tunnel_forwards_a_split_reply_without_waiting_for_a_delayed_ack(sshd):
+    port, key = sshd
+    with (
+        split_reply_server() as (_, remote_port),
+        RayTunnels(
+            "127.0.0.1", "root", private_key_file=key, ssh_port=port, remote_ports=(remote_port,)
+        ) as tunnels,
+    ):
+        median = median_split_reply_ms(tunnels.local_ports[remote_port])
+    assert median < MEDIAN_BOUND_MS, f"median round trip through the tunnel took {median:.1f} ms"
+
+
 def test_default_tunnels_are_ray_client_and_dashboard(sshd):
     port, key = sshd
     tunnels = RayTunnels("127.0.0.1", "root", private_key_file=key, ssh_port=port)
@@ -123,7 +136,8 @@ def test_missing_key_file_is_rejected_before_connecting(tmp_path):
 
 def test_a_key_file_under_home_is_found_through_tilde(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "k")],
-                   check=True)
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "k")], check=True
+    )
     tunnels = RayTunnels("127.0.0.1", "root", private_key_file="~/k")
     assert tunnels._forwarder.ssh_pkeys

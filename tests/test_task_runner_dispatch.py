@@ -358,3 +358,26 @@ def test_attached_flow_runs_give_nodes_one_relayed_api_url_that_outlives_each_ru
     second_url, flow_run_id = report()
     assert second_url == first_url
     assert [run.state.type.value for run in _task_runs(flow_run_id)] == ["COMPLETED"]
+
+
+@task
+def warmed_at() -> float | None:
+    from prefect_raydog.runner import warmup
+
+    return warmup.warmed_at
+
+
+def test_a_runner_that_connects_warms_its_job_workers_for_the_first_tasks(address):
+    """A new connection is a new Ray job with new worker processes: the runner warms one per
+    worker CPU while the flow starts, and the flow's first tasks run in them."""
+    ray.shutdown()  # so that the runner connects (a new job) instead of using this connection
+    try:
+
+        @flow(task_runner=RayDogTaskRunner(address=address))
+        def first_tasks() -> list[float | None]:
+            return [future.result() for future in [warmed_at.submit() for _ in range(2)]]
+
+        warmed = first_tasks()
+    finally:
+        _connect(address, {}, logging.getLogger(__name__))
+    assert all(at is not None for at in warmed), warmed

@@ -1,8 +1,9 @@
 """Platform client helpers for the Builder: making a client, parallel calls, deadlines, error
-classification, and waiting for a connected Ray cluster's nodes."""
+classification, and waiting for a Ray cluster's client port and for a connected cluster's nodes."""
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
@@ -103,3 +104,21 @@ def wait_for_ray_nodes(count: int, timeout: float = 120.0) -> int:
             raise TimeoutError(f"Only {alive} of {count} Ray nodes joined within {timeout} s")
         time.sleep(interval)
         interval = min(interval * 1.5, 1.0)
+
+
+def wait_until_listening(
+    host: str, port: int, timeout: float, stop: Callable[[], bool] = lambda: False
+) -> bool:
+    """Wait until `host:port` accepts a TCP connection (or `timeout` seconds pass, or `stop()`);
+    return whether it does. `ray.init` against a Ray Client port that is not open yet backs off
+    (gRPC's reconnect delays of 1, 1.6, 2.6 s and more, then Ray Client's sleeps of 5 s and
+    more), so it would notice a starting head seconds after it listens."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection((host, port), timeout=1.0).close()
+            return True
+        except OSError:
+            if time.monotonic() > deadline or stop():
+                return False
+            time.sleep(0.05)

@@ -31,6 +31,7 @@ from prefect_raydog.runner.recorded import wait_for_final_states
 from prefect_raydog.runner.relay import _TcpRelay, shared_relay
 from prefect_raydog.runner.shipping import refuse_loopback_api
 from prefect_raydog.runner.stats import _ClusterStats
+from prefect_raydog.runner.warmup import warm_workers
 
 if TYPE_CHECKING:
     import ray
@@ -146,6 +147,7 @@ class _Session:
             logger.info("Connecting to the Ray cluster at %s.", runner.address)
             _connect(runner.address, runner.init_kwargs, logger)
             self._stack.callback(_disconnect)
+            warm_workers()
         elif ray.is_initialized():
             raise RuntimeError(_ALREADY_CONNECTED)
         else:
@@ -155,6 +157,7 @@ class _Session:
                      logger, self._closing)
             self._stack.callback(_disconnect)
             self._wait_for_workers(logger)
+            warm_workers()
             self.adaptive = AdaptivePools.start(self.cluster, self.stats, logger)
             if self.adaptive is not None:
                 self._stack.callback(self.adaptive.stop)
@@ -427,6 +430,12 @@ def _connect(address: str, init_kwargs: dict[str, Any], logger: Any,
     if address == "local":
         kwargs.setdefault("include_dashboard", False)
     deadline, attempt = time.monotonic() + _CLIENT_CONNECT_TIMEOUT_S, 0
+    if address.startswith("ray://"):  # connect as soon as a starting head's port is open
+        from prefect_raydog.cluster.client import wait_until_listening
+
+        head = urlsplit(address)
+        stopped = stop.is_set if stop is not None else (lambda: False)
+        wait_until_listening(head.hostname, head.port or 10001, _CLIENT_CONNECT_TIMEOUT_S, stopped)
     while True:
         attempt += 1
         try:
