@@ -42,6 +42,8 @@ ray = lazy_import("ray")
 
 # Each `ray.init` retries for up to 30 s by itself; past this, a head's client server is gone.
 _CLIENT_CONNECT_TIMEOUT_S = 120.0
+# The final wait for the API's records ends after this long with no new one recorded.
+_SETTLE_STALL_S = 30.0
 # Unsaved config blocks live here, by token, so a pickled runner never carries their secrets.
 _UNSAVED_CONFIGS: dict[str, RayDogClusterConfig] = {}
 
@@ -366,14 +368,16 @@ class _Session:
             logging.getLogger(__name__).warning("Could not publish the cluster artifact",
                                                 exc_info=True)
 
-    def settle(self, timeout: float = 30.0) -> None:
-        """Before the nodes go: let the API record every final state the nodes sent, and give
-        node processes time to send their last batch of logs (flushing the log batch after
-        every task would wait out the batch interval each time)."""
+    def settle(self) -> None:
+        """Before the nodes go: let the API record every final state the nodes sent, for as
+        long as it keeps recording more (a shortfall goes to the flow run's log), and give node
+        processes time to send their last batch of logs (flushing the log batch after every
+        task would wait out the batch interval each time)."""
         from prefect.settings import PREFECT_LOGGING_TO_API_BATCH_INTERVAL
 
         if self._ready:
-            wait_for_final_states(self.finished_on_nodes, timeout)
+            wait_for_final_states(self.finished_on_nodes, _SETTLE_STALL_S, self.flow_run_id,
+                                  self.cluster_name)
             interval = min(PREFECT_LOGGING_TO_API_BATCH_INTERVAL.value(), 5.0) + 0.5
             time.sleep(max(0.0, self.last_done + interval - time.monotonic()))
 
