@@ -226,12 +226,19 @@ def test_tags_changed_between_submits_reach_each_task_run(runner):
 
 def test_duplicate_equals_and_pickles_every_field():
     runner = RayDogTaskRunner(address="ray://10.0.0.1:10001", init_kwargs={"namespace": "x"},
-                              node_api_url="http://10.0.0.2:4200/api")
+                              node_api_url="http://10.0.0.2:4200/api", driverless_grace_s=5)
     copy = runner.duplicate()
     assert copy == runner
     assert copy._config() == runner._config()
     assert pickle.loads(pickle.dumps(runner)) == runner
     assert RayDogTaskRunner(cluster="a") != RayDogTaskRunner(cluster="b")
+    assert RayDogTaskRunner(driverless_grace_s=None) != RayDogTaskRunner()
+
+
+@pytest.mark.parametrize("grace", [0, -1.0])
+def test_a_driverless_grace_that_is_not_positive_is_rejected(grace):
+    with pytest.raises(ValueError, match="driverless_grace_s must be a positive number"):
+        RayDogTaskRunner(driverless_grace_s=grace)
 
 
 def test_cluster_and_address_together_are_rejected():
