@@ -185,6 +185,11 @@ class RayDogFuture(PrefectRayFuture):
         return True
 
 
+# Past Ray Client's own 30 s for a driver to reconnect.
+_DRIVERLESS_GRACE_S = 60.0
+_DEFAULTS_UNSHOWN = (("provision", "eager"), ("driverless_grace_s", _DRIVERLESS_GRACE_S))
+
+
 class RayDogTaskRunner(RayTaskRunner):
     """Runs each task of a flow run on a Ray cluster provisioned on YellowDog for the flow run.
 
@@ -200,6 +205,9 @@ class RayDogTaskRunner(RayTaskRunner):
         provision: "eager" (the default) starts provisioning when the flow run starts, in the
             background, so the first submission waits only for what is left; "lazy" provisions
             at the first submission, so a flow run that submits nothing provisions nothing.
+        driverless_grace_s: a provisioned cluster's head ends the cluster once no Ray driver
+            has been connected for this many seconds, should this process die without ending
+            it; `None` leaves such a cluster to its `cluster_lifetime`.
 
     Example:
         ```python
@@ -210,7 +218,7 @@ class RayDogTaskRunner(RayTaskRunner):
     """
 
     _CONFIG_FIELDS = ("cluster", "address", "init_kwargs", "node_api_url", "api_relay_address",
-                      "provision")
+                      "provision", "driverless_grace_s")
 
     def __init__(
         self,
@@ -221,6 +229,7 @@ class RayDogTaskRunner(RayTaskRunner):
         node_api_url: str | None = None,
         api_relay_address: str | None = None,
         provision: Literal["eager", "lazy"] = "eager",
+        driverless_grace_s: float | None = _DRIVERLESS_GRACE_S,
     ) -> None:
         if cluster is not None and address is not None:
             raise ValueError(
@@ -231,8 +240,14 @@ class RayDogTaskRunner(RayTaskRunner):
             raise ValueError(
                 f"RayDogTaskRunner: provision must be 'eager' or 'lazy', not {provision!r}."
             )
+        if driverless_grace_s is not None and not driverless_grace_s > 0:
+            raise ValueError(
+                "RayDogTaskRunner: driverless_grace_s must be a positive number of seconds or "
+                f"None, not {driverless_grace_s!r}."
+            )
         super().__init__(address=address, init_kwargs=init_kwargs)
         self.provision = provision
+        self.driverless_grace_s = driverless_grace_s
         self.cluster = _cluster_reference(cluster)
         self.node_api_url = node_api_url
         self.api_relay_address = api_relay_address
@@ -263,7 +278,7 @@ class RayDogTaskRunner(RayTaskRunner):
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in self._config().items()
-                           if v and (k, v) != ("provision", "eager"))
+                           if v and (k, v) not in _DEFAULTS_UNSHOWN)
         return f"RayDogTaskRunner({fields})"
 
     def __enter__(self) -> Self:

@@ -3,6 +3,7 @@
 LONG_FLOW = """
 import pathlib, sys, time
 from prefect import flow, task
+from prefect.runtime import flow_run
 from prefect_raydog.task_runners import RayDogTaskRunner
 
 @task
@@ -12,13 +13,14 @@ def sleepy(x):
 @flow(task_runner=RayDogTaskRunner(cluster=sys.argv[1], api_relay_address=sys.argv[2]))
 def long_flow():
     futures = sleepy.map(range(2))
-    pathlib.Path(sys.argv[3]).write_text("submitted")
+    pathlib.Path(sys.argv[3]).write_text(flow_run.id)
     futures.wait()
 
 long_flow()
 """
-"""Maps two tasks that sleep for ten minutes; writes argv[3] once they are submitted. Its
-arguments: the cluster block's name, the relay address for the Prefect API, the marker file."""
+"""Maps two tasks that sleep for ten minutes; writes its flow run id to argv[3] once they are
+submitted. Its arguments: the cluster block's name, the relay address for the Prefect API, the
+marker file."""
 
 LOCAL_PRESET_FLOW = """
 import pathlib, sys, time

@@ -13,6 +13,7 @@ import time
 
 import pytest
 from cluster_helpers import NAMESPACE, assert_nothing_left, fast_client, unique_name
+from conftest import wait_for
 
 from prefect_raydog.cluster import RayDogCluster, sweep, wait_for_ray_nodes
 from prefect_raydog.spec import ClusterSpec, NodeGroupSpec, WorkerPoolSpec
@@ -167,3 +168,53 @@ def test_the_default_yellowdog_scripts_start_a_ray_cluster_with_its_dashboard(pl
                 assert b"ray_version" in answer.read()
         finally:
             ray.shutdown()
+
+
+# Short, so the test waits for the watch with time to spare; the runner's default is 60 s.
+_GRACE_S = 4.0
+
+
+def _node_task_statuses(platform, cluster: RayDogCluster) -> list[str]:
+    from yellowdog_client.model import TaskSearch
+
+    tasks = platform.client.work_client.get_tasks(
+        TaskSearch(workRequirementId=cluster.work_requirement_id)).iterate()
+    return sorted(str(task.status.value) for task in tasks)
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("scripts", [("local-head", "local-worker"), ("head", "worker")])
+def test_a_watched_head_outlives_an_idle_driver_then_ends_the_cluster_once_it_left(
+    platform, scripts
+):
+    """A head started with the runner's driver watch: a connected driver idle for several grace
+    periods keeps every node task running; once it disconnects, the head task ends after the
+    grace, and the worker tasks with it."""
+    import ray
+
+    from prefect_raydog.runner.guardian import with_driver_watch
+    from prefect_raydog.scripts import load
+
+    node = {"template_id": "local/process", "environment": {"RAYDOG_VENV": sys.prefix}}
+    spec = ClusterSpec(
+        name=unique_name("watched"),
+        namespace=NAMESPACE,
+        head=NodeGroupSpec(**node, script=load(scripts[0])),
+        worker_pools=[WorkerPoolSpec(**node, script=load(scripts[1]))],
+        workers_to_join=1,
+    )
+    spec = with_driver_watch(spec, grace_s=_GRACE_S, first_within_s=300)
+    with RayDogCluster(spec, client=fast_client(platform)) as cluster:
+        _connect_ray(f"ray://{cluster.head_node_private_ip}:10001")
+        try:
+            wait_for_ray_nodes(2, timeout=120)
+            time.sleep(3 * _GRACE_S)  # idle, connected
+            assert _node_task_statuses(platform, cluster) == ["EXECUTING", "EXECUTING"]
+        finally:
+            ray.shutdown()
+        left = time.monotonic()
+        wait_for(lambda: all(s in ("COMPLETED", "FAILED", "ABORTED", "CANCELLED")
+                             for s in _node_task_statuses(platform, cluster)),
+                 timeout=120, interval=0.2, what="the node tasks to end")
+        print(f"{scripts[0]}: node tasks ended {time.monotonic() - left:.1f} s after the "
+              f"driver left (grace {_GRACE_S:g} s)")

@@ -7,21 +7,32 @@ import asyncio
 import logging
 import os
 import pickle
+import threading
+import time
+from collections import Counter
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import ray
+from conftest import wait_for
 from helpers import worker_node_ids
 from prefect import flow, tags, task
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.filters import (
+    FlowRunFilter,
+    FlowRunFilterId,
+    LogFilter,
+    LogFilterFlowRunId,
+)
 from prefect.events.worker import EventsWorker
 from prefect.logging.handlers import APILogWorker
 from prefect.settings import PREFECT_API_URL, temporary_settings
+from prefect.states import Completed, Running
 from prefect_ray.context import remote_options
 
 from prefect_raydog.blocks import RayDogClusterConfig
 from prefect_raydog.cluster import RayDogCluster
+from prefect_raydog.runner.recorded import wait_for_final_states
 from prefect_raydog.runner.relay import _TcpRelay
 from prefect_raydog.runner.session import _connect
 from prefect_raydog.task_runners import RayDogTaskRunner
@@ -152,6 +163,56 @@ def test_task_run_states_reach_the_api(runner):
     assert {r.state.type.value for r in runs} == {"COMPLETED"}
 
 
+def test_every_final_state_is_in_the_api_when_a_flow_of_many_tasks_returns(runner):
+    @flow(task_runner=runner)
+    def many():
+        add_one.map(range(500)).wait()
+        from prefect.runtime import flow_run
+
+        return flow_run.id
+
+    flow_run_id = many()
+    states = Counter(r.state.type.value for r in _task_runs(flow_run_id))
+    with get_client(sync_client=True) as client:
+        flow_state = client.read_flow_run(flow_run_id).state.type.value
+    assert (flow_state, states) == ("COMPLETED", {"COMPLETED": 500})
+
+
+def test_the_wait_for_final_states_lasts_while_the_api_records_more_then_logs_the_shortfall():
+    """Runs recorded one by one over longer than the stall time: the wait sees them all; the
+    one never recorded is counted alone, in the flow run's log."""
+    with get_client(sync_client=True) as client:
+        flow_run = client.create_flow_run(flow(lambda: None, name="recorded-wait"))
+        runs = [
+            client.create_task_run(add_one, flow_run_id=flow_run.id, dynamic_key=str(i),
+                                   state=Running())
+            for i in range(6)
+        ]
+
+        def complete_one_by_one():
+            for run in runs[:-1]:
+                time.sleep(0.5)
+                client.set_task_run_state(run.id, Completed(), force=True)
+
+        completer = threading.Thread(target=complete_one_by_one)
+        completer.start()
+        started = time.monotonic()
+        missing = wait_for_final_states(b"".join(run.id.bytes for run in runs), 1.5,
+                                        flow_run.id, "the-cluster")
+        waited = time.monotonic() - started
+        completer.join()
+    assert (missing, waited > 2.5) == (1, True)
+
+    def shortfall() -> list[str]:
+        with get_client(sync_client=True) as client:
+            logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run.id])))
+        return [log.message for log in logs if "has not recorded" in log.message]
+
+    (message,) = wait_for(shortfall, timeout=30, what="the shortfall in the flow run's log")
+    assert "final state of 1 of the 6 task runs that finished on cluster the-cluster" in message
+    assert "in the last 1.5 s" in message
+
+
 def test_tags_changed_between_submits_reach_each_task_run(runner):
     @flow(task_runner=runner)
     def tagged():
@@ -167,12 +228,19 @@ def test_tags_changed_between_submits_reach_each_task_run(runner):
 
 def test_duplicate_equals_and_pickles_every_field():
     runner = RayDogTaskRunner(address="ray://10.0.0.1:10001", init_kwargs={"namespace": "x"},
-                              node_api_url="http://10.0.0.2:4200/api")
+                              node_api_url="http://10.0.0.2:4200/api", driverless_grace_s=5)
     copy = runner.duplicate()
     assert copy == runner
     assert copy._config() == runner._config()
     assert pickle.loads(pickle.dumps(runner)) == runner
     assert RayDogTaskRunner(cluster="a") != RayDogTaskRunner(cluster="b")
+    assert RayDogTaskRunner(driverless_grace_s=None) != RayDogTaskRunner()
+
+
+@pytest.mark.parametrize("grace", [0, -1.0])
+def test_a_driverless_grace_that_is_not_positive_is_rejected(grace):
+    with pytest.raises(ValueError, match="driverless_grace_s must be a positive number"):
+        RayDogTaskRunner(driverless_grace_s=grace)
 
 
 @task

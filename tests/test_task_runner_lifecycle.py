@@ -1,8 +1,10 @@
-"""How a RayDogTaskRunner's cluster ends outside the happy path: the platform's own backstop after
-the flow process is SIGKILLed, and deployment runs by a process worker, completed or cancelled."""
+"""How a RayDogTaskRunner's cluster ends outside the happy path: its guardian, or the platform's
+own backstop, after the flow process is SIGKILLed, and deployment runs by a process worker,
+completed or cancelled."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -11,6 +13,7 @@ import sys
 import time
 import uuid
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from conftest import wait_for
@@ -57,19 +60,72 @@ def _prefect_env(**extra: str) -> dict[str, str]:
             "RAY_AUTH_MODE": "disabled", **extra}
 
 
-def test_sigkilled_flow_process_leaves_the_cluster_to_the_platform_backstop(
-    saved_configs, platform, tmp_path
-):
-    script, marker = tmp_path / "flow.py", tmp_path / "submitted"
+def _start_long_flow(block: str, platform, tmp_path) -> tuple[subprocess.Popen, uuid.UUID]:
+    """LONG_FLOW in a process of its own session; returns once its two task runs are Running in
+    the API (so the API knows what to end), with its flow run id."""
+    script, marker = tmp_path / "flow.py", tmp_path / "flow-run-id"
     script.write_text(LONG_FLOW)
     process = subprocess.Popen(
-        [sys.executable, str(script), SHORT_LIVED_BLOCK, platform.host_address, str(marker)],
+        [sys.executable, str(script), block, platform.host_address, str(marker)],
         env=_prefect_env(), start_new_session=True,
     )
+    flow_run_id = uuid.UUID(wait_for(lambda: marker.exists() and marker.read_text(),
+                                     timeout=180, interval=0.2, what="tasks submitted"))
+    wait_for(lambda: _task_run_states(flow_run_id) == ["RUNNING", "RUNNING"], timeout=60,
+             interval=0.2, what="both task runs Running in the API")
+    return process, flow_run_id
+
+
+def _task_run_states(flow_run_id: uuid.UUID) -> list[str]:
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        )
+    return sorted(run.state.type.value for run in runs if run.state)
+
+
+def _guardian_of(pid: int) -> int:
+    """The guardian process that the flow process `pid` started."""
+    for child in Footprint.of(pid).processes:
+        with contextlib.suppress(OSError):
+            if b"prefect_raydog.runner.guardian" in Path(f"/proc/{child}/cmdline").read_bytes():
+                return child
+    pytest.fail(f"No guardian process under the flow process {pid}")
+
+
+def test_sigkilled_flow_process_s_guardian_ends_its_cluster_and_crashes_its_task_runs(
+    saved_configs, platform, tmp_path
+):
+    """A flow run on a block with default settings, its process killed with SIGKILL: nothing of
+    its cluster is left on the platform within two minutes, and its task runs end Crashed."""
+    process, flow_run_id = _start_long_flow(BLOCK, platform, tmp_path)
     try:
-        wait_for(marker.exists, timeout=SHORT_LIFETIME.total_seconds(), interval=0.2,
-                 what="tasks submitted")
+        _guardian_of(process.pid)
         footprint = Footprint.of(process.pid)
+        killed = time.monotonic()
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+        seconds = wait_for(lambda: not what_is_live(platform) and time.monotonic() - killed,
+                           timeout=180, interval=0.1, what="nothing of the cluster left")
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    print(f"Nothing of the SIGKILLed flow's cluster left on the platform after {seconds:.1f} s")
+    assert seconds <= 120
+    wait_for(lambda: _task_run_states(flow_run_id) == ["CRASHED", "CRASHED"], timeout=30,
+             interval=0.2, what="both task runs Crashed")
+    footprint.wait_gone(killed)  # the guardian too, its work done
+
+
+def test_sigkilled_flow_process_and_guardian_leave_the_cluster_to_the_platform_backstop(
+    saved_configs, platform, tmp_path
+):
+    """The flow's machine lost: the flow process and its guardian killed with SIGKILL."""
+    process, _ = _start_long_flow(SHORT_LIVED_BLOCK, platform, tmp_path)
+    try:
+        footprint = Footprint.of(process.pid)
+        os.kill(_guardian_of(process.pid), signal.SIGKILL)
         os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=30)
     finally:

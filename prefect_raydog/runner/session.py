@@ -24,6 +24,7 @@ from prefect.utilities.importtools import lazy_import
 
 from prefect_raydog.runner.adaptive import AdaptivePools
 from prefect_raydog.runner.ending import being_cancelled, record_final_state
+from prefect_raydog.runner.guardian import Guardian, with_driver_watch
 from prefect_raydog.runner.heldlog import HeldRunLog
 from prefect_raydog.runner.node import _Outcome, remote_for
 from prefect_raydog.runner.placement import _with_pool_resources
@@ -51,6 +52,8 @@ _ALREADY_CONNECTED = (
     "the cluster it would provision: call ray.shutdown() first, or pass "
     "RayDogTaskRunner(address=...) to use the connected cluster."
 )
+# The final wait for the API's records ends after this long with no new one recorded.
+_SETTLE_STALL_S = 30.0
 # Unsaved config blocks live here, by token, so a pickled runner never carries their secrets.
 _UNSAVED_CONFIGS: dict[str, RayDogClusterConfig] = {}
 
@@ -83,6 +86,7 @@ class _Session:
         self.adaptive: AdaptivePools | None = None
         self._starter: threading.Thread | None = None
         self._held_log: HeldRunLog | None = None
+        self._guardian: Guardian | None = None
         self._closing = threading.Event()
 
     def start_in_background(self, runner: RayDogTaskRunner, engine: Any = None) -> None:
@@ -178,6 +182,8 @@ class _Session:
 
             refuse_loopback_api(PREFECT_API_URL.value())  # before anything is provisioned
         spec = _with_pool_resources(config.to_spec(config.cluster_name(self.flow_run_id)))
+        spec = with_driver_watch(spec, runner.driverless_grace_s,
+                                 spec.build_timeout.total_seconds() + _CLIENT_CONNECT_TIMEOUT_S)
         self.cluster_name = spec.name
         self.stats.pools = [(p.name or f"pool-{i}", p.start_count)
                             for i, p in enumerate(spec.worker_pools, 1)]
@@ -186,13 +192,17 @@ class _Session:
             spec.name, spec.namespace, sum(p.start_count for p in spec.worker_pools),
         )
         cluster = self.cluster = RayDogCluster(spec, client=config.credentials.get_client())
+        if runner.cluster is not None:  # the local preset's platform dies with this process
+            self._guardian = self._stack.enter_context(Guardian(config.credentials))
+            self._guardian.flow_run(self.flow_run_id)
         self._stack.callback(self._shut_down, cluster, logger)
         self._build_timeout_s = spec.build_timeout.total_seconds()
         # One build timeout for the head and the workers, as the Builder counts it.
         self._build_deadline = time.monotonic() + self._build_timeout_s
         # close() sets _closing and then shuts down self.cluster: one of the two sees the other.
         self._check_not_closing()
-        head = cluster.build(workers_to_join=0)
+        head = cluster.build(workers_to_join=0,
+                             on_step=self._guardian and self._guardian.follow(cluster))
         self.stats.head_ready_s = cluster.timings.get("head_executing_s")
         logger.info("Head node ready at %s after %.1f s.", head.private_ip,
                     self.stats.head_ready_s or 0.0)
@@ -294,6 +304,8 @@ class _Session:
             self.adaptive.submitted(ref)
         if self.flow_run_id is None and (flow_ctx := FlowRunContext.get()) and flow_ctx.flow_run:
             self.flow_run_id = flow_ctx.flow_run.id
+            if self._guardian is not None:
+                self._guardian.flow_run(self.flow_run_id)
             if self._held_log is not None:
                 from prefect.logging.loggers import flow_run_logger
 
@@ -379,14 +391,16 @@ class _Session:
             logging.getLogger(__name__).warning("Could not publish the cluster artifact",
                                                 exc_info=True)
 
-    def settle(self, timeout: float = 30.0) -> None:
-        """Before the nodes go: let the API record every final state the nodes sent, and give
-        node processes time to send their last batch of logs (flushing the log batch after
-        every task would wait out the batch interval each time)."""
+    def settle(self) -> None:
+        """Before the nodes go: let the API record every final state the nodes sent, for as
+        long as it keeps recording more (a shortfall goes to the flow run's log), and give node
+        processes time to send their last batch of logs (flushing the log batch after every
+        task would wait out the batch interval each time)."""
         from prefect.settings import PREFECT_LOGGING_TO_API_BATCH_INTERVAL
 
         if self._ready:
-            wait_for_final_states(self.finished_on_nodes, timeout)
+            wait_for_final_states(self.finished_on_nodes, _SETTLE_STALL_S, self.flow_run_id,
+                                  self.cluster_name)
             interval = min(PREFECT_LOGGING_TO_API_BATCH_INTERVAL.value(), 5.0) + 0.5
             time.sleep(max(0.0, self.last_done + interval - time.monotonic()))
 

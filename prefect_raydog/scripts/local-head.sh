@@ -7,6 +7,8 @@
 #                     bridge nodes, where Ray finds the node's own address by itself.
 #   RAY_HEAD_PORT     GCS port (default 6379); RAY_CLIENT_PORT  Ray Client port (default 10001).
 #   RAY_HEAD_ARGS     extra `ray start` arguments; later flags win, e.g. --include-dashboard=true.
+#   RAYDOG_DRIVERLESS_GRACE_S, RAYDOG_FIRST_DRIVER_WITHIN_S  set by the task runner: the task ends
+#                     once no Ray driver has been connected for that long (driver_watch.py).
 # The dashboard is off by default: the project reaches Ray only through Ray Client and the GCS,
 # and the dashboard costs about 190 MiB and 2-3 s of start time on a 2-core machine. No log
 # monitor either (a Python process per node): task output reaches Prefect through its API.
@@ -32,4 +34,9 @@ trap 'exit 143' TERM
 ray start --head --port="${RAY_HEAD_PORT:-6379}" --ray-client-server-port="${RAY_CLIENT_PORT:-10001}" \
     --num-cpus=0 --memory=0 --object-store-memory=100000000 --include-dashboard=false \
     --include-log-monitor=false ${RAY_NODE_IP_ARGS:-} ${RAY_HEAD_ARGS:-} --block &
-wait $!
+RAY_PID=$!
+if [[ -n "${RAYDOG_DRIVERLESS_GRACE_S:-}" ]]; then
+    "$(dirname "$(command -v ray)")/python3" -m prefect_raydog.scripts.driver_watch \
+        "127.0.0.1:${RAY_HEAD_PORT:-6379}" $$ &
+fi
+wait $RAY_PID
