@@ -45,8 +45,8 @@ from prefect_ray import RayTaskRunner  # noqa: E402
 from prefect_raydog.blocks import RayDogClusterConfig  # noqa: E402
 from prefect_raydog.cluster import RayDogCluster, wait_for_ray_nodes  # noqa: E402
 from prefect_raydog.local import LocalPlatform  # noqa: E402
+from prefect_raydog.runner.connection import connect  # noqa: E402
 from prefect_raydog.runner.relay import _TcpRelay  # noqa: E402
-from prefect_raydog.runner.session import _connect  # noqa: E402
 from prefect_raydog.task_runners import RayDogTaskRunner  # noqa: E402
 
 WARM_UP = 20
@@ -106,7 +106,7 @@ def _raw_ray_timed_map(address: str, n: int) -> float:
     """`_raw_ray_map` after the same warm-up as the runners', on a connection of its own."""
     import ray
 
-    _connect(address, {}, logging.getLogger("benchmark"))
+    connect(address, {}, logging.getLogger("benchmark"))
     try:
         _raw_ray_map(WARM_UP)
         return _raw_ray_map(n)
@@ -177,14 +177,14 @@ def _step_times() -> Iterator[dict[str, float]]:
         threading.Thread(target=_until_listening, args=(head.private_ip, at), daemon=True).start()
         return head
 
-    originals = build, _, _ = (RayDogCluster.build, session._connect, session.warm_workers)
+    originals = build, _, _ = (RayDogCluster.build, session.connect, session.warm_workers)
     RayDogCluster.build = built
-    session._connect = timed("connected", session._connect)
+    session.connect = timed("connected", session.connect)
     session.warm_workers = timed("workers_joined", session.warm_workers)
     try:
         yield at
     finally:
-        RayDogCluster.build, session._connect, session.warm_workers = originals
+        RayDogCluster.build, session.connect, session.warm_workers = originals
 
 
 def _until_listening(host: str, at: dict[str, float]) -> None:
@@ -270,7 +270,7 @@ def _provisioned(platform: LocalPlatform, config: RayDogClusterConfig) -> Iterat
     spec = config.to_spec(config.cluster_name())
     with RayDogCluster(spec, client=config.credentials.get_client()) as cluster:
         address = f"ray://{cluster.head_node_private_ip}:10001"
-        _connect(address, {}, logging.getLogger("benchmark"))  # retries while the head starts
+        connect(address, {}, logging.getLogger("benchmark"))  # retries while the head starts
         try:
             wait_for_ray_nodes(1 + WORKER_NODES, timeout=180)
         finally:
@@ -337,7 +337,7 @@ def _cold_run(kind: str, address: str) -> float:
     import ray
 
     if kind == "raw":
-        _connect(address, {}, logging.getLogger("benchmark"))
+        connect(address, {}, logging.getLogger("benchmark"))
         try:
             return _raw_ray_map(COLD_TASKS)
         finally:

@@ -32,9 +32,9 @@ from prefect_ray.context import remote_options
 
 from prefect_raydog.blocks import RayDogClusterConfig
 from prefect_raydog.cluster import RayDogCluster
+from prefect_raydog.runner.connection import connect
 from prefect_raydog.runner.recorded import wait_for_final_states
 from prefect_raydog.runner.relay import _TcpRelay
-from prefect_raydog.runner.session import _connect
 from prefect_raydog.task_runners import RayDogTaskRunner
 
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("prefect_api")]
@@ -53,7 +53,7 @@ def address(prefect_api, local_platform):
     ), RayDogCluster(config.to_spec(config.cluster_name()),
                      client=config.credentials.get_client()) as cluster:
         address = f"ray://{cluster.head_node_private_ip}:10001"
-        _connect(address, {}, logging.getLogger(__name__))
+        connect(address, {}, logging.getLogger(__name__))
         try:
             yield address
         finally:
@@ -447,5 +447,5 @@ def test_a_runner_that_connects_warms_its_job_workers_for_the_first_tasks(addres
 
         warmed = first_tasks()
     finally:
-        _connect(address, {}, logging.getLogger(__name__))
+        connect(address, {}, logging.getLogger(__name__))
     assert all(at is not None for at in warmed), warmed

@@ -7,13 +7,11 @@ import contextlib
 import contextvars
 import logging
 import os
-import signal
 import threading
 import time
 import uuid
-import warnings
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable
+from contextlib import ExitStack
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -23,6 +21,12 @@ from prefect.utilities.asyncutils import run_coro_as_sync
 from prefect.utilities.importtools import lazy_import
 
 from prefect_raydog.runner.adaptive import AdaptivePools
+from prefect_raydog.runner.connection import (
+    ALREADY_CONNECTED,
+    CLIENT_CONNECT_TIMEOUT_S,
+    connect,
+    disconnect,
+)
 from prefect_raydog.runner.ending import being_cancelled, record_final_state
 from prefect_raydog.runner.guardian import Guardian, with_driver_watch
 from prefect_raydog.runner.heldlog import HeldRunLog
@@ -43,15 +47,6 @@ if TYPE_CHECKING:
 
 ray = lazy_import("ray")
 
-# Each `ray.init` retries for up to 30 s by itself; past this, a head's client server is gone.
-_CLIENT_CONNECT_TIMEOUT_S = 120.0
-# One Ray connection per process: every session connects and disconnects under this lock.
-_CONNECTION_LOCK = threading.Lock()
-_ALREADY_CONNECTED = (
-    "This process is already connected to a Ray cluster, so RayDogTaskRunner cannot connect to "
-    "the cluster it would provision: call ray.shutdown() first, or pass "
-    "RayDogTaskRunner(address=...) to use the connected cluster."
-)
 # The final wait for the API's records ends after this long with no new one recorded.
 _SETTLE_STALL_S = 30.0
 # Unsaved config blocks live here, by token, so a pickled runner never carries their secrets.
@@ -149,17 +144,17 @@ class _Session:
             logger.info("Using the Ray cluster this process is already connected to.")
         elif runner.address:
             logger.info("Connecting to the Ray cluster at %s.", runner.address)
-            _connect(runner.address, runner.init_kwargs, logger)
-            self._stack.callback(_disconnect)
+            connect(runner.address, runner.init_kwargs, logger)
+            self._stack.callback(disconnect)
             warm_workers()
         elif ray.is_initialized():
-            raise RuntimeError(_ALREADY_CONNECTED)
+            raise RuntimeError(ALREADY_CONNECTED)
         else:
             address = self._provision(runner, logger)
             self._check_not_closing()
-            _connect(address, {**runner.init_kwargs, "runtime_env": self._runtime_env(runner)},
+            connect(address, {**runner.init_kwargs, "runtime_env": self._runtime_env(runner)},
                      logger, self._closing)
-            self._stack.callback(_disconnect)
+            self._stack.callback(disconnect)
             self._wait_for_workers(logger)
             warm_workers()
             self.adaptive = AdaptivePools.start(self.cluster, self.stats, logger)
@@ -183,7 +178,7 @@ class _Session:
             refuse_loopback_api(PREFECT_API_URL.value())  # before anything is provisioned
         spec = _with_pool_resources(config.to_spec(config.cluster_name(self.flow_run_id)))
         spec = with_driver_watch(spec, runner.driverless_grace_s,
-                                 spec.build_timeout.total_seconds() + _CLIENT_CONNECT_TIMEOUT_S)
+                                 spec.build_timeout.total_seconds() + CLIENT_CONNECT_TIMEOUT_S)
         self.cluster_name = spec.name
         self.stats.pools = [(p.name or f"pool-{i}", p.start_count)
                             for i, p in enumerate(spec.worker_pools, 1)]
@@ -434,81 +429,6 @@ def _run_logger(runner: RayDogTaskRunner) -> logging.Logger | logging.LoggerAdap
         return get_run_logger()
     except Exception:
         return runner.logger
-
-
-def _connect(address: str, init_kwargs: dict[str, Any], logger: Any,
-             stop: threading.Event | None = None) -> None:
-    """Connect to Ray, retrying while a new head's client server is still starting (until
-    `stop` is set: the flow run ended while its cluster was starting)."""
-    kwargs = {"namespace": "prefect", "log_to_driver": False, **init_kwargs}
-    if address == "local":
-        kwargs.setdefault("include_dashboard", False)
-    deadline, attempt = time.monotonic() + _CLIENT_CONNECT_TIMEOUT_S, 0
-    if address.startswith("ray://"):  # connect as soon as a starting head's port is open
-        from prefect_raydog.cluster.client import wait_until_listening
-
-        head = urlsplit(address)
-        stopped = stop.is_set if stop is not None else (lambda: False)
-        wait_until_listening(head.hostname, head.port or 10001, _CLIENT_CONNECT_TIMEOUT_S, stopped)
-    while True:
-        attempt += 1
-        try:
-            with _CONNECTION_LOCK, _signal_handlers_kept(), _connection_noise_hidden():
-                if ray.is_initialized():  # another session connected meanwhile
-                    raise RuntimeError(_ALREADY_CONNECTED)
-                ray.init(address, **kwargs)
-            break
-        except ConnectionError as exc:
-            if time.monotonic() > deadline or (stop is not None and stop.is_set()):
-                raise ConnectionError(
-                    f"Could not connect to the Ray cluster at {address} after {attempt} "
-                    f"attempts in {_CLIENT_CONNECT_TIMEOUT_S:g} s: {exc}"
-                ) from exc
-            time.sleep(min(0.2 * attempt, 2.0))
-    alive = [node for node in ray.nodes() if node.get("Alive")]
-    logger.info("Connected to the Ray cluster at %s: %d node(s).", address, len(alive))
-
-
-def _disconnect() -> None:
-    with _CONNECTION_LOCK:
-        ray.shutdown()
-
-
-@contextmanager
-def _signal_handlers_kept() -> Iterator[None]:
-    """Keep the flow engine's SIGTERM/SIGINT handlers across `ray.init`.
-
-    On the main thread Ray installs its own, which call `sys.exit`: a worker's cancel signal
-    would then reach the engine as SystemExit instead of its TerminationSignal, and a
-    cancelled run would end Crashed rather than Cancelled."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for signum, handler in saved.items():
-            if handler is not None:
-                signal.signal(signum, handler)
-
-
-@contextmanager
-def _connection_noise_hidden() -> Iterator[None]:
-    """Hide Ray's warnings about an attempt that `_connect` retries (it raises its own error
-    when attempts run out) and about signal handlers that are kept on purpose."""
-    ray_worker_log = logging.getLogger("ray._private.worker")
-
-    def not_about_handlers(record: logging.LogRecord) -> bool:
-        return "SIGTERM handler is not set" not in record.getMessage()
-
-    ray_worker_log.addFilter(not_about_handlers)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Ray Client connection timed out")
-            yield
-    finally:
-        ray_worker_log.removeFilter(not_about_handlers)
 
 
 def _with_host(url: str, host: str, port: int) -> str:
