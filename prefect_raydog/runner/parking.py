@@ -65,15 +65,15 @@ def _end_all_parked() -> None:
 def take_session(runner: RayDogTaskRunner) -> _Session:
     """The session for `runner`'s configuration: the live one, a parked one, or a new one.
 
-    A process has one Ray connection: while a session of another configuration is live (a
-    subflow with its own runner inside a flow with another), `runner` shares that session, as
-    prefect-ray shares the connection, and its own configuration is not used."""
+    A process has one Ray connection: while a session of another configuration holds it or is
+    connecting (a subflow with its own runner inside a flow with another), `runner` shares that
+    session, as prefect-ray shares the connection, and its own configuration is not used."""
     key = runner._session_key()
     with _SESSIONS_LOCK:
         session = (
             _SESSIONS.get(key)
             or _unpark(key)
-            or next(iter(_SESSIONS.values()), None)
+            or next((live for live in _SESSIONS.values() if live.holds_connection()), None)
             or _Session(runner)
         )
         _SESSIONS[key] = session

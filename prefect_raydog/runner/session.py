@@ -84,6 +84,10 @@ class _Session:
         self._guardian: Guardian | None = None
         self._closing = threading.Event()
 
+    def holds_connection(self) -> bool:
+        """Whether this session has, or is on its way to, the process's one Ray connection."""
+        return self._ready or self._starter is not None
+
     def start_in_background(self, runner: RayDogTaskRunner, engine: Any = None) -> None:
         """Provision and connect now, in the background: the first submission waits only for
         what is left, and a failure is raised there. With the flow `engine` entering the runner,
