@@ -50,12 +50,12 @@ from prefect_ray.context import RemoteOptionsContext
 from prefect_ray.task_runners import PrefectRayFuture, RayTaskRunner
 from typing_extensions import Self
 
-from prefect_raydog.runner.node import _inside_ray_worker, _Outcome, remote_for
+from prefect_raydog.runner.node import Outcome, inside_ray_worker, remote_for
 from prefect_raydog.runner.packing import Kept, keep, unpack
 from prefect_raydog.runner.parking import live_session, release_session, take_session
-from prefect_raydog.runner.placement import _PLACEMENT, placement, pool_resource
+from prefect_raydog.runner.placement import PLACEMENT, placement, pool_resource
 from prefect_raydog.runner.session import _cluster_reference, _run_logger
-from prefect_raydog.runner.shipping import _register_code_by_value, _rewrite_api_url
+from prefect_raydog.runner.shipping import register_code_by_value, rewrite_api_url
 
 if TYPE_CHECKING:
     import ray
@@ -105,7 +105,7 @@ class RayDogFuture(PrefectRayFuture):
         return {**self.__dict__, "_waiters": None, "_kept": None}
 
     def _take(self, outcome: Any) -> None:
-        if isinstance(outcome, _Outcome):
+        if isinstance(outcome, Outcome):
             self._kept = keep(outcome.state_pickle)
 
     def _settle(self, outcome: Any) -> None:
@@ -283,7 +283,7 @@ class RayDogTaskRunner(RayTaskRunner):
 
     def __enter__(self) -> Self:
         super(RayTaskRunner, self).__enter__()
-        if _inside_ray_worker():
+        if inside_ray_worker():
             return self
         self._session = take_session(self)
         if self._session.key != self._session_key():
@@ -353,7 +353,7 @@ class RayDogTaskRunner(RayTaskRunner):
         options = {
             "name": task.name,
             **RemoteOptionsContext.get().current_remote_options,
-            **(_PLACEMENT.get() or {}),
+            **(PLACEMENT.get() or {}),
         }
         if self._session is None:
             return remote_for(options)
@@ -371,8 +371,8 @@ class RayDogTaskRunner(RayTaskRunner):
             return cached[1]
         context = serialize_context()
         context.pop("asset_context", None)
-        _register_code_by_value(task, live[0])
-        _rewrite_api_url(context, self._session.node_api_url if self._session else None)
+        register_code_by_value(task, live[0])
+        rewrite_api_url(context, self._session.node_api_url if self._session else None)
         ref = ray.put(context)
         self._contexts[key] = (live, ref)
         if len(self._contexts) > 16:
@@ -383,7 +383,7 @@ class RayDogTaskRunner(RayTaskRunner):
         cached = self._task_refs.get(id(task))
         if cached is not None and cached[0] is task:
             return cached[1]
-        _register_code_by_value(task, None)
+        register_code_by_value(task, None)
         ref = ray.put(task)
         self._task_refs[id(task)] = (task, ref)
         if len(self._task_refs) > 256:

@@ -46,11 +46,11 @@ def cluster(platform: LocalPlatform) -> Iterator[YellowDogCluster]:
 
 def test_a_worker_group_whose_nodes_have_all_ended_takes_new_ones(
         cluster: YellowDogCluster, platform: LocalPlatform) -> None:
-    (first,) = cluster._add_tasks(GROUP, CPU, 1, {})
+    (first,) = cluster.add_tasks(GROUP, CPU, 1, {})
     cluster.end_node(first)
     wait_for(lambda: platform.client.work_client.get_task_by_id(first).status.finished, 10,
              what="the ended node's task to finish")
-    (second,) = cluster._add_tasks(GROUP, CPU, 1, {})
+    (second,) = cluster.add_tasks(GROUP, CPU, 1, {})
     assert [node.task_id for node in cluster.live_nodes()] == [second]
 
 

@@ -9,7 +9,7 @@ from round_trips import MEDIAN_BOUND_MS, median_ms, median_split_reply_ms, split
 from yellowdog_client.model import WorkRequirement
 
 from prefect_raydog.local import LocalPlatform
-from prefect_raydog.runner.relay import _TcpRelay
+from prefect_raydog.runner.relay import TcpRelay
 
 
 def test_a_platform_request_is_answered_without_waiting_for_a_delayed_ack(
@@ -27,6 +27,6 @@ def test_a_platform_request_is_answered_without_waiting_for_a_delayed_ack(
 
 
 def test_the_api_relay_forwards_a_split_reply_without_waiting_for_a_delayed_ack() -> None:
-    with split_reply_server() as address, _TcpRelay("127.0.0.1", address) as relay:
+    with split_reply_server() as address, TcpRelay("127.0.0.1", address) as relay:
         median = median_split_reply_ms(relay.port)
     assert median < MEDIAN_BOUND_MS, f"median relayed round trip took {median:.1f} ms"

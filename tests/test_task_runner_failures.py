@@ -137,7 +137,7 @@ def test_a_cluster_kept_for_a_retry_that_never_comes_is_torn_down_when_it_expire
     saved_config, platform, monkeypatch
 ):
     # Long enough for the flow run to end after its runner parked the cluster, on a loaded machine.
-    monkeypatch.setattr(parking, "_PARK_MARGIN_S", 30.0)
+    monkeypatch.setattr(parking, "PARK_MARGIN_S", 30.0)
     runner = RayDogTaskRunner(cluster=BLOCK, api_relay_address=platform.host_address)
 
     # The flow's own runner submits nothing and, lazy, attaches to nothing (an eager one would
@@ -150,7 +150,7 @@ def test_a_cluster_kept_for_a_retry_that_never_comes_is_torn_down_when_it_expire
         with runner:
             value, ip = runner.submit(node_ip, {"x": 1}).result()
             heads = head_ips()
-        return value, ip, heads, runner._session_key() in parking._PARKED
+        return value, ip, heads, runner._session_key() in parking.PARKED
 
     # The flow keeps no reference to the platform: its context travels to the nodes with tasks.
     value, ip, heads, parked = first_attempt()
@@ -160,7 +160,7 @@ def test_a_cluster_kept_for_a_retry_that_never_comes_is_torn_down_when_it_expire
     assert live["workRequirements"] and live["workerPools"] and live["processes"]
     wait_for(lambda: not what_is_live(platform), timeout=90, interval=0.2,
              what="the parked cluster to expire and be torn down")
-    assert runner._session_key() not in parking._PARKED
+    assert runner._session_key() not in parking.PARKED
     assert not ray.is_initialized()
 
 

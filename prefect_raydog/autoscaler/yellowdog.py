@@ -219,7 +219,7 @@ class YellowDogCluster:
                             *[self._task_group(WORKER_TASK_GROUP.format(node_type=name), name,
                                                False) for name in worker_types]]))
             self.record.work_requirement_id = requirement.id
-            (task,) = self._add_tasks(HEAD_TASK_GROUP, head, 1, environment)
+            (task,) = self.add_tasks(HEAD_TASK_GROUP, head, 1, environment)
             return task
         except BaseException:
             self.shut_down()
@@ -263,7 +263,7 @@ class YellowDogCluster:
             if node_type.name not in self._pools:
                 self._find_or_provision(node_type, count)
         group = WORKER_TASK_GROUP.format(node_type=node_type.name)
-        return self._add_tasks(group, node_type, count, environment)
+        return self.add_tasks(group, node_type, count, environment)
 
     def _find_or_provision(self, node_type: NodeType, count: int) -> None:
         name = self._pool_name(node_type.name)
@@ -298,7 +298,7 @@ class YellowDogCluster:
         return node_task_group(name, node_type, self._worker_tag(node_type), self.namespace,
                                self.lifetime, is_head=is_head, stays_open=not is_head)
 
-    def _add_tasks(self, group_name: str, node_type: NodeType, count: int,
+    def add_tasks(self, group_name: str, node_type: NodeType, count: int,
                    environment: dict[str, str]) -> list[str]:
         names = [f"{node_type.name}-{secrets.token_hex(4)}" for _ in range(count)]
         added = self.client.work_client.add_tasks_to_task_group_by_name(

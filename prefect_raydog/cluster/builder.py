@@ -20,9 +20,9 @@ from yellowdog_client.model.exceptions import NotAuthorisedException
 
 from prefect_raydog.cluster.client import (
     DEFAULT_API_URL,
-    _client_or_credentials,
-    _Deadline,
-    _parallel,
+    Deadline,
+    client_or_credentials,
+    parallel,
 )
 from prefect_raydog.cluster.nodes import (
     NodeGroup,
@@ -34,9 +34,9 @@ from prefect_raydog.cluster.nodes import (
     task_group,
     worker_group,
 )
-from prefect_raydog.cluster.pools import _WorkerPools
+from prefect_raydog.cluster.pools import WorkerPools
 from prefect_raydog.cluster.saved import saved_state_json
-from prefect_raydog.cluster.teardown import ShutdownReport, _Teardown, end_work_requirement_named
+from prefect_raydog.cluster.teardown import ShutdownReport, Teardown, end_work_requirement_named
 from prefect_raydog.cluster.waits import (
     RequirementWatch,
     check_head_still_running,
@@ -74,7 +74,7 @@ class HeadNodeAddress(NamedTuple):
     public_ip: str | None
 
 
-class RayDogCluster(_WorkerPools):
+class RayDogCluster(WorkerPools):
     """A Ray cluster on YellowDog: a head node, worker pools and an optional observability node.
 
     Everything RayDog's Builder does, from a validated `ClusterSpec`: `build()` provisions every
@@ -97,7 +97,7 @@ class RayDogCluster(_WorkerPools):
         self.spec = spec
         self.build_id = secrets.token_hex(BUILD_ID_LENGTH // 2)
         self.build_name = f"{spec.name}-{self.build_id}"
-        self.yd_client = _client_or_credentials("RayDogCluster", client, key_id, key_secret, url)
+        self.yd_client = client_or_credentials("RayDogCluster", client, key_id, key_secret, url)
         self._lock = threading.RLock()
         self._requirement_lock = threading.Lock()
         self._state: Literal["new", "building", "built", "shut_down"] = "new"
@@ -216,7 +216,7 @@ class RayDogCluster(_WorkerPools):
             self._state = "building"
         if isinstance(timeout, (int, float)):
             timeout = timedelta(seconds=timeout)
-        deadline = _Deadline(self.spec.build_timeout if timeout is None else timeout)
+        deadline = Deadline(self.spec.build_timeout if timeout is None else timeout)
         joined = self.spec.workers_to_join if workers_to_join is None else workers_to_join
         started = time.monotonic()
         logger.info("Building Ray cluster %s in namespace %s", self.spec.name, self.spec.namespace)
@@ -255,7 +255,7 @@ class RayDogCluster(_WorkerPools):
         self,
         watch: RequirementWatch,
         joined: int,
-        deadline: _Deadline,
+        deadline: Deadline,
         started: float,
         on_step: Callable[[str], None] | None,
     ) -> None:
@@ -265,7 +265,7 @@ class RayDogCluster(_WorkerPools):
         self._start_head_node(watch, environment, deadline)
         self.timings["head_executing_s"] = time.monotonic() - started
         self._enter_step("adding the worker node tasks", on_step)
-        _parallel(
+        parallel(
             [lambda g=g: self._add_worker_tasks(g, g.spec.start_count) for g in self._workers]
         )
         self._enter_step("waiting for the worker nodes", on_step)
@@ -296,7 +296,7 @@ class RayDogCluster(_WorkerPools):
                 if self._owns_client and not report.failed:
                     self.yd_client.close()
             else:
-                report = _Teardown(self.yd_client).run([], groups, self.spec.namespace)
+                report = Teardown(self.yd_client).run([], groups, self.spec.namespace)
             cause = error.what_failed if isinstance(error, ClusterBuildError) else error
             logger.error("%s failed (%s); teardown: %s", action, cause, report)
             if not isinstance(error, Exception):
@@ -323,7 +323,7 @@ class RayDogCluster(_WorkerPools):
             raise ClusterBuildError(f"Cluster {self.spec.name!r} was shut down while being built")
 
     def _provision(self, groups: list[NodeGroup]) -> None:
-        _parallel([lambda g=g: self._provision_group(g) for g in groups])
+        parallel([lambda g=g: self._provision_group(g) for g in groups])
 
     def _provision_group(self, group: NodeGroup) -> None:
         self._check_not_closing()
@@ -351,7 +351,7 @@ class RayDogCluster(_WorkerPools):
             self._task_counter += count
         return [f"task-{number:05d}" for number in range(first, first + count)]
 
-    def _add_tasks(self, group: NodeGroup, count: int, environment: dict[str, str]) -> list[str]:
+    def add_tasks(self, group: NodeGroup, count: int, environment: dict[str, str]) -> list[str]:
         self._check_not_closing()
         tasks = node_tasks(group, self._next_task_names(count), environment)
         added = self.yd_client.work_client.add_tasks_to_task_group_by_id(group.task_group_id, tasks)
@@ -360,11 +360,11 @@ class RayDogCluster(_WorkerPools):
         return ids
 
     def _start_observability_node(
-        self, watch: RequirementWatch, deadline: _Deadline
+        self, watch: RequirementWatch, deadline: Deadline
     ) -> dict[str, str]:
         if self._observability is None:
             return {}
-        (task_id,) = self._add_tasks(self._observability, 1, {})
+        (task_id,) = self.add_tasks(self._observability, 1, {})
         task = self._wait_until_executing(
             watch, self._observability, task_id, "observability node", deadline
         )
@@ -374,10 +374,10 @@ class RayDogCluster(_WorkerPools):
         return {"OBSERVABILITY_HOST": self.observability_node_private_ip}
 
     def _start_head_node(
-        self, watch: RequirementWatch, environment: dict[str, str], deadline: _Deadline
+        self, watch: RequirementWatch, environment: dict[str, str], deadline: Deadline
     ) -> None:
         self._environment = environment
-        (self.head_node_task_id,) = self._add_tasks(self._head, 1, environment)
+        (self.head_node_task_id,) = self.add_tasks(self._head, 1, environment)
         task = self._wait_until_executing(
             watch, self._head, self.head_node_task_id, "head node", deadline
         )
@@ -395,18 +395,18 @@ class RayDogCluster(_WorkerPools):
         }
 
     def _add_worker_tasks(self, group: NodeGroup, count: int) -> list[str]:
-        return self._add_tasks(group, count, self._worker_environment()) if count else []
+        return self.add_tasks(group, count, self._worker_environment()) if count else []
 
     def _wait_until_executing(
         self, watch: RequirementWatch, group: NodeGroup, task_id: str, what: str,
-        deadline: _Deadline,
+        deadline: Deadline,
     ) -> Task:
         return wait_until_executing(
             self.yd_client, watch, group.task_group_id, task_id, what, self.spec.name, deadline,
             self._check_not_closing,
         )
 
-    def _wait_for_workers(self, watch: RequirementWatch, count: int, deadline: _Deadline) -> None:
+    def _wait_for_workers(self, watch: RequirementWatch, count: int, deadline: Deadline) -> None:
         """Wait until `count` worker node tasks are EXECUTING, failing as soon as one ends."""
         group_ids = {group.task_group_id for group in self._workers}
         wait_for_workers(
@@ -434,7 +434,7 @@ class RayDogCluster(_WorkerPools):
             report.merge(lost)
             requirement = None
         report.merge(
-            _Teardown(self.yd_client).run(
+            Teardown(self.yd_client).run(
                 [requirement] if requirement else [], groups, self.spec.namespace
             )
         )

@@ -39,7 +39,7 @@ def create_client(
     )
 
 
-def _client_or_credentials(
+def client_or_credentials(
     owner: str, client: PlatformClient | None, key_id: str | None,
     key_secret: str | SecretStr | None, url: str,
 ) -> PlatformClient:
@@ -51,7 +51,7 @@ def _client_or_credentials(
     return create_client(key_id, key_secret, url)
 
 
-class _Deadline:
+class Deadline:
     def __init__(self, timeout: timedelta) -> None:
         self.timeout = timeout
         self._end = time.monotonic() + timeout.total_seconds()
@@ -60,7 +60,7 @@ class _Deadline:
         return self._end - time.monotonic()
 
 
-def _parallel(calls: Sequence[Callable[[], T]]) -> list[T]:
+def parallel(calls: Sequence[Callable[[], T]]) -> list[T]:
     """Run calls concurrently; raise the first error after every started call has finished, so
     that whatever a call created is recorded before anyone tears it down."""
     if len(calls) == 1:
@@ -77,12 +77,12 @@ def _parallel(calls: Sequence[Callable[[], T]]) -> list[T]:
         executor.shutdown(wait=True, cancel_futures=True)
 
 
-def _is_not_found(error: BaseException) -> bool:
+def is_not_found(error: BaseException) -> bool:
     response = getattr(error, "response", None)
     return isinstance(error, requests.HTTPError) and getattr(response, "status_code", 0) == 404
 
 
-def _is_transient(error: BaseException) -> bool:
+def is_transient(error: BaseException) -> bool:
     if isinstance(error, (requests.ConnectionError, requests.Timeout, InternalServerException)):
         return True
     status = getattr(getattr(error, "response", None), "status_code", 0) or 0

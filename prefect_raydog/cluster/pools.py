@@ -13,9 +13,9 @@ from yellowdog_client import PlatformClient
 from yellowdog_client.model import TaskGroupStatus
 from yellowdog_client.model.exceptions import InvalidRequestException
 
-from prefect_raydog.cluster.client import _parallel
+from prefect_raydog.cluster.client import parallel
 from prefect_raydog.cluster.nodes import NodeGroup, append_task_group, live_task_ids
-from prefect_raydog.cluster.teardown import ShutdownReport, _Teardown
+from prefect_raydog.cluster.teardown import ShutdownReport, Teardown
 from prefect_raydog.errors import ClusterStateError
 from prefect_raydog.spec import ClusterSpec, WorkerPoolSpec
 
@@ -28,7 +28,7 @@ _FINISHED_TASK_GROUP = {
 }
 
 
-class _WorkerPools:
+class WorkerPools:
     """Changing the pools of a `RayDogCluster`, which provides the attributes declared here."""
 
     spec: ClusterSpec
@@ -87,7 +87,7 @@ class _WorkerPools:
 
     def _remove_group(self, group: NodeGroup) -> ShutdownReport:
         """End the pool; it stays the cluster's (for a retry or `shut_down()`) until it has."""
-        report = _Teardown(self.yd_client).run([], [group], self.spec.namespace)
+        report = Teardown(self.yd_client).run([], [group], self.spec.namespace)
         logger.info(
             "Removed worker pool %s from cluster %s: %s",
             group.internal_name,
@@ -128,7 +128,7 @@ class _WorkerPools:
         elif count < len(live):
             work = self.yd_client.work_client
             extra = live[count:]
-            _parallel([lambda t=t: work.cancel_task_by_id(t, True) for t in extra])
+            parallel([lambda t=t: work.cancel_task_by_id(t, True) for t in extra])
             group.task_ids = [task_id for task_id in group.task_ids if task_id not in set(extra)]
         logger.info(
             "Resized worker pool %s of cluster %s to %d nodes", internal_name, self.spec.name, count

@@ -20,9 +20,9 @@ from yellowdog_client.model import (
     WorkRequirementStatus,
 )
 
-from prefect_raydog.cluster.client import DEFAULT_API_URL, _client_or_credentials, _is_not_found
+from prefect_raydog.cluster.client import DEFAULT_API_URL, client_or_credentials, is_not_found
 from prefect_raydog.cluster.nodes import HEAD_TASK_GROUP, NodeGroup
-from prefect_raydog.cluster.teardown import ShutdownReport, _Teardown, end_work_requirement_named
+from prefect_raydog.cluster.teardown import ShutdownReport, Teardown, end_work_requirement_named
 from prefect_raydog.errors import ClusterStateError
 from prefect_raydog.spec import ClusterSpec
 
@@ -75,7 +75,7 @@ class RayDogClusterProxy:
         key_secret: str | SecretStr | None = None,
         url: str = DEFAULT_API_URL,
     ) -> None:
-        self.yd_client = _client_or_credentials(
+        self.yd_client = client_or_credentials(
             "RayDogClusterProxy", client, key_id, key_secret, url
         )
         self._state: dict[str, Any] | None = None
@@ -125,7 +125,7 @@ class RayDogClusterProxy:
         else:
             groups = [_saved_pool(pool_id) for pool_id in state["worker_pool_ids"]]
         report.merge(
-            _Teardown(self.yd_client, check_first=True).run(
+            Teardown(self.yd_client, check_first=True).run(
                 [requirement_id] if requirement_id else [], groups, namespace
             )
         )
@@ -187,7 +187,7 @@ def sweep(
                 continue
         groups.append(_saved_pool(pool.id, pool.name or ""))
     report.merge(
-        _Teardown(client).run([summary.id for summary in orphans], groups, namespace)
+        Teardown(client).run([summary.id for summary in orphans], groups, namespace)
     )
     logger.info("Swept namespace %s for clusters tagged %s: %s", namespace, tag, report)
     return report
@@ -220,7 +220,7 @@ def _submitted(client: PlatformClient, namespace: str, name: str) -> bool:
     try:
         client.work_client.get_work_requirement_by_name(namespace, name)
     except Exception as error:  # noqa: BLE001
-        if _is_not_found(error):
+        if is_not_found(error):
             return False
         raise
     return True

@@ -13,7 +13,7 @@ from typing import Any
 from yellowdog_client import PlatformClient
 from yellowdog_client.model import ComputeRequirementStatus
 
-from prefect_raydog.cluster.client import _is_not_found, _is_transient, _parallel
+from prefect_raydog.cluster.client import is_not_found, is_transient, parallel
 from prefect_raydog.cluster.nodes import NodeGroup
 from prefect_raydog.errors import ClusterShutdownError
 
@@ -65,7 +65,7 @@ class _Ending:
     is_gone: Callable[[], bool]
 
 
-class _Teardown:
+class Teardown:
     """Ends work requirements, compute requirements and worker pools in parallel, tolerating
     entities that are already gone (checked by reading them back, not by parsing messages)."""
 
@@ -82,7 +82,7 @@ class _Teardown:
         report = ShutdownReport()
         groups = [g for g in groups if g.pool_id or g.provision_attempted]
         unresolved = [g for g in groups if not (g.pool_id and g.compute_requirement_id)]
-        found = _parallel([lambda g=g: self._resolve(g, namespace, report) for g in unresolved])
+        found = parallel([lambda g=g: self._resolve(g, namespace, report) for g in unresolved])
         missing = {id(g) for g, ok in zip(unresolved, found, strict=True) if not ok}
         endings = [self._work_requirement(wr_id) for wr_id in work_requirement_ids]
         for group in groups:
@@ -91,11 +91,11 @@ class _Teardown:
                 if group.compute_requirement_id:
                     endings.append(self._compute_requirement(group))
         if self._check_first:
-            gone = _parallel([lambda e=e: self._gone_already(e.is_gone) for e in endings])
+            gone = parallel([lambda e=e: self._gone_already(e.is_gone) for e in endings])
             for ending in (e for e, is_gone in zip(endings, gone, strict=True) if is_gone):
                 self._record(report, "already_gone", ending.what)
             endings = [e for e, is_gone in zip(endings, gone, strict=True) if not is_gone]
-        _parallel([lambda e=e: self._end(e, report) for e in endings])
+        parallel([lambda e=e: self._end(e, report) for e in endings])
         return report
 
     def _record(self, report: ShutdownReport, outcome: str, what: str) -> None:
@@ -107,7 +107,7 @@ class _Teardown:
         try:
             return is_gone()
         except Exception as exc:  # noqa: BLE001
-            return _is_not_found(exc)
+            return is_not_found(exc)
 
     def _end(self, ending: _Ending, report: ShutdownReport) -> None:
         """End it, retrying transient failures; on any failure, decide by reading it back."""
@@ -119,7 +119,7 @@ class _Teardown:
                 return
             except Exception as exc:  # noqa: BLE001 - every failure is checked by reading back
                 error = exc
-                if not _is_transient(exc):
+                if not is_transient(exc):
                     break
                 time.sleep(0.1 * 2**attempt)
         # Gone although the call failed: ended by one of the parallel calls (a pool's shutdown
@@ -169,7 +169,7 @@ class _Teardown:
                 else pools.get_worker_pool_by_name(namespace, group.requirement_name)
             )
         except Exception as exc:  # noqa: BLE001
-            if not _is_not_found(exc):
+            if not is_not_found(exc):
                 self._record(report, "failed", f"{group.describe()}: {exc}")
             elif group.pool_id:
                 self._record(report, "already_gone", group.describe())
@@ -190,9 +190,9 @@ def end_work_requirement_named(
     try:
         requirement = client.work_client.get_work_requirement_by_name(namespace, name)
     except Exception as error:  # noqa: BLE001
-        if _is_not_found(error):
+        if is_not_found(error):
             return ShutdownReport(), None
         return ShutdownReport(failed=[f"work requirement {name}: {error}"]), None
     if requirement.status is None or requirement.status.finished:
         return ShutdownReport(already_gone=[f"work requirement {requirement.id}"]), requirement.id
-    return _Teardown(client).run([requirement.id], [], namespace), requirement.id
+    return Teardown(client).run([requirement.id], [], namespace), requirement.id

@@ -13,7 +13,7 @@ from yellowdog_client import PlatformClient
 from yellowdog_client.common.server_sent_events import SubscriptionEventListener
 from yellowdog_client.model import Task, TaskSearch, TaskStatus, WorkRequirement
 
-from prefect_raydog.cluster.client import FIRST_POLL_S, _Deadline
+from prefect_raydog.cluster.client import FIRST_POLL_S, Deadline
 from prefect_raydog.errors import ClusterBuildTimeout, NodeTaskFailed
 
 MAX_READ_INTERVAL_S = 3.0
@@ -78,7 +78,7 @@ class RequirementWatch(SubscriptionEventListener[WorkRequirement]):
     def wait(
         self,
         done: Callable[[WorkRequirement], bool],
-        deadline: _Deadline,
+        deadline: Deadline,
         check_not_closing: Callable[[], None],
     ) -> WorkRequirement | None:
         """The first state for which `done` holds; the last one seen when the deadline passes."""
@@ -135,7 +135,7 @@ def wait_until_executing(
     task_id: str,
     what: str,
     cluster_name: str,
-    deadline: _Deadline,
+    deadline: Deadline,
     check_not_closing: Callable[[], None],
 ) -> Task:
     """Wait until the only task of its group runs; raise as soon as it ends, or at the deadline."""
@@ -168,7 +168,7 @@ def wait_for_workers(
     worker_group_ids: set[str | None],
     count: int,
     cluster_name: str,
-    deadline: _Deadline,
+    deadline: Deadline,
     check_not_closing: Callable[[], None],
 ) -> None:
     """Wait until `count` worker node tasks run; raise as soon as one of them or the head ends."""

@@ -19,13 +19,13 @@ from typing import TYPE_CHECKING, Any
 
 from prefect.utilities.importtools import lazy_import
 
-from prefect_raydog.runner.placement import _PLACEMENT, POOL_RESOURCE_PREFIX, pool_resource
+from prefect_raydog.runner.placement import PLACEMENT, POOL_RESOURCE_PREFIX, pool_resource
 
 if TYPE_CHECKING:
     import ray
 
     from prefect_raydog.cluster import RayDogCluster
-    from prefect_raydog.runner.stats import _ClusterStats
+    from prefect_raydog.runner.stats import ClusterStats
     from prefect_raydog.spec import WorkerPoolSpec
 
 ray = lazy_import("ray")
@@ -53,7 +53,7 @@ class _Pool:
 class AdaptivePools:
     """Scales a cluster's adaptive pools from the demand of the task runs in flight."""
 
-    def __init__(self, cluster: RayDogCluster, stats: _ClusterStats, logger: Any) -> None:
+    def __init__(self, cluster: RayDogCluster, stats: ClusterStats, logger: Any) -> None:
         self.cluster = cluster
         self.stats = stats
         self.logger = logger
@@ -72,7 +72,7 @@ class AdaptivePools:
             self.stats.record_size(pool.internal_name, pool.size)
 
     @classmethod
-    def start(cls, cluster: RayDogCluster, stats: _ClusterStats, logger: Any
+    def start(cls, cluster: RayDogCluster, stats: ClusterStats, logger: Any
               ) -> AdaptivePools | None:
         """Scale the cluster's adaptive pools in the background; None when it has none."""
         if not any(spec.adaptive for spec in cluster.spec.worker_pools):
@@ -87,7 +87,7 @@ class AdaptivePools:
 
     def submitted(self, ref: Any) -> None:
         """Count a task run just submitted (in the submitting thread: its placement applies)."""
-        options = _PLACEMENT.get() or {}
+        options = PLACEMENT.get() or {}
         resources = options.get("resources") or {}
         pool = next((name for name in resources if name.startswith(POOL_RESOURCE_PREFIX)), None)
         cpus = float(options.get("num_cpus", 1) or 0)

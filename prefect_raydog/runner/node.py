@@ -30,13 +30,13 @@ from prefect.utilities.importtools import lazy_import
 
 ray = lazy_import("ray")
 
-_HYDRATED: OrderedDict[str, _Hydrated] = OrderedDict()
+_HYDRATED: OrderedDict[str, Hydrated] = OrderedDict()
 _FETCHED: OrderedDict[str, Any] = OrderedDict()
 _NODE_CACHE_SIZE = 4
 _node_ip: str | None = None
 
 
-class _Outcome(NamedTuple):
+class Outcome(NamedTuple):
     """What a remote task run sends back: the node it ran on and its final Prefect state,
     pickled here so that the driver can keep it packed (`runner.packing`)."""
 
@@ -48,7 +48,7 @@ class _Outcome(NamedTuple):
         return pickle.loads(self.state_pickle)
 
 
-class _Hydrated:
+class Hydrated:
     """A flow run's context rebuilt once per worker process and bound around each task."""
 
     _models_rebuilt = False
@@ -56,9 +56,9 @@ class _Hydrated:
     def __init__(self, context: dict[str, Any]) -> None:
         from prefect.logging.configuration import ensure_logging_setup
 
-        self._rebuild_models()
+        self.rebuild_models()
         ensure_logging_setup()
-        _quiet_node_console()
+        quiet_node_console()
         self._stack = ExitStack()
         settings = context.get("settings_context")
         self.settings = SettingsContext(**settings) if settings else None
@@ -80,7 +80,7 @@ class _Hydrated:
         self.deployment_parameters = context.get("deployment_parameters")
 
     @classmethod
-    def _rebuild_models(cls) -> None:
+    def rebuild_models(cls) -> None:
         if cls._models_rebuilt:
             return
         from prefect._internal.result_records import ResultRecordMetadata
@@ -133,7 +133,7 @@ class _Hydrated:
         self._stack.close()
 
 
-def _quiet_node_console() -> None:
+def quiet_node_console() -> None:
     """A node's console only feeds Ray's log files; the API gets every record. Printing each
     "Finished in state" line there cost about a third of a trivial task's time on a node."""
     from prefect.logging.handlers import PrefectConsoleHandler
@@ -152,7 +152,7 @@ def _cached(cache: OrderedDict[str, Any], ref: Any, build: Callable[[Any], Any])
         value = cache[key] = build(ray.get(ref))
         if len(cache) > _NODE_CACHE_SIZE:
             _, evicted = cache.popitem(last=False)
-            if isinstance(evicted, _Hydrated):
+            if isinstance(evicted, Hydrated):
                 evicted.close()
     else:
         cache.move_to_end(key)
@@ -162,7 +162,7 @@ def _cached(cache: OrderedDict[str, Any], ref: Any, build: Callable[[Any], Any])
 def _resolve_upstream(expr: Any) -> Any:
     if isinstance(expr, ray.ObjectRef):
         value = ray.get(expr)
-        return value.state if isinstance(value, _Outcome) else value
+        return value.state if isinstance(value, Outcome) else value
     return expr
 
 
@@ -175,14 +175,14 @@ def _run_on_node(
     wait_for: list[PrefectFuture[Any]] | None,
     dependencies: dict[str, Any] | None,
     asset_context: dict[str, Any],
-) -> _Outcome:
+) -> Outcome:
     """Run one Prefect task run in this Ray worker process and return its final state."""
     from prefect.task_engine import run_task_async, run_task_sync
 
     global _node_ip
     if _node_ip is None:
         _node_ip = ray.util.get_node_ip_address()
-    hydrated = _cached(_HYDRATED, context_box[0], _Hydrated)
+    hydrated = _cached(_HYDRATED, context_box[0], Hydrated)
     task = _cached(_FETCHED, task_box[0], lambda task: task)
     parameters = visit_collection(parameters, visit_fn=_resolve_upstream, return_data=True)
     kwargs = dict(task=task, task_run_id=task_run_id, parameters=parameters, wait_for=wait_for,
@@ -190,7 +190,7 @@ def _run_on_node(
     with hydrated.bound(), AssetContext(**asset_context):
         state = asyncio.run(run_task_async(**kwargs)) if task.isasync else run_task_sync(**kwargs)
         _flush_events()
-    return _Outcome(_node_ip, ray.cloudpickle.dumps(state))
+    return Outcome(_node_ip, ray.cloudpickle.dumps(state))
 
 
 def _flush_events() -> None:
@@ -226,7 +226,7 @@ def remote_for(options: dict[str, Any], cache: dict[str, Any] | None = None) -> 
     return remote
 
 
-def _inside_ray_worker() -> bool:
+def inside_ray_worker() -> bool:
     if not ray.is_initialized() or ray.util.client.ray.is_connected():
         return False
     return ray._private.worker.global_worker.mode == ray._private.worker.WORKER_MODE

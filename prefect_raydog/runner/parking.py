@@ -20,8 +20,8 @@ _SESSIONS_LOCK = threading.Lock()
 
 
 # Sessions kept across a failed flow-run attempt that Prefect will retry, by configuration.
-_PARKED: dict[tuple, tuple[_Session, threading.Timer]] = {}
-_PARK_MARGIN_S = 60.0
+PARKED: dict[tuple, tuple[_Session, threading.Timer]] = {}
+PARK_MARGIN_S = 60.0
 
 
 def _retry_coming(flow_run: Any) -> bool:
@@ -34,15 +34,15 @@ def _park(session: _Session, flow_run: Any) -> None:
     """Keep the cluster for the retry; end it if no retry enters in time."""
     policy = getattr(flow_run, "empirical_policy", None)
     delay = getattr(policy, "retry_delay", None) or 0
-    timer = threading.Timer(float(delay) + _PARK_MARGIN_S, _end_parked, (session.key,))
+    timer = threading.Timer(float(delay) + PARK_MARGIN_S, _end_parked, (session.key,))
     timer.daemon = True
     with _SESSIONS_LOCK:
-        _PARKED[session.key] = (session, timer)
+        PARKED[session.key] = (session, timer)
     timer.start()
 
 
 def _unpark(key: tuple) -> _Session | None:
-    parked = _PARKED.pop(key, None)
+    parked = PARKED.pop(key, None)
     if parked is None:
         return None
     parked[1].cancel()
@@ -58,7 +58,7 @@ def _end_parked(key: tuple) -> None:
 
 @atexit.register
 def _end_all_parked() -> None:
-    for key in list(_PARKED):
+    for key in list(PARKED):
         _end_parked(key)
 
 

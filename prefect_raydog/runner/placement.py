@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from typing import Any
 
 POOL_RESOURCE_PREFIX = "raydog-pool-"
-_PLACEMENT: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
+PLACEMENT: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
     "raydog_placement", default=None
 )
 
@@ -29,20 +29,20 @@ def placement(worker_pool: str | None = None, **ray_options: Any) -> Iterator[No
             train.submit(data)
         ```
     """
-    options = dict(_PLACEMENT.get() or {})
+    options = dict(PLACEMENT.get() or {})
     options.update(ray_options)
     if worker_pool is not None:
         resources = dict(options.get("resources") or {})
         resources[pool_resource(worker_pool)] = 0.001
         options["resources"] = resources
-    token = _PLACEMENT.set(options)
+    token = PLACEMENT.set(options)
     try:
         yield
     finally:
-        _PLACEMENT.reset(token)
+        PLACEMENT.reset(token)
 
 
-def _with_pool_resources(spec: Any) -> Any:
+def with_pool_resources(spec: Any) -> Any:
     """Let each named pool's nodes advertise the resource that `placement()` asks for."""
     pools = []
     for pool in spec.worker_pools:

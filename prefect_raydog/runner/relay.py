@@ -1,4 +1,4 @@
-"""`_TcpRelay`: forwards TCP connections from an address the nodes reach to the Prefect API."""
+"""`TcpRelay`: forwards TCP connections from an address the nodes reach to the Prefect API."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import socket
 import threading
 from typing import Any
 
-_SHARED: dict[tuple[str, tuple[str, int]], _TcpRelay] = {}
+_SHARED: dict[tuple[str, tuple[str, int]], TcpRelay] = {}
 _SHARED_LOCK = threading.Lock()
 
 
-class _TcpRelay:
+class TcpRelay:
     """Forwards TCP connections from an address that nodes reach to the loopback Prefect API."""
 
     def __init__(self, host: str, target: tuple[str, int]) -> None:
@@ -22,7 +22,7 @@ class _TcpRelay:
         self._lock = threading.Lock()
         threading.Thread(target=self._accept, name="raydog-api-relay", daemon=True).start()
 
-    def __enter__(self) -> _TcpRelay:
+    def __enter__(self) -> TcpRelay:
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
@@ -63,7 +63,7 @@ class _TcpRelay:
                 self._open.discard(src)
 
 
-def shared_relay(host: str, target: tuple[str, int]) -> _TcpRelay:
+def shared_relay(host: str, target: tuple[str, int]) -> TcpRelay:
     """The process's relay from `host` to `target`, opened on first use and left open.
 
     Ray worker processes of a cluster that outlives a flow run serve later flow runs, and
@@ -72,5 +72,5 @@ def shared_relay(host: str, target: tuple[str, int]) -> _TcpRelay:
     with _SHARED_LOCK:
         relay = _SHARED.get((host, target))
         if relay is None:
-            relay = _SHARED[(host, target)] = _TcpRelay(host, target)
+            relay = _SHARED[(host, target)] = TcpRelay(host, target)
         return relay

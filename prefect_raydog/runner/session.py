@@ -30,12 +30,12 @@ from prefect_raydog.runner.connection import (
 from prefect_raydog.runner.ending import being_cancelled, record_final_state
 from prefect_raydog.runner.guardian import Guardian, with_driver_watch
 from prefect_raydog.runner.heldlog import HeldRunLog
-from prefect_raydog.runner.node import _Outcome, remote_for
-from prefect_raydog.runner.placement import _with_pool_resources
+from prefect_raydog.runner.node import Outcome, remote_for
+from prefect_raydog.runner.placement import with_pool_resources
 from prefect_raydog.runner.recorded import wait_for_final_states
-from prefect_raydog.runner.relay import _TcpRelay, shared_relay
+from prefect_raydog.runner.relay import TcpRelay, shared_relay
 from prefect_raydog.runner.shipping import refuse_loopback_api
-from prefect_raydog.runner.stats import _ClusterStats
+from prefect_raydog.runner.stats import ClusterStats
 from prefect_raydog.runner.warmup import warm_workers
 
 if TYPE_CHECKING:
@@ -59,7 +59,7 @@ class _Session:
     def __init__(self, runner: RayDogTaskRunner) -> None:
         self.key = runner._session_key()
         self.users = 0
-        self.stats = _ClusterStats()
+        self.stats = ClusterStats()
         self.cluster_name = runner.address or runner.cluster or "local"
         self.node_api_url: str | None = runner.node_api_url
         self.flow_run_id: uuid.UUID | None = None
@@ -180,7 +180,7 @@ class _Session:
             from prefect.settings import PREFECT_API_URL
 
             refuse_loopback_api(PREFECT_API_URL.value())  # before anything is provisioned
-        spec = _with_pool_resources(config.to_spec(config.cluster_name(self.flow_run_id)))
+        spec = with_pool_resources(config.to_spec(config.cluster_name(self.flow_run_id)))
         spec = with_driver_watch(spec, runner.driverless_grace_s,
                                  spec.build_timeout.total_seconds() + CLIENT_CONNECT_TIMEOUT_S)
         self.cluster_name = spec.name
@@ -240,7 +240,7 @@ class _Session:
         parts = urlsplit(api_url)
         target = (parts.hostname, parts.port or 80)
         relay = (shared_relay(host, target) if shared
-                 else self._stack.enter_context(_TcpRelay(host, target)))
+                 else self._stack.enter_context(TcpRelay(host, target)))
         return _with_host(api_url, host, relay.port)
 
     def _tunnel(self, config: RayDogClusterConfig, head_ip: str) -> str:
@@ -315,7 +315,7 @@ class _Session:
             if self.adaptive is not None:
                 self.adaptive.finished(ref)
             self.last_done = time.monotonic()
-            if isinstance(outcome, _Outcome):
+            if isinstance(outcome, Outcome):
                 self.stats.record(outcome.node_ip)
                 self.finished_on_nodes.extend(task_run_id.bytes)
             elif (isinstance(outcome, Exception) and self._reporter is not None

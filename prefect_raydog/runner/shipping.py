@@ -17,7 +17,7 @@ ray = lazy_import("ray")
 _LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1", "0.0.0.0"}
 
 
-def _register_code_by_value(task: Task, engine_ctx: Any) -> None:
+def register_code_by_value(task: Task, engine_ctx: Any) -> None:
     """Ship the flow's own modules by value, so nodes run code they do not have installed."""
     import ray.cloudpickle as cloudpickle
 
@@ -35,7 +35,7 @@ def _register_code_by_value(task: Task, engine_ctx: Any) -> None:
         cloudpickle.register_pickle_by_value(module)
 
 
-def _rewrite_api_url(context: dict[str, Any], node_api_url: str | None) -> None:
+def rewrite_api_url(context: dict[str, Any], node_api_url: str | None) -> None:
     """Give nodes an API URL they reach; refuse a loopback URL that they cannot."""
     settings = context.get("settings_context", {}).get("settings", {})
     api = settings.setdefault("api", {})

@@ -6,7 +6,7 @@ import threading
 import time
 
 
-class _ClusterStats:
+class ClusterStats:
     """What the cluster did, for the artifact published at teardown."""
 
     def __init__(self) -> None:

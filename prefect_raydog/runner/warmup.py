@@ -37,7 +37,7 @@ def _warm_process() -> None:
 
     from prefect_raydog.runner import node
 
-    node._Hydrated._rebuild_models()
+    node.Hydrated.rebuild_models()
     ensure_logging_setup()
-    node._quiet_node_console()
+    node.quiet_node_console()
     warmed_at = time.time()
