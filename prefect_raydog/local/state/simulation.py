@@ -373,7 +373,7 @@ class Simulation(Clock):
                 task.error("PROCESS_NON_ZERO_EXIT", f"Process exited with code {code}", code),
             )
         node = task.node
-        assert node is not None
+        assert isinstance(node, Node)
         node.task = None
         node.pool.busy -= 1
         task.group.executing -= 1

@@ -5,13 +5,10 @@ from __future__ import annotations
 
 from collections import deque
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from prefect_raydog.local.state.errors import InvalidRequest, duration, require_text
 from prefect_raydog.local.wire import ACCOUNT, compact, iso_time, new_uuid, now
-
-if TYPE_CHECKING:
-    from prefect_raydog.local.state.compute import Node
 
 WR_FINISHED = {"COMPLETED", "FAILED", "CANCELLED"}
 GROUP_TERMINATED = {"COMPLETED", "FAILED", "CANCELLED"}
@@ -179,13 +176,23 @@ class TaskGroup:
         self.requirement.evaluate()
 
 
+class Assignee(Protocol):
+    """The node a task runs on, as the task sees it (a `compute.Node`, which knows its task)."""
+
+    id: str
+    worker_id: str
+
+    @property
+    def simulated(self) -> bool: ...
+
+
 class Task:
     def __init__(self, group: TaskGroup, number: int, spec: dict[str, Any]) -> None:
         self.group = group
         self.id = f"ydid:task:{ACCOUNT}:{group.requirement.uuid}:{group.number}:{number}"
         self.spec = spec
         self.status = "READY"
-        self.node: Node | None = None
+        self.node: Assignee | None = None
         self.started: datetime | None = None
         self.finished: datetime | None = None
         self.abort_requested: datetime | None = None
