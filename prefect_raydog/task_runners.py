@@ -54,7 +54,8 @@ from prefect_raydog.runner.node import Outcome, inside_ray_worker, remote_for
 from prefect_raydog.runner.packing import Kept, keep, unpack
 from prefect_raydog.runner.parking import live_session, release_session, take_session
 from prefect_raydog.runner.placement import PLACEMENT, placement, pool_resource
-from prefect_raydog.runner.session import _cluster_reference, _run_logger
+from prefect_raydog.runner.session import run_logger
+from prefect_raydog.runner.settings import SessionSettings, cluster_reference, unsaved_config
 from prefect_raydog.runner.shipping import register_code_by_value, rewrite_api_url
 
 if TYPE_CHECKING:
@@ -63,7 +64,7 @@ if TYPE_CHECKING:
     from prefect.tasks import Task
 
     from prefect_raydog.blocks import RayDogClusterConfig
-    from prefect_raydog.runner.session import _Session
+    from prefect_raydog.runner.session import Session
 
 ray = lazy_import("ray")
 
@@ -248,10 +249,11 @@ class RayDogTaskRunner(RayTaskRunner):
         super().__init__(address=address, init_kwargs=init_kwargs)
         self.provision = provision
         self.driverless_grace_s = driverless_grace_s
-        self.cluster = _cluster_reference(cluster)
+        self.cluster = cluster_reference(cluster)
+        self._unsaved_config = unsaved_config(self.cluster)  # the block stays while we do
         self.node_api_url = node_api_url
         self.api_relay_address = api_relay_address
-        self._session: _Session | None = None
+        self._session: Session | None = None
         self._flow_run: Any = None
         self._contexts: OrderedDict[tuple, tuple[tuple, Any]] = OrderedDict()
         self._task_refs: OrderedDict[int, tuple[Task, Any]] = OrderedDict()
@@ -260,7 +262,15 @@ class RayDogTaskRunner(RayTaskRunner):
         return {name: getattr(self, name) for name in self._CONFIG_FIELDS}
 
     def _session_key(self) -> tuple:
-        return (self.cluster, self.address, repr(sorted(self.init_kwargs.items())))
+        return self._settings().key
+
+    def _settings(self) -> SessionSettings:
+        return SessionSettings(
+            cluster=self.cluster, address=self.address, init_kwargs=dict(self.init_kwargs),
+            node_api_url=self.node_api_url, api_relay_address=self.api_relay_address,
+            driverless_grace_s=self.driverless_grace_s, logger=self.logger,
+            unsaved_config=self._unsaved_config or unsaved_config(self.cluster),
+        )
 
     def duplicate(self) -> RayDogTaskRunner:
         return type(self)(**self._config())
@@ -272,7 +282,7 @@ class RayDogTaskRunner(RayTaskRunner):
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state.update(_session=None, _flow_run=None, _contexts=OrderedDict(),
+        state.update(_session=None, _flow_run=None, _unsaved_config=None, _contexts=OrderedDict(),
                      _task_refs=OrderedDict(), _ray_context=None)
         return state
 
@@ -285,15 +295,16 @@ class RayDogTaskRunner(RayTaskRunner):
         super(RayTaskRunner, self).__enter__()
         if inside_ray_worker():
             return self
-        self._session = take_session(self)
-        if self._session.key != self._session_key():
-            _run_logger(self).warning(
+        settings = self._settings()
+        self._session = take_session(settings)
+        if self._session.key != settings.key:
+            run_logger(self.logger).warning(
                 "%r runs its tasks on Ray cluster %s, which this process is already connected "
                 "to for an enclosing flow run (a process has one Ray connection); its own "
                 "configuration is not used.", self, self._session.cluster_name,
             )
         if self.provision == "eager":
-            self._session.start_in_background(self, _entering_engine())
+            self._session.start_in_background(settings, _entering_engine())
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
@@ -311,7 +322,7 @@ class RayDogTaskRunner(RayTaskRunner):
         """Cancel every task run in flight on the cluster this configuration is running."""
         session = live_session(self._session_key())
         if session is not None:
-            session.cancel_all()
+            session.runs.cancel_all()
 
     def submit(
         self,
@@ -323,7 +334,7 @@ class RayDogTaskRunner(RayTaskRunner):
         if not self._started:
             raise RuntimeError("The task runner must be started before submitting work.")
         if self._session is not None:
-            self._session.ensure_ready(self)
+            self._session.ensure_ready(self._settings())
             if self._flow_run is None and (flow_ctx := FlowRunContext.get()):
                 self._flow_run = flow_ctx.flow_run
         task_run_id = uuid.uuid4()
@@ -357,7 +368,7 @@ class RayDogTaskRunner(RayTaskRunner):
         }
         if self._session is None:
             return remote_for(options)
-        return self._session.remote_function(options)
+        return self._session.runs.remote_function(options)
 
     def _context_ref(self, task: Task) -> Any:
         """The flow's serialized context, put in the object store once per flow-run scope."""

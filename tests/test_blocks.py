@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import pickle
 from datetime import timedelta
@@ -13,6 +14,7 @@ from pydantic import SecretStr
 
 import prefect_raydog.blocks as blocks_module
 from prefect_raydog.blocks import RayDogClusterConfig, YellowDogCredentials
+from prefect_raydog.runner.settings import UNSAVED_CONFIGS
 from prefect_raydog.spec import NodeGroupSpec, WorkerPoolSpec
 from prefect_raydog.task_runners import RayDogTaskRunner
 
@@ -189,3 +191,14 @@ def test_runner_keeps_an_unsaved_block_out_of_its_pickle():
     assert runner.cluster.startswith("unsaved:")
     assert SECRET.encode() not in pickle.dumps(runner)
     assert runner.duplicate() == runner
+
+
+def test_an_unsaved_block_is_let_go_with_the_last_runner_that_refers_to_it():
+    runner = RayDogTaskRunner(cluster=_config())
+    token, duplicate = runner.cluster, runner.duplicate()
+    del runner
+    gc.collect()
+    assert UNSAVED_CONFIGS[token].credentials.api_key_secret.get_secret_value() == SECRET
+    del duplicate
+    gc.collect()
+    assert token not in UNSAVED_CONFIGS

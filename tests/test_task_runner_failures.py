@@ -1,10 +1,12 @@
 """RayDogTaskRunner paths that decide whether anything leaks: a cluster that fails to provision,
 a Prefect API the nodes could not reach, worker nodes whose Ray never joins, a cluster kept for a
-flow retry that never comes, and a head reached through an SSH tunnel. Faults are injected in the
+flow retry that never comes, a head reached through an SSH tunnel, and an address that nothing
+answers at. Faults are injected in the
 local platform or in the nodes' task scripts; each cluster is a head and one worker node."""
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import subprocess
@@ -161,6 +163,24 @@ def test_a_cluster_kept_for_a_retry_that_never_comes_is_torn_down_when_it_expire
     wait_for(lambda: not what_is_live(platform), timeout=90, interval=0.2,
              what="the parked cluster to expire and be torn down")
     assert runner._session_key() not in parking.PARKED
+    assert not ray.is_initialized()
+
+
+def test_an_eager_attach_to_an_unreachable_address_gives_up_when_the_flow_run_ends(
+    prefect_api, caplog
+):
+    # Nothing listens on port 1: the background attach would wait out its connect timeout
+    # (minutes) and hold the flow's exit that long, unless the flow run's end stops it.
+    assert not ray.is_initialized()
+
+    @flow(task_runner=RayDogTaskRunner(address="ray://127.0.0.1:1"))
+    def submits_nothing():
+        return 1
+
+    with caplog.at_level(logging.WARNING, logger="prefect_raydog.runner.session"):
+        assert submits_nothing() == 1
+    assert ("The Ray cluster could not start: The flow run ended while the Ray cluster was "
+            "starting.") in caplog.messages
     assert not ray.is_initialized()
 
 

@@ -42,6 +42,7 @@ def connect(address: str, init_kwargs: dict[str, Any], logger: Any,
         head = urlsplit(address)
         stopped = stop.is_set if stop is not None else (lambda: False)
         wait_until_listening(head.hostname, head.port or 10001, CLIENT_CONNECT_TIMEOUT_S, stopped)
+        check_not_stopped(stop)
     while True:
         attempt += 1
         try:
@@ -64,6 +65,12 @@ def connect(address: str, init_kwargs: dict[str, Any], logger: Any,
 def disconnect() -> None:
     with CONNECTION_LOCK:
         ray.shutdown()
+
+
+def check_not_stopped(stop: threading.Event | None) -> None:
+    """Give up a start that `stop` ended: the flow run ended while its cluster was starting."""
+    if stop is not None and stop.is_set():
+        raise RuntimeError("The flow run ended while the Ray cluster was starting.")
 
 
 @contextmanager

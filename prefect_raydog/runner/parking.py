@@ -5,22 +5,20 @@ from __future__ import annotations
 
 import atexit
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from prefect.exceptions import TerminationSignal
 
-from prefect_raydog.runner.session import _Session
-
-if TYPE_CHECKING:
-    from prefect_raydog.task_runners import RayDogTaskRunner
+from prefect_raydog.runner.session import Session
+from prefect_raydog.runner.settings import SessionSettings
 
 # Sessions entered in this process, by configuration: subflows share their parent's cluster.
-_SESSIONS: dict[tuple, _Session] = {}
+_SESSIONS: dict[tuple, Session] = {}
 _SESSIONS_LOCK = threading.Lock()
 
 
 # Sessions kept across a failed flow-run attempt that Prefect will retry, by configuration.
-PARKED: dict[tuple, tuple[_Session, threading.Timer]] = {}
+PARKED: dict[tuple, tuple[Session, threading.Timer]] = {}
 PARK_MARGIN_S = 60.0
 
 
@@ -30,7 +28,7 @@ def _retry_coming(flow_run: Any) -> bool:
     return state is not None and not state.is_final()
 
 
-def _park(session: _Session, flow_run: Any) -> None:
+def _park(session: Session, flow_run: Any) -> None:
     """Keep the cluster for the retry; end it if no retry enters in time."""
     policy = getattr(flow_run, "empirical_policy", None)
     delay = getattr(policy, "retry_delay", None) or 0
@@ -41,7 +39,7 @@ def _park(session: _Session, flow_run: Any) -> None:
     timer.start()
 
 
-def _unpark(key: tuple) -> _Session | None:
+def _unpark(key: tuple) -> Session | None:
     parked = PARKED.pop(key, None)
     if parked is None:
         return None
@@ -62,26 +60,26 @@ def _end_all_parked() -> None:
         _end_parked(key)
 
 
-def take_session(runner: RayDogTaskRunner) -> _Session:
-    """The session for `runner`'s configuration: the live one, a parked one, or a new one.
+def take_session(settings: SessionSettings) -> Session:
+    """The session for a runner's `settings`: the live one, a parked one, or a new one.
 
     A process has one Ray connection: while a session of another configuration holds it or is
-    connecting (a subflow with its own runner inside a flow with another), `runner` shares that
-    session, as prefect-ray shares the connection, and its own configuration is not used."""
-    key = runner._session_key()
+    connecting (a subflow with its own runner inside a flow with another), the runner shares
+    that session, as prefect-ray shares the connection, and its own configuration is not used."""
+    key = settings.key
     with _SESSIONS_LOCK:
         session = (
             _SESSIONS.get(key)
             or _unpark(key)
             or next((live for live in _SESSIONS.values() if live.holds_connection()), None)
-            or _Session(runner)
+            or Session(settings)
         )
         _SESSIONS[key] = session
         session.users += 1
     return session
 
 
-def release_session(session: _Session, flow_run: Any, exc_type: type | None) -> None:
+def release_session(session: Session, flow_run: Any, exc_type: type | None) -> None:
     """Let go of `session`; its last user parks it for a coming retry or closes it."""
     with _SESSIONS_LOCK:
         session.users -= 1
@@ -95,10 +93,10 @@ def release_session(session: _Session, flow_run: Any, exc_type: type | None) -> 
         if exc_type is None or issubclass(exc_type, Exception):
             session.settle()
         elif issubclass(exc_type, TerminationSignal):
-            session.terminated()
+            session.runs.terminated()
         session.close()
 
 
-def live_session(key: tuple) -> _Session | None:
+def live_session(key: tuple) -> Session | None:
     with _SESSIONS_LOCK:
         return _SESSIONS.get(key)

@@ -1,11 +1,14 @@
-"""`TcpRelay`: forwards TCP connections from an address the nodes reach to the Prefect API."""
+"""`TcpRelay`: forwards TCP connections from an address the nodes reach to the Prefect API;
+`relay_api` opens one for this process's API and says the URL the nodes use."""
 
 from __future__ import annotations
 
 import contextlib
 import socket
 import threading
+from contextlib import ExitStack
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 _SHARED: dict[tuple[str, tuple[str, int]], TcpRelay] = {}
 _SHARED_LOCK = threading.Lock()
@@ -74,3 +77,25 @@ def shared_relay(host: str, target: tuple[str, int]) -> TcpRelay:
         if relay is None:
             relay = _SHARED[(host, target)] = TcpRelay(host, target)
         return relay
+
+
+def relay_api(host: str, stack: ExitStack | None = None) -> str:
+    """Relay this process's Prefect API on `host` and return the URL the nodes use: for as long
+    as `stack` lasts, or (no `stack`: a cluster that is only attached to) for the process."""
+    from prefect.settings import PREFECT_API_URL
+
+    api_url = PREFECT_API_URL.value() or _ephemeral_api_url()
+    parts = urlsplit(api_url)
+    target = (parts.hostname, parts.port or 80)
+    relay = (shared_relay(host, target) if stack is None
+             else stack.enter_context(TcpRelay(host, target)))
+    return urlunsplit(parts._replace(netloc=f"{host}:{relay.port}"))
+
+
+def _ephemeral_api_url() -> str:
+    """The URL of the temporary server Prefect starts when no API URL is set."""
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()
+    server.start()
+    return server.api_url

@@ -1,0 +1,84 @@
+"""How a session reaches its cluster's head and takes this process's Ray connection: a running
+cluster at a given address, a head it built directly, or that head through an SSH tunnel."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+from collections.abc import Mapping
+from contextlib import ExitStack
+from typing import TYPE_CHECKING, Any
+
+from prefect.utilities.importtools import lazy_import
+
+from prefect_raydog.runner.connection import (
+    ALREADY_CONNECTED,
+    check_not_stopped,
+    connect,
+    disconnect,
+)
+from prefect_raydog.runner.warmup import warm_workers
+
+if TYPE_CHECKING:
+    import ray
+
+    from prefect_raydog.blocks import RayDogClusterConfig
+    from prefect_raydog.cluster import HeadNodeAddress
+
+ray = lazy_import("ray")
+RAY_CLIENT_PORT = 10001
+
+
+def attach_to_address(address: str, init_kwargs: Mapping[str, Any], stack: ExitStack,
+                      logger: Any, stop: threading.Event) -> None:
+    """Connect to the running cluster at `address` until `stack` closes (unless this process
+    is connected already: then that connection is used, and left open); `stop` gives up."""
+    if ray.is_initialized():
+        logger.info("Using the Ray cluster this process is already connected to.")
+        return
+    logger.info("Connecting to the Ray cluster at %s.", address)
+    connect(address, dict(init_kwargs), logger, stop)
+    stack.callback(disconnect)
+    warm_workers()
+
+
+def refuse_second_connection() -> None:
+    """A session that provisions needs the process's one Ray connection for its own cluster."""
+    if ray.is_initialized():
+        raise RuntimeError(ALREADY_CONNECTED)
+
+
+def attach_to_head(head: HeadNodeAddress, config: RayDogClusterConfig,
+                   init_kwargs: Mapping[str, Any], stack: ExitStack, logger: Any,
+                   stop: threading.Event) -> None:
+    """Connect to the head of a cluster this session built, until `stack` closes: through an
+    SSH tunnel when `config` asks for one, else at its private address."""
+    if config.ssh_tunnel:
+        address = _tunnel(config, head.public_ip or head.private_ip, stack)
+    else:
+        address = f"ray://{head.private_ip}:{RAY_CLIENT_PORT}"
+    check_not_stopped(stop)
+    connect(address, {**init_kwargs, "runtime_env": _runtime_env(init_kwargs)}, logger, stop)
+    stack.callback(disconnect)
+
+
+def _tunnel(config: RayDogClusterConfig, head_ip: str, stack: ExitStack) -> str:
+    """Open SSH tunnels to the head (closed with `stack`); return their Ray Client address."""
+    from prefect_raydog.tunnels import RayTunnels
+
+    key_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="raydog-ssh-"))
+    key_file = os.path.join(key_dir, "id")
+    with os.fdopen(os.open(key_file, os.O_WRONLY | os.O_CREAT, 0o600), "w") as handle:
+        handle.write(config.ssh_private_key.get_secret_value())
+    tunnels = stack.enter_context(
+        RayTunnels(head_ip, config.ssh_username, private_key_file=key_file)
+    )
+    return tunnels.ray_client_address
+
+
+def _runtime_env(init_kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    runtime_env = dict(init_kwargs.get("runtime_env") or {})
+    env_vars = {"RAY_AUTH_MODE": "disabled", **(runtime_env.get("env_vars") or {})}
+    runtime_env["env_vars"] = env_vars
+    return runtime_env

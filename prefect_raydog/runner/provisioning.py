@@ -1,0 +1,154 @@
+"""`Provisioning`: the cluster a session builds for its flow run: its config block, the API
+relay its nodes use, its guardian, the build, the wait for its workers, and its shut-down."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from contextlib import ExitStack
+from typing import TYPE_CHECKING, Any
+
+from prefect.utilities.importtools import lazy_import
+
+from prefect_raydog.runner.adaptive import AdaptivePools
+from prefect_raydog.runner.connection import CLIENT_CONNECT_TIMEOUT_S, check_not_stopped
+from prefect_raydog.runner.guardian import Guardian, with_driver_watch
+from prefect_raydog.runner.placement import with_pool_resources
+from prefect_raydog.runner.relay import relay_api
+from prefect_raydog.runner.settings import SessionSettings, unsaved_config
+from prefect_raydog.runner.shipping import refuse_loopback_api
+from prefect_raydog.runner.stats import ClusterStats
+
+if TYPE_CHECKING:
+    import ray
+
+    from prefect_raydog.blocks import RayDogClusterConfig
+    from prefect_raydog.cluster import HeadNodeAddress, RayDogCluster
+
+ray = lazy_import("ray")
+
+
+class Provisioning:
+    """One cluster built from a runner's settings; what it makes is ended by the session's
+    `stack`, and `stop` (the flow run ended) interrupts the build. The nodes use
+    `node_api_url` when given, else the Prefect API relayed where they reach it."""
+
+    def __init__(self, settings: SessionSettings, stack: ExitStack, stats: ClusterStats,
+                 stop: threading.Event, node_api_url: str | None) -> None:
+        self.settings = settings
+        self.name = settings.cluster or "local"
+        self.node_api_url = node_api_url
+        self.cluster: RayDogCluster | None = None
+        self.guardian: Guardian | None = None
+        self._stack = stack
+        self._stats = stats
+        self._stop = stop
+        self._workers_to_join = 0
+        self._build_timeout_s = 0.0
+        self._build_deadline = 0.0
+
+    def build(self, flow_run_id: uuid.UUID | None,
+              logger: Any) -> tuple[HeadNodeAddress, RayDogClusterConfig]:
+        """Build the cluster, named for `flow_run_id`; return its head and its config."""
+        from prefect_raydog.cluster import RayDogCluster
+
+        config = self._load_config(logger)
+        spec = with_pool_resources(config.to_spec(config.cluster_name(flow_run_id)))
+        spec = with_driver_watch(spec, self.settings.driverless_grace_s,
+                                 spec.build_timeout.total_seconds() + CLIENT_CONNECT_TIMEOUT_S)
+        self.name = spec.name
+        self._stats.pools = [(p.name or f"pool-{i}", p.start_count)
+                             for i, p in enumerate(spec.worker_pools, 1)]
+        logger.info(
+            "Provisioning Ray cluster %s in namespace %s: a head node and %d worker node(s).",
+            spec.name, spec.namespace, sum(p.start_count for p in spec.worker_pools),
+        )
+        cluster = self.cluster = RayDogCluster(spec, client=config.credentials.get_client())
+        if self.settings.cluster is not None:  # the local preset's platform dies with this process
+            self.guardian = self._stack.enter_context(Guardian(config.credentials))
+            self.guardian.flow_run(flow_run_id)
+        self._stack.callback(_shut_down, cluster, logger)
+        self._build_timeout_s = spec.build_timeout.total_seconds()
+        # One build timeout for the head and the workers, as the Builder counts it.
+        self._build_deadline = time.monotonic() + self._build_timeout_s
+        # The session's close() sets `stop` and then shuts down self.cluster: one of the two
+        # sees the other.
+        check_not_stopped(self._stop)
+        head = cluster.build(workers_to_join=0,
+                             on_step=self.guardian and self.guardian.follow(cluster))
+        self._stats.head_ready_s = cluster.timings.get("head_executing_s")
+        logger.info("Head node ready at %s after %.1f s.", head.private_ip,
+                    self._stats.head_ready_s or 0.0)
+        self._workers_to_join = spec.workers_to_join
+        return head, config
+
+    def _load_config(self, logger: Any) -> RayDogClusterConfig:
+        """The cluster config to build; the Prefect API relayed where its nodes reach it."""
+        config, relay_host = self._config_and_relay_host()
+        if relay_host and not self.node_api_url:
+            self.node_api_url = relay_api(relay_host, self._stack)
+            logger.info("Nodes reach the Prefect API at %s.", self.node_api_url)
+        elif not self.node_api_url:
+            from prefect.settings import PREFECT_API_URL
+
+            refuse_loopback_api(PREFECT_API_URL.value())  # before anything is provisioned
+        return config
+
+    def _config_and_relay_host(self) -> tuple[RayDogClusterConfig, str | None]:
+        from prefect_raydog.blocks import RayDogClusterConfig
+
+        settings = self.settings
+        if settings.cluster is None:
+            from prefect_raydog.local import LocalPlatform
+
+            platform = self._stack.enter_context(LocalPlatform())
+            config = RayDogClusterConfig.local(platform.url, platform.key_id, platform.key_secret)
+            return config, settings.api_relay_address or platform.host_address
+        if settings.cluster.startswith("unsaved:"):
+            config = settings.unsaved_config or unsaved_config(settings.cluster)
+            if config is None:
+                raise RuntimeError(
+                    "RayDogTaskRunner was given an unsaved RayDogClusterConfig in another "
+                    "process; save the block and pass its name: RayDogTaskRunner(cluster=NAME)."
+                )
+        else:
+            config = RayDogClusterConfig.load(settings.cluster, _sync=True)
+        return config, settings.api_relay_address or config.api_relay_address
+
+    def wait_for_workers(self, logger: Any) -> None:
+        """Dispatch only once the configured number of Ray worker nodes has joined."""
+        wanted = self._workers_to_join
+        while wanted:
+            joined = sum(1 for node in ray.nodes()
+                         if node.get("Alive") and node.get("Resources", {}).get("CPU"))
+            if joined >= wanted:
+                self._stats.workers_ready_s = time.monotonic() - self._stats.started
+                logger.info("%d Ray worker node(s) joined after %.1f s.", joined,
+                            self._stats.workers_ready_s)
+                return
+            check_not_stopped(self._stop)
+            if time.monotonic() > self._build_deadline:
+                raise TimeoutError(
+                    f"Only {joined} of {wanted} Ray worker nodes joined cluster "
+                    f"{self.name} within its build_timeout ({self._build_timeout_s:g} s); "
+                    "the cluster is torn down."
+                )
+            time.sleep(0.25)
+
+    def adapt(self, logger: Any) -> AdaptivePools | None:
+        """Start resizing the cluster's adaptive pools, until the session's stack closes."""
+        adaptive = AdaptivePools.start(self.cluster, self._stats, logger)
+        if adaptive is not None:
+            self._stack.callback(adaptive.stop)
+        return adaptive
+
+    def interrupt(self) -> None:
+        """The flow run ended while the cluster was starting: end what the build made."""
+        if self.cluster is not None:
+            self.cluster.shut_down()
+
+
+def _shut_down(cluster: RayDogCluster, logger: Any) -> None:
+    report = cluster.shut_down()
+    logger.info("Cluster %s shut down: %s.", cluster.spec.name, report)
