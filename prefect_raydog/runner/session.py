@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any
 from prefect.context import FlowRunContext
 from prefect.utilities.importtools import lazy_import
 
+from prefect_raydog.runner import finishing
 from prefect_raydog.runner.attach import attach_to_address, attach_to_head, refuse_second_connection
-from prefect_raydog.runner.finishing import publish_artifact, settle
 from prefect_raydog.runner.heldlog import HeldRunLog
 from prefect_raydog.runner.provisioning import Provisioning
 from prefect_raydog.runner.relay import relay_api
@@ -160,14 +160,15 @@ class Session:
     def settle(self) -> None:
         """Before the nodes go: let the API record what they sent (see `finishing.settle`)."""
         if self._ready:
-            settle(self.runs, self.cluster_name)
+            finishing.settle(self.runs, self.cluster_name)
 
     def close(self) -> None:
         """Interrupt a start still under way, publish the summary artifact, end the rest."""
         self._end_background_start()
         try:
             if self._ready and self.runs.flow_run_id is not None:
-                publish_artifact(self.runs.flow_run_id, self.runs.stats, self.cluster_name)
+                finishing.publish_artifact(self.runs.flow_run_id, self.runs.stats,
+                                           self.cluster_name)
         finally:
             self._stack.close()
 
