@@ -24,6 +24,7 @@ from prefect_raydog.runner.adaptive import AdaptivePools
 from prefect_raydog.runner.connection import (
     ALREADY_CONNECTED,
     CLIENT_CONNECT_TIMEOUT_S,
+    check_node_versions,
     connect,
     disconnect,
 )
@@ -160,7 +161,8 @@ class _Session:
                      logger, self._closing)
             self._stack.callback(disconnect)
             self._wait_for_workers(logger)
-            warm_workers()
+            # The workers that joined since connect() checked the nodes then.
+            check_node_versions(meanwhile=warm_workers)
             self.adaptive = AdaptivePools.start(self.cluster, self.stats, logger)
             if self.adaptive is not None:
                 self._stack.callback(self.adaptive.stop)
