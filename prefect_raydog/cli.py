@@ -494,9 +494,17 @@ def node_requirements_command(
         list[str] | None,
         typer.Argument(help="Further packages, such as the flow's own (pinned when installed)."),
     ] = None,
+    userdata: Annotated[
+        bool,
+        typer.Option("--userdata", help="Print node userdata that installs them instead."),
+    ] = False,
 ) -> None:
-    """Print the packages a node needs for this driver, pinned to its versions (pip's format)."""
-    from prefect_raydog.local.images import node_requirements
+    """Print the packages a node needs for this driver, pinned to its versions (pip's format),
+    or (--userdata) the node userdata that installs them with the driver's Python minor."""
+    from prefect_raydog.local.images import node_requirements, node_userdata
 
+    if userdata:
+        print(node_userdata(extra or ()), end="")
+        return
     print(f"# Python {sys.version_info[0]}.{sys.version_info[1]} (the node's must match)")
     print("\n".join(node_requirements(extra or ())))

@@ -50,6 +50,7 @@ from prefect_ray.context import RemoteOptionsContext
 from prefect_ray.task_runners import PrefectRayFuture, RayTaskRunner
 from typing_extensions import Self
 
+from prefect_raydog.runner import versions
 from prefect_raydog.runner.node import Outcome, inside_ray_worker, remote_for
 from prefect_raydog.runner.packing import Kept, keep, unpack
 from prefect_raydog.runner.parking import live_session, release_session, take_session
@@ -382,6 +383,7 @@ class RayDogTaskRunner(RayTaskRunner):
             return cached[1]
         context = serialize_context()
         context.pop("asset_context", None)
+        context["driver_versions"] = versions.own()  # for nodes that join later
         register_code_by_value(task, live[0])
         rewrite_api_url(context, self._session.node_api_url if self._session else None)
         ref = ray.put(context)

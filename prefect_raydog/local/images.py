@@ -11,6 +11,7 @@ import hashlib
 import importlib.metadata
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -93,6 +94,18 @@ def node_requirements(extra: Iterable[str] = ()) -> list[str]:
         if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
             lines.append(_pinned(requirement))
     return lines
+
+
+def node_userdata(extra: Iterable[str] = ()) -> str:
+    """The package's `node-userdata.sh` with this driver's Python minor version and
+    `node_requirements(extra)` filled in: userdata that gives a base Ubuntu node the venv the
+    head and worker scripts activate."""
+    script = (PACKAGE_DIR / "scripts" / "node-userdata.sh").read_text()
+    python = f'PYTHON_VERSION="{sys.version_info[0]}.{sys.version_info[1]}"'
+    script = re.sub(r'^PYTHON_VERSION=".*"$', python, script, count=1, flags=re.M)
+    lines = "".join(f"{line}\n" for line in node_requirements(extra))
+    return re.sub(r"(<<'END_OF_REQUIREMENTS'\n).*?(?=^END_OF_REQUIREMENTS$)",
+                  lambda match: match.group(1) + lines, script, count=1, flags=re.M | re.S)
 
 
 def _pinned(requirement: Requirement) -> str:

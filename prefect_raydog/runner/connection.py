@@ -4,16 +4,19 @@ starts), disconnecting, and the lock every session holds for both."""
 from __future__ import annotations
 
 import logging
+import re
 import signal
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlsplit
 
 from prefect.utilities.importtools import lazy_import
+
+from prefect_raydog.runner import versions
 
 ray = lazy_import("ray")
 
@@ -26,6 +29,9 @@ ALREADY_CONNECTED = (
     "the cluster it would provision: call ray.shutdown() first, or pass "
     "RayDogTaskRunner(address=...) to use the connected cluster."
 )
+HEAD_RESOURCE = "node:__internal_head__"
+# The Ray nodes whose versions this process's connection has checked, by node id.
+_CHECKED: set[str] = set()
 
 
 def connect(address: str, init_kwargs: dict[str, Any], logger: Any,
@@ -49,7 +55,7 @@ def connect(address: str, init_kwargs: dict[str, Any], logger: Any,
             with CONNECTION_LOCK, _signal_handlers_kept(), _connection_noise_hidden():
                 if ray.is_initialized():  # another session connected meanwhile
                     raise RuntimeError(ALREADY_CONNECTED)
-                ray.init(address, **kwargs)
+                _init(address, kwargs)
             break
         except ConnectionError as exc:
             if time.monotonic() > deadline or (stop is not None and stop.is_set()):
@@ -60,10 +66,17 @@ def connect(address: str, init_kwargs: dict[str, Any], logger: Any,
             time.sleep(min(0.2 * attempt, 2.0))
     alive = [node for node in ray.nodes() if node.get("Alive")]
     logger.info("Connected to the Ray cluster at %s: %d node(s).", address, len(alive))
+    if address != "local":  # a cluster of its own runs this very Python
+        try:
+            check_node_versions()
+        except BaseException:
+            disconnect()
+            raise
 
 
 def disconnect() -> None:
     with CONNECTION_LOCK:
+        _CHECKED.clear()
         ray.shutdown()
 
 
@@ -71,6 +84,75 @@ def check_not_stopped(stop: threading.Event | None) -> None:
     """Give up a start that `stop` ended: the flow run ended while its cluster was starting."""
     if stop is not None and stop.is_set():
         raise RuntimeError("The flow run ended while the Ray cluster was starting.")
+
+
+def check_node_versions(meanwhile: Callable[[], object] | None = None,
+                        timeout_s: float = CLIENT_CONNECT_TIMEOUT_S) -> None:
+    """Read the versions of each live node not checked yet with a probe task (no CPU, so it
+    runs on the head too), and raise one `NodeEnvironmentError` naming every version that is
+    not the driver's, before any task is sent. `meanwhile` runs once the probes are sent: work
+    queued behind them on a node reuses the worker process a probe started."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = sorted((node for node in ray.nodes()
+                    if node.get("Alive") and node["NodeID"] not in _CHECKED),
+                   key=lambda node: (_place(node) != "the head", _place(node)))
+    ray.cloudpickle.register_pickle_by_value(versions)  # runs where prefect-raydog is missing
+    probe = ray.remote(num_cpus=0, max_retries=0)(versions.installed)
+    refs = [probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"],
+                                                                              soft=False)).remote()
+            for node in nodes]
+    if meanwhile is not None:
+        meanwhile()
+    deadline, found = time.monotonic() + timeout_s, {}
+    for node, ref in zip(nodes, refs, strict=True):
+        try:
+            found[node["NodeID"]] = ray.get(ref, timeout=max(1.0, deadline - time.monotonic()))
+        except Exception as exc:
+            raise versions.NodeEnvironmentError(
+                f"Could not read the versions of {_place(node)} ({node['NodeManagerAddress']}): "
+                f"{exc}"
+            ) from exc
+    driver, where_by_line = versions.own(), {}
+    for node in nodes:
+        for line in versions.mismatches(driver, found[node["NodeID"]], "\0"):
+            places = where_by_line.setdefault(line, {})
+            places.setdefault(_place(node), []).append(node["NodeManagerAddress"])
+    if where_by_line:
+        raise versions.error(
+            line.replace("\0", " and ".join(f"{place} {', '.join(addresses)}"
+                                             for place, addresses in places.items()))
+            for line, places in where_by_line.items()
+        )
+    _CHECKED.update(found)
+
+
+def _place(node: dict[str, Any]) -> str:
+    """Which part of the cluster a Ray node is: the head, a named worker pool or a worker."""
+    from prefect_raydog.runner.placement import POOL_RESOURCE_PREFIX
+
+    resources = node.get("Resources", {})
+    if HEAD_RESOURCE in resources:
+        return "the head"
+    pools = [name.removeprefix(POOL_RESOURCE_PREFIX) for name in resources
+             if name.startswith(POOL_RESOURCE_PREFIX)]
+    return f"worker pool {pools[0]}" if pools else "a worker node"
+
+
+def _init(address: str, kwargs: dict[str, Any]) -> None:
+    """`ray.init`, with Ray Client's refusal of a head that runs another Python minor or Ray
+    version (a multi-line "Version mismatch") made one `NodeEnvironmentError`."""
+    try:
+        ray.init(address, **kwargs)
+    except RuntimeError as exc:
+        found = re.findall(r"Ray: (\S+)\s+Python: (\d+\.\d+)", str(exc))
+        if not str(exc).startswith("Version mismatch") or len(found) != 2:
+            raise
+        (head_ray, head_python), (own_ray, own_python) = found
+        where = f"the head {urlsplit(address).hostname or address}"
+        lines = versions.mismatches({"python": own_python, "ray": own_ray},
+                                    {"python": head_python, "ray": head_ray}, where)
+        raise versions.error(lines) from None
 
 
 @contextmanager

@@ -1,6 +1,7 @@
 """The node side of the runner: what runs inside Ray worker processes for each task run.
 
-Imports nothing from the driver side, so a node needs only Prefect, Ray and this module.
+Imports nothing from the driver side, so a node needs only Prefect, Ray, this module and
+`runner/versions.py` (with which a node checks that it runs the driver's versions).
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from prefect.futures import PrefectFuture
 from prefect.states import State
 from prefect.utilities.collections import visit_collection
 from prefect.utilities.importtools import lazy_import
+
+from prefect_raydog.runner.versions import check_this_node
 
 ray = lazy_import("ray")
 
@@ -56,6 +59,7 @@ class Hydrated:
     def __init__(self, context: dict[str, Any]) -> None:
         from prefect.logging.configuration import ensure_logging_setup
 
+        check_this_node(context.get("driver_versions"), f"node {ray.util.get_node_ip_address()}")
         self.rebuild_models()
         ensure_logging_setup()
         quiet_node_console()

@@ -19,6 +19,7 @@ from prefect.utilities.importtools import lazy_import
 
 from prefect_raydog.runner import finishing
 from prefect_raydog.runner.attach import attach_to_address, attach_to_head, refuse_second_connection
+from prefect_raydog.runner.connection import check_node_versions
 from prefect_raydog.runner.heldlog import HeldRunLog
 from prefect_raydog.runner.provisioning import Provisioning
 from prefect_raydog.runner.relay import relay_api
@@ -133,7 +134,8 @@ class Session:
         attach_to_head(head, config, settings.init_kwargs, self._stack, logger,
                        self._closing)
         provisioning.wait_for_workers(logger)
-        warm_workers()
+        # The workers that joined since connect() checked the nodes then.
+        check_node_versions(meanwhile=warm_workers)
         self.runs.adaptive = provisioning.adapt(logger)
 
     def track(self, ref: Any, task: Task, task_run_id: uuid.UUID,

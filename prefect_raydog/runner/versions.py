@@ -1,0 +1,86 @@
+"""The versions a node's Python must share with the driver's (Python minor, Ray, Prefect,
+prefect-raydog), read and compared with the standard library alone: the driver ships this module
+to the nodes by value, so it runs on a node whose image lacks prefect-raydog or Prefect."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import sys
+from collections.abc import Iterable
+
+PACKAGES = ("ray", "prefect", "prefect-raydog")
+"""What every node runs a task run with: Ray's worker, Prefect's task engine, `runner/node.py`."""
+HOW_TO_MATCH = (
+    "Give the nodes the driver's versions: `prefect-raydog node-requirements` prints them, and "
+    "with --userdata node userdata that installs them (see \"The Ray cluster's nodes do not run "
+    "this driver's versions\" in docs/troubleshooting.md)."
+)
+
+
+class NodeEnvironmentError(RuntimeError):
+    """A node's Python, Ray, Prefect or prefect-raydog is not the driver's; no task was sent."""
+
+
+def installed() -> dict[str, str | None]:
+    """This process's Python minor version and executable, and the version of each of
+    `PACKAGES` (None when it is not installed)."""
+    found: dict[str, str | None] = {
+        "python": f"{sys.version_info[0]}.{sys.version_info[1]}",
+        "executable": sys.executable,
+    }
+    for name in PACKAGES:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def mismatches(driver: dict[str, str | None], node: dict[str, str | None],
+               where: str) -> list[str]:
+    """One line per version of `node` (a node or nodes, `where`) that is not the driver's."""
+    lines = []
+    for name in ("python", *PACKAGES):
+        wanted, found = driver.get(name), node.get(name)
+        if found == wanted:
+            continue
+        if found is None:
+            lines.append(
+                f"the node's Python at {node.get('executable')} ({where}) has no {name}: install "
+                f"it with `pip install {name}=={wanted}`"
+            )
+        else:
+            label = "Python" if name == "python" else name
+            lines.append(f"{label}: the driver has {wanted}, {where} has {found}")
+    return lines
+
+
+CHECKED_ON_CONNECT = (
+    "The Ray cluster's nodes do not run this driver's versions, so no task was sent to them"
+)
+CHECKED_ON_NODE = (
+    "A node that joined the Ray cluster after the driver checked it does not run the driver's "
+    "versions, so it runs no task run"
+)
+
+
+def error(lines: Iterable[str], lead: str = CHECKED_ON_CONNECT) -> NodeEnvironmentError:
+    """The one error that names every mismatch."""
+    return NodeEnvironmentError(f"{lead}: {'; '.join(lines)}. {HOW_TO_MATCH}")
+
+
+_OWN: dict[str, str | None] = {}
+
+
+def own() -> dict[str, str | None]:
+    """`installed()`, read once per process."""
+    if not _OWN:
+        _OWN.update(installed())
+    return _OWN
+
+
+def check_this_node(driver: dict[str, str | None] | None, where: str) -> None:
+    """Raise `NodeEnvironmentError` if this node's versions are not `driver`'s: a node that
+    joined after the driver checked the cluster."""
+    if driver and (lines := mismatches(driver, own(), where)):
+        raise error(lines, CHECKED_ON_NODE)
