@@ -26,6 +26,7 @@ from pydantic import (
 
 from prefect_raydog.spec import (
     CLUSTER_NAME_MAX_LENGTH,
+    LOCAL_NODE_ENVIRONMENT,
     ClusterSpec,
     NodeGroupSpec,
     WorkerPoolSpec,
@@ -355,13 +356,10 @@ class RayDogClusterConfig(Block):
         environment: dict[str, str] | None = None,
     ) -> RayDogClusterConfig:
         """The `local` preset: a head and one pool of `worker_nodes` on a local platform."""
-        from prefect_raydog.scripts import load
-
-        env = {"RAYDOG_VENV": sys.prefix, **(environment or {})}
-        head = NodeGroupSpec(template_id=LOCAL_TEMPLATE_ID, script=load("local-head"),
-                             environment=env)
-        workers = WorkerPoolSpec(template_id=LOCAL_TEMPLATE_ID, script=load("local-worker"),
-                                 name="workers", count=worker_nodes, environment=env)
+        env = {**LOCAL_NODE_ENVIRONMENT, "RAYDOG_VENV": sys.prefix, **(environment or {})}
+        head = NodeGroupSpec(template_id=LOCAL_TEMPLATE_ID, environment=env)
+        workers = WorkerPoolSpec(template_id=LOCAL_TEMPLATE_ID, name="workers",
+                                 count=worker_nodes, environment=env)
         return cls(
             credentials=YellowDogCredentials(
                 api_key_id=api_key_id, api_key_secret=SecretStr(api_key_secret), api_url=api_url

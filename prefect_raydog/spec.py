@@ -12,6 +12,19 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 LOCAL_PROCESS_TEMPLATE = "local/process"
+LOCAL_NODE_ENVIRONMENT = {
+    "RAY_INCLUDE_DASHBOARD": "false",
+    "RAY_INCLUDE_LOG_MONITOR": "false",
+    "RAY_OBJECT_STORE_MEMORY": "100000000",
+    "RAY_METRICS_EXPORT_PORT": "",
+    "RAY_NUM_CPUS": "1",
+    "RAY_gcs_rpc_server_reconnect_timeout_s": "5",
+}
+"""What the package's head and worker scripts are told on the local platform's nodes, many to a
+small machine: no dashboard (about 190 MiB and 2-3 s of start on two cores) and no log monitor (a
+Python process per node; task output reaches Prefect through its API), a small object store,
+metrics on a port Ray picks (nodes on loopback share ports), one CPU per worker, and a worker
+that gives up 5 s after its head is gone instead of 60."""
 NAME_MAX_LENGTH = 60
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 NAME_RULE = "lower-case letters, digits, '-' and '_', starting with a letter or digit"
@@ -316,20 +329,15 @@ class ClusterSpec(BaseModel):
         environment: dict[str, str] | None = None,
         **fields: object,
     ) -> ClusterSpec:
-        """A cluster of the local platform's process nodes running the local head and worker
-        scripts with Ray from `venv` (this interpreter's by default); one pool per size."""
-        env = {"RAYDOG_VENV": venv, **(environment or {})}
-
-        def group(script: str) -> dict[str, object]:
-            return {"template_id": LOCAL_PROCESS_TEMPLATE, "script": script, "environment": env}
-
-        from prefect_raydog.scripts import load
-
-        head, worker = load("local-head"), load("local-worker")
+        """A cluster of the local platform's process nodes running the package's head and worker
+        scripts with Ray from `venv` (this interpreter's by default) and the local platform's
+        `LOCAL_NODE_ENVIRONMENT`; one pool per size."""
+        env = {**LOCAL_NODE_ENVIRONMENT, "RAYDOG_VENV": venv, **(environment or {})}
+        node = {"template_id": LOCAL_PROCESS_TEMPLATE, "environment": env}
         return cls(
             name=name,
             namespace=namespace,
-            head=NodeGroupSpec(**group(head)),
-            worker_pools=[WorkerPoolSpec(count=size, **group(worker)) for size in pool_sizes],
+            head=NodeGroupSpec(**node),
+            worker_pools=[WorkerPoolSpec(count=size, **node) for size in pool_sizes],
             **fields,
         )

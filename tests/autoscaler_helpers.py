@@ -43,7 +43,7 @@ class RayCluster:
                        check=True)
         config = yaml.safe_load(EXAMPLE.read_text())
         config["provider"]["cluster_namespace"] = self.namespace
-        config["provider"]["task_environment"] = {"RAYDOG_VENV": sys.prefix}
+        config["provider"]["task_environment"]["RAYDOG_VENV"] = sys.prefix
         config["provider"]["head_api_url"] = platform.node_url
         config["auth"]["ssh_private_key"] = str(key)
         for path, value in changes.items():

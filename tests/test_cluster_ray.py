@@ -145,12 +145,20 @@ def test_sweep_all_ends_a_killed_driver_s_cluster_at_once(platform):
 
 
 @pytest.mark.ray
-def test_the_default_yellowdog_scripts_start_a_ray_cluster_with_its_dashboard(platform):
+def test_the_scripts_defaults_serve_the_dashboard_on_the_heads_loopback_only(platform):
+    """The package's head.sh and worker.sh with their YellowDog defaults: the dashboard answers
+    on the head itself, and a job submission from the host to the head's address finds nothing
+    listening."""
+    import urllib.error
     import urllib.request
 
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    # The package's head.sh and worker.sh (meant for real YellowDog nodes), run unchanged.
+    def dashboard_version() -> bytes:  # nested: shipped by value, run on the head
+        with urllib.request.urlopen("http://127.0.0.1:8265/api/version", timeout=10) as answer:
+            return answer.read()
+
     node = {"template_id": "local/process", "environment": {"RAYDOG_VENV": sys.prefix}}
     spec = ClusterSpec(
         name=unique_name("defaults"),
@@ -160,16 +168,22 @@ def test_the_default_yellowdog_scripts_start_a_ray_cluster_with_its_dashboard(pl
         workers_to_join=1,
     )
     with RayDogCluster(spec, client=fast_client(platform)) as cluster:
-        _connect_ray(f"ray://{cluster.head_node_private_ip}:10001")
+        head_ip = cluster.head_node_private_ip
+        _connect_ray(f"ray://{head_ip}:10001")
         try:
             wait_for_ray_nodes(2, timeout=120)
-            where = ray.remote(lambda: ray.util.get_node_ip_address())
-            assert ray.get(where.remote()) != cluster.head_node_private_ip
-            url = f"http://{cluster.head_node_private_ip}:8265/api/version"
-            with urllib.request.urlopen(url, timeout=10) as answer:
-                assert b"ray_version" in answer.read()
+            (head,) = [n["NodeID"] for n in ray.nodes() if n["NodeManagerAddress"] == head_ip]
+            on_head = NodeAffinitySchedulingStrategy(head, soft=False)
+            version = ray.remote(num_cpus=0)(dashboard_version)
+            assert b"ray_version" in ray.get(version.options(scheduling_strategy=on_head).remote())
         finally:
             ray.shutdown()
+        submission = urllib.request.Request(
+            f"http://{head_ip}:8265/api/jobs/", data=b'{"entrypoint": "id"}', method="POST",
+            headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.URLError) as refused:
+            urllib.request.urlopen(submission, timeout=10)
+        assert isinstance(refused.value.reason, ConnectionRefusedError)
 
 
 # Short, so the test waits for the watch with time to spare; the runner's default is 60 s.
@@ -185,26 +199,15 @@ def _node_task_statuses(platform, cluster: RayDogCluster) -> list[str]:
 
 
 @pytest.mark.ray
-@pytest.mark.parametrize("scripts", [("local-head", "local-worker"), ("head", "worker")])
-def test_a_watched_head_outlives_an_idle_driver_then_ends_the_cluster_once_it_left(
-    platform, scripts
-):
+def test_a_watched_head_outlives_an_idle_driver_then_ends_the_cluster_once_it_left(platform):
     """A head started with the runner's driver watch: a connected driver idle for several grace
     periods keeps every node task running; once it disconnects, the head task ends after the
     grace, and the worker tasks with it."""
     import ray
 
     from prefect_raydog.runner.guardian import with_driver_watch
-    from prefect_raydog.scripts import load
 
-    node = {"template_id": "local/process", "environment": {"RAYDOG_VENV": sys.prefix}}
-    spec = ClusterSpec(
-        name=unique_name("watched"),
-        namespace=NAMESPACE,
-        head=NodeGroupSpec(**node, script=load(scripts[0])),
-        worker_pools=[WorkerPoolSpec(**node, script=load(scripts[1]))],
-        workers_to_join=1,
-    )
+    spec = ClusterSpec.for_local_platform(unique_name("watched"), NAMESPACE, workers_to_join=1)
     spec = with_driver_watch(spec, grace_s=_GRACE_S, first_within_s=300)
     with RayDogCluster(spec, client=fast_client(platform)) as cluster:
         _connect_ray(f"ray://{cluster.head_node_private_ip}:10001")
@@ -218,5 +221,5 @@ def test_a_watched_head_outlives_an_idle_driver_then_ends_the_cluster_once_it_le
         wait_for(lambda: all(s in ("COMPLETED", "FAILED", "ABORTED", "CANCELLED")
                              for s in _node_task_statuses(platform, cluster)),
                  timeout=120, interval=0.2, what="the node tasks to end")
-        print(f"{scripts[0]}: node tasks ended {time.monotonic() - left:.1f} s after the "
+        print(f"node tasks ended {time.monotonic() - left:.1f} s after the "
               f"driver left (grace {_GRACE_S:g} s)")

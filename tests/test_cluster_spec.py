@@ -6,15 +6,18 @@ from __future__ import annotations
 import json
 import re
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
+import yaml
 from pydantic import ValidationError
 
 from prefect_raydog import scripts
 from prefect_raydog.cluster import RayDogCluster
-from prefect_raydog.spec import ClusterSpec, NodeGroupSpec, WorkerPoolSpec
+from prefect_raydog.spec import LOCAL_NODE_ENVIRONMENT, ClusterSpec, NodeGroupSpec, WorkerPoolSpec
 
 HEAD = {"template_id": "ns/head"}
+AUTOSCALER_EXAMPLE = Path(__file__).parents[1] / "docs" / "examples" / "autoscaler-local.yaml"
 
 
 def _spec(**fields) -> ClusterSpec:
@@ -119,17 +122,24 @@ def test_scripts_come_from_text_a_file_or_the_package_defaults(tmp_path):
     assert default == scripts.load("worker")
 
 
-@pytest.mark.parametrize("name", ["head", "worker", "local-head", "local-worker"])
+@pytest.mark.parametrize("name", ["head", "worker"])
 def test_default_ray_scripts_follow_raydogs_rules(name):
     text = scripts.load(name)
     assert "--block" in text and "RAYDOG_VENV" in text
-    if name.startswith("local-"):  # the first process of its node's PID namespace
-        assert "trap 'exit 143' TERM" in text and "--block &" in text
-        assert text.rstrip().endswith(("wait $!", "wait $RAY_PID"))
-    else:
-        assert re.search(r"^trap .*ray stop.* EXIT$", text, re.MULTILINE)
+    # On the local platform the first process of its node's PID namespace; on YellowDog, a task
+    # that stops Ray when aborted.
+    assert "trap 'exit 143' TERM" in text and "--block &" in text
+    assert text.rstrip().endswith(("wait $!", "wait $RAY_PID"))
+    assert re.search(r"^trap .*ray stop.* EXIT$", text, re.MULTILINE)
     if "worker" in name:
         assert "RAY_HEAD_IP" in text
+
+
+def test_the_local_autoscaler_example_tells_the_scripts_what_the_local_presets_do():
+    example = yaml.safe_load(AUTOSCALER_EXAMPLE.read_text())
+    # RAY_NUM_CPUS comes from each node type's resources.
+    expected = {k: v for k, v in LOCAL_NODE_ENVIRONMENT.items() if k != "RAY_NUM_CPUS"}
+    assert example["provider"]["task_environment"] == expected
 
 
 def test_an_unknown_script_name_lists_the_known_ones():

@@ -18,6 +18,7 @@ from yellowdog_client.model import NodeSearch, TaskStatus
 
 from prefect_raydog import scripts
 from prefect_raydog.local import LocalPlatform
+from prefect_raydog.spec import LOCAL_NODE_ENVIRONMENT
 
 ray = pytest.importorskip("ray")
 
@@ -74,19 +75,19 @@ def test_head_and_two_workers_form_one_cluster_and_one_worker_stops_alone(pools:
     started = time.monotonic()
     head_pool, worker_pool = pools.provision(1, "rayhead"), pools.provision(2, "rayworker")
     pools.wait_idle(head_pool)
-    environment = {"RAYDOG_VENV": sys.prefix}
+    environment = {**LOCAL_NODE_ENVIRONMENT, "RAYDOG_VENV": sys.prefix}
     client_port = 10001
     if pools.platform.host_address == "127.0.0.1":
         client_port = free_port()
         environment.update(RAY_NODE_IP_ARGS="--node-ip-address=127.0.0.1",
                            RAY_HEAD_PORT=str(free_port()), RAY_CLIENT_PORT=str(client_port))
-    head_task = pools.run("rayhead", [scripts.load("local-head")], environment)[0]
+    head_task = pools.run("rayhead", [scripts.load("head")], environment)[0]
     pools.wait_task(head_task.id, TaskStatus.EXECUTING)
     executing = time.monotonic()
     head = pools.client.worker_pool_client.find_nodes(NodeSearch(workerPoolId=head_pool))[0]
     head_ip = head.details.privateIpAddress
     pools.wait_idle(worker_pool)
-    worker_tasks = pools.run("rayworker", [scripts.load("local-worker")] * 2, {
+    worker_tasks = pools.run("rayworker", [scripts.load("worker")] * 2, {
         **environment, "RAY_HEAD_IP": head_ip, "RAY_RESOURCES": json.dumps({"local-pool": 1})})
     wait_for(lambda: port_open(head_ip, client_port), 60, 0.2, "the head's Ray Client port")
     try:

@@ -26,6 +26,7 @@ from prefect_raydog.cli import app
 from prefect_raydog.local import LocalPlatform
 from prefect_raydog.local.images import Image, ensure_image, node_requirements
 from prefect_raydog.local.machine import PROJECT
+from prefect_raydog.spec import LOCAL_NODE_ENVIRONMENT
 
 VM = "local/vm"
 BASE_SITE_PACKAGES = sysconfig.get_path("purelib", vars={"base": sys.base_prefix})
@@ -157,8 +158,9 @@ def test_ray_starts_from_the_image_as_yd_agent_and_runs_a_task(pools: Pools) -> 
     pool_id = pools.provision(1, "ray", VM)
     pools.wait_idle(pool_id, timeout=60)
     (node,) = pools.client.worker_pool_client.get_nodes(NodeSearch(workerPoolId=pool_id)).iterate()
-    environment = {"RAYDOG_VENV": "/opt/yellowdog/image/venv", "RAY_HEAD_ARGS": "--num-cpus=1"}
-    (head,) = pools.run("ray", [scripts.load("local-head")], environment)
+    environment = {**LOCAL_NODE_ENVIRONMENT, "RAYDOG_VENV": "/opt/yellowdog/image/venv",
+                   "RAY_HEAD_ARGS": "--num-cpus=1"}
+    (head,) = pools.run("ray", [scripts.load("head")], environment)
     address = node.details.privateIpAddress
     wait_for(lambda: listening(address, 10001, head.id, pools), 120, 0.5, "Ray Client on the head")
     job = subprocess.run(

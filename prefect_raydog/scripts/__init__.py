@@ -1,5 +1,6 @@
 """Default task scripts and node userdata, shipped as package data: `load("head")` returns the
-text of `head.sh`. The `local-*` scripts are the variants for the local platform's nodes."""
+text of `head.sh`. The same scripts run on YellowDog's nodes and the local platform's; what
+differs comes through the task environment."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ def names() -> list[str]:
 
 
 def load(name: str) -> str:
-    """The text of the named script, e.g. "head", "worker", "observability", "local-head"."""
+    """The text of the named script, e.g. "head", "worker", "observability"."""
     script = resources.files(__name__).joinpath(f"{name}.sh")
     if not script.is_file():
         raise ValueError(f"No script named {name!r}; the package ships {names()}")
