@@ -4,6 +4,7 @@ Run by tests/test_docs.py; docs/local-platform.md shows its sections. Every pool
 simulated nodes, so it starts no process.
 """
 
+import time  # noqa: I001
 from pathlib import Path  # noqa: I001 (each section of the docs shows its own imports)
 
 # --8<-- [start:client-imports]
@@ -68,7 +69,9 @@ with LocalPlatform() as platform:
     platform.reset_api_calls()
     # --8<-- [end:inspection]
     assert [p["name"] for p in platform.live_entities()["workerPools"]] == ["sims"]
-    node_id = platform.live_entities()["nodes"][0]["id"]
+    while not (nodes := platform.live_entities()["nodes"]):  # its instances are still booting
+        time.sleep(0.05)
+    node_id = nodes[0]["id"]
 
     # --8<-- [start:faults]
     client = platform.make_client(max_attempts=3, initial_interval=0.1)
