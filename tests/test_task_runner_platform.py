@@ -261,7 +261,7 @@ def test_killed_worker_node_gives_crashed_task_runs_reported_to_the_api(runner, 
     def slow(x: int) -> int:
         import time
 
-        time.sleep(10)
+        time.sleep(60)  # outlives the kill below: a run that completes never saw it
         return x
 
     # Its own name tells this flow's task runs from any an earlier test left RUNNING (the flow
@@ -283,12 +283,14 @@ def test_killed_worker_node_gives_crashed_task_runs_reported_to_the_api(runner, 
                 ),
             )
 
-    def kill_a_worker_once_tasks_run():
+    def kill_the_workers_once_tasks_run():
+        # Every worker node: Ray may have put both task runs on one of them.
         wait_for(running_tasks, timeout=120, interval=0.2, what="running tasks of this flow")
-        platform.kill_node(_worker_node_ids(platform)[0])
+        for node_id in _worker_node_ids(platform):
+            platform.kill_node(node_id)
 
     with ThreadPoolExecutor(max_workers=1) as killer:
-        killed = killer.submit(kill_a_worker_once_tasks_run)
+        killed = killer.submit(kill_the_workers_once_tasks_run)
         types, ids = doomed()
         killed.result()
     assert "CRASHED" in types
