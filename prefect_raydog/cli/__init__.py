@@ -1,35 +1,29 @@
 """The `prefect-raydog` command line: `up`, `down`, `status` and `sweep` of RayDog clusters, and
-`prefect-raydog local start`, which runs a local YellowDog platform in the foreground."""
+the `local` commands (`cli/local.py`)."""
 
 from __future__ import annotations
 
 import os
-import signal
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 from rich.table import Column, Table
 from typer.core import TyperGroup
+
+from prefect_raydog.cli.local import local
+from prefect_raydog.cli.output import console, error_line, fail
 
 if TYPE_CHECKING:
     from yellowdog_client import PlatformClient
 
     from prefect_raydog.blocks import YellowDogCredentials
     from prefect_raydog.cluster import ShutdownReport
-    from prefect_raydog.local import LocalPlatform
-    from prefect_raydog.local.identity import PlatformIdentity, StateDirectory
     from prefect_raydog.spec import ClusterSpec
-
-console = Console()
 
 
 class _OneLineErrors(TyperGroup):
@@ -44,7 +38,7 @@ class _OneLineErrors(TyperGroup):
         except typer.TyperException as error:  # Click's own errors, as typer vendors Click
             # With no arguments, Click's error is the help text, already shown.
             if type(error).__name__ != "NoArgsIsHelpError":
-                _error_line(_usage_mistake(error))
+                error_line(_usage_mistake(error))
             sys.exit(error.exit_code)
         except typer.Abort:
             console.print("Aborted.", highlight=False)
@@ -63,134 +57,7 @@ def _usage_mistake(error: typer.TyperException) -> str:
 app = typer.Typer(
     cls=_OneLineErrors, help="Ray clusters on YellowDog for Prefect flows.", no_args_is_help=True
 )
-local = typer.Typer(help="The local YellowDog platform.", no_args_is_help=True)
 app.add_typer(local, name="local")
-
-
-class Network(str, Enum):
-    AUTO = "auto"
-    BRIDGE = "bridge"
-    LOOPBACK = "loopback"
-
-
-DEFAULT_STATE_DIR = Path(os.environ.get("PREFECT_HOME") or "~/.prefect") / "raydog-local"
-StateDir = Annotated[
-    Path,
-    typer.Option(help="Where the platform keeps its port, key and bridge across restarts."),
-]
-
-
-@local.command("start")
-def start(
-    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[
-        int | None,
-        typer.Option(help="Port to listen on (0: any free port) [default: the last start's]."),
-    ] = None,
-    templates: Annotated[
-        Path | None,
-        typer.Option(exists=True, dir_okay=False, help="TOML file with more compute templates."),
-    ] = None,
-    network: Annotated[Network, typer.Option(help="How process nodes are networked.")] = (
-        Network.AUTO
-    ),
-    state_dir: StateDir = DEFAULT_STATE_DIR,
-) -> None:
-    """Run a local YellowDog platform until Ctrl-C, SIGTERM or SIGHUP, printing its URL and
-    application key; a restart with the same state directory keeps both."""
-    from prefect_raydog.local.identity import PlatformIdentity, StateDirectory, StateDirectoryBusy
-
-    directory = StateDirectory(state_dir)
-    try:
-        directory.lock()
-    except StateDirectoryBusy as error:
-        raise _fail(str(error), 2) from None
-    try:
-        identity = directory.load() or PlatformIdentity.new()
-        if port is not None:
-            identity.port = port
-        _serve_platform(identity, host, templates, network, directory)
-    finally:
-        directory.unlock()
-
-
-def _serve_platform(
-    identity: PlatformIdentity, host: str, templates: Path | None, network: Network,
-    directory: StateDirectory,
-) -> None:
-    from prefect_raydog.local import LocalPlatform
-    from prefect_raydog.local.templates import TemplateError
-
-    # `timeout`, `docker stop`, systemd and a closed terminal stop it in order, as Ctrl-C does.
-    for signum in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, _interrupt)
-    try:
-        platform = LocalPlatform(
-            templates=templates, host=host, port=identity.port, network=network.value,
-            key_id=identity.key_id, key_secret=identity.key_secret,
-            bridge_index=identity.bridge_index,
-        )
-    except TemplateError as error:
-        console.print(f"[red]Invalid templates file:[/red] {error}", markup=True, highlight=False)
-        raise typer.Exit(2) from None
-    try:
-        platform.start()
-    except OSError as error:
-        raise _fail(
-            f"cannot listen on {host}:{identity.port} (kept in {directory.identity_file}): "
-            f"{error.strerror or error}; stop what listens there, or pass --port"
-        ) from None
-    try:
-        identity.port, identity.bridge_index = platform.port, platform.bridge_index
-        identity.url, identity.node_address = platform.url, platform.host_address
-        directory.save(identity)
-        _print_platform(platform, directory)
-        threading.Event().wait()
-    except KeyboardInterrupt:
-        console.print("Stopping: ending every node.", style="dim")
-    finally:
-        platform.stop()
-
-
-def _print_platform(platform: LocalPlatform, directory: StateDirectory) -> None:
-    console.print(f"[bold]Local YellowDog platform[/bold] at [cyan]{platform.url}[/cyan]")
-    console.print(f"  key id:     {platform.key_id}")
-    console.print(f"  key secret: {platform.key_secret}")
-    console.print(f"  templates:  {', '.join(platform.templates.ids())}")
-    console.print(f"  nodes reach this machine at {platform.host_address}", highlight=False)
-    console.print(f"  state kept in {directory.path}", highlight=False)
-    if platform.runner is None:
-        console.print(
-            f"  [yellow]process nodes unavailable:[/yellow] {platform.state.runner_unavailable}"
-        )
-    console.print("Press Ctrl-C to stop.", style="dim")
-
-
-@local.command("save-block")
-def save_block(
-    name: Annotated[str, typer.Argument(help="The RayDogClusterConfig block's name.")],
-    state_dir: StateDir = DEFAULT_STATE_DIR,
-    worker_nodes: Annotated[int, typer.Option(help="Process nodes in the worker pool.")] = 2,
-) -> None:
-    """Save a RayDogClusterConfig block (the `local` preset) for the local platform of the state
-    directory: its URL and key, and the address where its nodes reach the Prefect API relay."""
-    from prefect_raydog.blocks import RayDogClusterConfig
-    from prefect_raydog.local.identity import StateDirectory
-
-    identity = StateDirectory(state_dir).load()
-    if identity is None or not identity.url:
-        raise _fail(f"no local platform has started with state directory {state_dir}: run "
-                    f"'prefect-raydog local start --state-dir {state_dir}' first", 2)
-    config = RayDogClusterConfig.local(
-        identity.url, identity.key_id, identity.key_secret, worker_nodes
-    ).model_copy(update={"api_relay_address": identity.node_address})
-    config.save(name, overwrite=True)
-    console.print(f"Saved RayDogClusterConfig {name!r} for the local platform at "
-                  f"{identity.url}.", highlight=False)
-
-
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
 
 
 # ----- clusters -----------------------------------------------------------------------------------
@@ -210,25 +77,16 @@ RAY_CLIENT_PORT = 10001
 DASHBOARD_PORT = 8265
 
 
-def _error_line(message: str) -> None:
-    console.print(f"[red]Error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
-
-
-def _fail(message: str, code: int = 1) -> typer.Exit:
-    _error_line(message)
-    return typer.Exit(code)
-
-
 def _key(key_id: str | None) -> tuple[str, str]:
     """The application key: the ID from --key-id or YD_API_KEY_ID, the secret from
     YD_API_KEY_SECRET or a hidden prompt (never the command line, where `ps` would show it)."""
     if not key_id:
-        raise _fail("no application key ID: pass --key-id or set YD_API_KEY_ID", 2)
+        raise fail("no application key ID: pass --key-id or set YD_API_KEY_ID", 2)
     secret = os.environ.get(SECRET_VARIABLE) or typer.prompt(
         "Application key secret", hide_input=True, default="", show_default=False
     )
     if not secret:
-        raise _fail(f"no application key secret: set {SECRET_VARIABLE} or type it when asked", 2)
+        raise fail(f"no application key secret: set {SECRET_VARIABLE} or type it when asked", 2)
     return key_id, secret
 
 
@@ -245,7 +103,7 @@ def _platform(key_id: str, key_secret: str, url: str) -> Iterator[PlatformClient
     try:
         yield client
     except (RayDogError, BaseCustomException, ServiceClientException, RequestException) as error:
-        raise _fail(str(error).replace(key_secret, "***")) from None
+        raise fail(str(error).replace(key_secret, "***")) from None
     finally:
         client.close()
 
@@ -292,9 +150,9 @@ def _load_spec(path: Path) -> ClusterSpec:
     try:
         fields = yaml.safe_load(path.read_text())
     except OSError as error:
-        raise _fail(f"cannot read {path}: {error.strerror}", 2) from None
+        raise fail(f"cannot read {path}: {error.strerror}", 2) from None
     except yaml.YAMLError as error:
-        raise _fail(f"cannot read {path}: {' '.join(str(error).split())}", 2) from None
+        raise fail(f"cannot read {path}: {' '.join(str(error).split())}", 2) from None
     try:
         return ClusterSpec.model_validate(fields)
     except ValidationError as error:
@@ -311,7 +169,7 @@ def _from_block(name: str) -> tuple[ClusterSpec, YellowDogCredentials]:
     try:
         config = RayDogClusterConfig.load(name)
     except Exception as error:  # Prefect raises ValueError, httpx or validation errors alike
-        raise _fail(f"cannot load RayDogClusterConfig {name!r}: {error}", 2) from None
+        raise fail(f"cannot load RayDogClusterConfig {name!r}: {error}", 2) from None
     return config.to_spec(config.cluster_name()), config.credentials
 
 
@@ -347,7 +205,7 @@ def up(
     from prefect_raydog.cluster import RayDogCluster
 
     if (spec_file is None) == (config is None):
-        raise _fail("give either a spec file or --config BLOCK_NAME (one of them)", 2)
+        raise fail("give either a spec file or --config BLOCK_NAME (one of them)", 2)
     if config is not None:
         spec, credentials = _from_block(config)
         key_id, secret, url = _block_key(credentials, key_id)
@@ -382,7 +240,7 @@ def down(
     from prefect_raydog.cluster import RayDogClusterProxy
 
     if not state_file.is_file():
-        raise _fail(f"no state file {state_file}", 2)
+        raise fail(f"no state file {state_file}", 2)
     with _platform(*_key(key_id), url) as client:
         proxy = RayDogClusterProxy(client)
         proxy.load_saved_state_from_json_file(state_file)

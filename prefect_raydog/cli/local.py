@@ -1,0 +1,147 @@
+"""`prefect-raydog local`: `start` runs a local YellowDog platform in the foreground, `save-block`
+saves a cluster configuration block for it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from prefect_raydog.cli.output import console, fail
+
+if TYPE_CHECKING:
+    from prefect_raydog.local import LocalPlatform
+    from prefect_raydog.local.identity import PlatformIdentity, StateDirectory
+
+local = typer.Typer(help="The local YellowDog platform.", no_args_is_help=True)
+
+
+class Network(str, Enum):
+    AUTO = "auto"
+    BRIDGE = "bridge"
+    LOOPBACK = "loopback"
+
+
+DEFAULT_STATE_DIR = Path(os.environ.get("PREFECT_HOME") or "~/.prefect") / "raydog-local"
+StateDir = Annotated[
+    Path,
+    typer.Option(help="Where the platform keeps its port, key and bridge across restarts."),
+]
+
+
+@local.command("start")
+def start(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[
+        int | None,
+        typer.Option(help="Port to listen on (0: any free port) [default: the last start's]."),
+    ] = None,
+    templates: Annotated[
+        Path | None,
+        typer.Option(exists=True, dir_okay=False, help="TOML file with more compute templates."),
+    ] = None,
+    network: Annotated[Network, typer.Option(help="How process nodes are networked.")] = (
+        Network.AUTO
+    ),
+    state_dir: StateDir = DEFAULT_STATE_DIR,
+) -> None:
+    """Run a local YellowDog platform until Ctrl-C, SIGTERM or SIGHUP, printing its URL and
+    application key; a restart with the same state directory keeps both."""
+    from prefect_raydog.local.identity import PlatformIdentity, StateDirectory, StateDirectoryBusy
+
+    directory = StateDirectory(state_dir)
+    try:
+        directory.lock()
+    except StateDirectoryBusy as error:
+        raise fail(str(error), 2) from None
+    try:
+        identity = directory.load() or PlatformIdentity.new()
+        if port is not None:
+            identity.port = port
+        _serve_platform(identity, host, templates, network, directory)
+    finally:
+        directory.unlock()
+
+
+def _serve_platform(
+    identity: PlatformIdentity, host: str, templates: Path | None, network: Network,
+    directory: StateDirectory,
+) -> None:
+    from prefect_raydog.local import LocalPlatform
+    from prefect_raydog.local.templates import TemplateError
+
+    # `timeout`, `docker stop`, systemd and a closed terminal stop it in order, as Ctrl-C does.
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _interrupt)
+    try:
+        platform = LocalPlatform(
+            templates=templates, host=host, port=identity.port, network=network.value,
+            key_id=identity.key_id, key_secret=identity.key_secret,
+            bridge_index=identity.bridge_index,
+        )
+    except TemplateError as error:
+        console.print(f"[red]Invalid templates file:[/red] {error}", markup=True, highlight=False)
+        raise typer.Exit(2) from None
+    try:
+        platform.start()
+    except OSError as error:
+        raise fail(
+            f"cannot listen on {host}:{identity.port} (kept in {directory.identity_file}): "
+            f"{error.strerror or error}; stop what listens there, or pass --port"
+        ) from None
+    try:
+        identity.port, identity.bridge_index = platform.port, platform.bridge_index
+        identity.url, identity.node_address = platform.url, platform.host_address
+        directory.save(identity)
+        _print_platform(platform, directory)
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        console.print("Stopping: ending every node.", style="dim")
+    finally:
+        platform.stop()
+
+
+def _print_platform(platform: LocalPlatform, directory: StateDirectory) -> None:
+    console.print(f"[bold]Local YellowDog platform[/bold] at [cyan]{platform.url}[/cyan]")
+    console.print(f"  key id:     {platform.key_id}")
+    console.print(f"  key secret: {platform.key_secret}")
+    console.print(f"  templates:  {', '.join(platform.templates.ids())}")
+    console.print(f"  nodes reach this machine at {platform.host_address}", highlight=False)
+    console.print(f"  state kept in {directory.path}", highlight=False)
+    if platform.runner is None:
+        console.print(
+            f"  [yellow]process nodes unavailable:[/yellow] {platform.state.runner_unavailable}"
+        )
+    console.print("Press Ctrl-C to stop.", style="dim")
+
+
+@local.command("save-block")
+def save_block(
+    name: Annotated[str, typer.Argument(help="The RayDogClusterConfig block's name.")],
+    state_dir: StateDir = DEFAULT_STATE_DIR,
+    worker_nodes: Annotated[int, typer.Option(help="Process nodes in the worker pool.")] = 2,
+) -> None:
+    """Save a RayDogClusterConfig block (the `local` preset) for the local platform of the state
+    directory: its URL and key, and the address where its nodes reach the Prefect API relay."""
+    from prefect_raydog.blocks import RayDogClusterConfig
+    from prefect_raydog.local.identity import StateDirectory
+
+    identity = StateDirectory(state_dir).load()
+    if identity is None or not identity.url:
+        raise fail(f"no local platform has started with state directory {state_dir}: run "
+                    f"'prefect-raydog local start --state-dir {state_dir}' first", 2)
+    config = RayDogClusterConfig.local(
+        identity.url, identity.key_id, identity.key_secret, worker_nodes
+    ).model_copy(update={"api_relay_address": identity.node_address})
+    config.save(name, overwrite=True)
+    console.print(f"Saved RayDogClusterConfig {name!r} for the local platform at "
+                  f"{identity.url}.", highlight=False)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
