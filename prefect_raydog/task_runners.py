@@ -72,6 +72,9 @@ ray = lazy_import("ray")
 __all__ = ["RayDogFuture", "RayDogTaskRunner", "placement", "pool_resource"]
 
 _WAIT_SLICE_S = 1.0
+# Ray Client drops a completion callback whose outcome it cannot unpickle (it logs "Callback
+# error"): a future whose outcome Ray has held this long undelivered fetches it itself.
+_UNDELIVERED_CHECK_S = 5.0
 _SETTLE_LOCK = threading.Lock()
 
 
@@ -175,15 +178,25 @@ class RayDogFuture(PrefectRayFuture):
 
     def _settled_by(self, deadline: float | None) -> bool:
         """Wait for the session to deliver the outcome, in short slices (see `_resolve`), while
-        the Ray connection that would deliver it lasts."""
+        the Ray connection that would deliver it lasts, and while Ray does not hold an outcome
+        the session failed to deliver."""
         settled = threading.Event()
         self.add_done_callback(lambda _: settled.set())
+        ready_since: float | None = None
+        next_check = time.monotonic() + _UNDELIVERED_CHECK_S
         while not settled.wait(_WAIT_SLICE_S if deadline is None
                                else max(0.0, min(deadline - time.monotonic(), _WAIT_SLICE_S))):
-            if deadline is not None and time.monotonic() >= deadline:
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
                 return False
             if not ray.is_initialized():
                 return True
+            if now >= next_check:
+                next_check = now + _UNDELIVERED_CHECK_S
+                if ready_since is not None:
+                    return True  # ready a whole check ago, still undelivered: ask Ray
+                if ray.wait([self.wrapped_future], timeout=0)[0]:
+                    ready_since = now
         return True
 
 

@@ -70,7 +70,7 @@ def test_readme_main_command_works_first_time_and_ends_clean(tmp_path: Path) -> 
     checkout = clean_checkout(tmp_path / "prefect-raydog")
     result = subprocess.run(
         ["bash", "-c", main_command], cwd=checkout, env=new_user_environment(tmp_path),
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=840,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=420,
     )
     output = result.stdout
     assert result.returncode == 0, output[-5000:]
