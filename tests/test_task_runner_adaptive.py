@@ -7,12 +7,13 @@ import logging
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 import ray
-from conftest import assert_nothing_left
+from conftest import assert_nothing_left, wait_for
 from helpers import head_ips
 from prefect import flow, task
 from prefect.client.orchestration import get_client
@@ -30,6 +31,8 @@ from prefect_raydog.task_runners import RayDogTaskRunner, placement
 
 pytestmark = pytest.mark.ray
 SLOW_BOOT = "test/process-slow-boot"
+# Time an eager runner would have used to start provisioning (it starts within milliseconds).
+LAZY_PREPARES_S = 3.0
 
 
 @pytest.fixture(scope="module")
@@ -180,13 +183,18 @@ class _Collect(logging.Handler):
         self.records.append(record)
 
 
+def _requirement_ids(platform: LocalPlatform) -> set[str]:
+    requirements = platform.client.work_client.get_work_requirements(WorkRequirementSearch())
+    return {summary.id for summary in requirements.list_all()}
+
+
 def _newest_requirement_created(platform: LocalPlatform) -> datetime:
     requirements = platform.client.work_client.get_work_requirements(WorkRequirementSearch())
     return max(summary.createdTime for summary in requirements.list_all())
 
 
 def test_eager_provisioning_starts_while_the_flow_prepares_and_lazy_at_the_first_submit(
-        prefect_api, platform):
+        prefect_api, platform, tmp_path):
     """Eager gives the first result sooner because the cluster is on its way before the first
     submission: the order of the two events shows it, however loaded the machine."""
     config = _config(platform, [{"name": "workers", "count": 1}], workers_to_join=1)
@@ -194,14 +202,35 @@ def test_eager_provisioning_starts_while_the_flow_prepares_and_lazy_at_the_first
         update={"template_id": SLOW_BOOT})})
 
     def submitted_and_provisioned(provision: str) -> tuple[datetime, datetime]:
+        known, prepared = _requirement_ids(platform), tmp_path / f"{provision}-prepared"
+
+        def provisioning() -> set[str]:
+            return _requirement_ids(platform) - known
+
+        def prepare() -> None:
+            """The flow's own work before its first task lasts until its eager cluster is on
+            the way; a lazy one must not start in a few seconds of it."""
+            try:
+                if provision == "eager":
+                    wait_for(provisioning, timeout=120, interval=0.1, what="eager provisioning")
+                else:
+                    time.sleep(LAZY_PREPARES_S)
+                    assert not provisioning(), "a lazy runner provisioned before its first submit"
+            finally:
+                prepared.touch()
+
         @flow(task_runner=_runner(platform, config, provision=provision))
         def prepares_then_submits():
-            time.sleep(15)  # the flow's own work before its first task
+            while not prepared.exists():  # the flow's context travels to nodes: no platform here
+                time.sleep(0.05)
             submitted = datetime.now(timezone.utc)
             where.submit(0.0).result()
             return submitted
 
-        submitted = prepares_then_submits()
+        with ThreadPoolExecutor(max_workers=1) as preparing:
+            preparation = preparing.submit(prepare)
+            submitted = prepares_then_submits()
+            preparation.result()
         # In the API's resolution, milliseconds.
         submitted = submitted.replace(microsecond=submitted.microsecond // 1000 * 1000)
         return submitted, _newest_requirement_created(platform)

@@ -248,15 +248,21 @@ def test_placement_sends_tasks_to_the_named_pool(two_pool_runner):
     assert ran == {"a": {pool_ips["a"]}, "b": {pool_ips["b"]}}
 
 
-def _worker_node_ids(platform) -> list[str]:
+def _worker_node_ids(platform, cluster_name: str) -> list[str]:
+    """The running worker nodes of the cluster `cluster_name`, whatever else the platform runs."""
     from yellowdog_client.model import NodeSearch
 
-    pools = [p["id"] for p in platform.live_entities()["workerPools"] if "wrkrs" in p["name"]]
-    nodes = platform.client.worker_pool_client.get_nodes(NodeSearch(workerPoolId=pools[0]))
-    return [node.id for node in nodes.iterate() if str(node.status).endswith("RUNNING")]
+    pools = [p["id"] for p in platform.live_entities()["workerPools"]
+             if p["name"].startswith(f"{cluster_name}-") and "wrkrs" in p["name"]]
+    assert pools, f"no worker pool of {cluster_name} is live"
+    nodes = [node for pool in pools for node in platform.client.worker_pool_client.get_nodes(
+        NodeSearch(workerPoolId=pool)).iterate()]
+    return [node.id for node in nodes if str(node.status).endswith("RUNNING")]
 
 
-def test_killed_worker_node_gives_crashed_task_runs_reported_to_the_api(runner, platform):
+def test_killed_worker_node_gives_crashed_task_runs_reported_to_the_api(
+    runner, platform, saved_config
+):
     @task
     def slow(x: int) -> int:
         import time
@@ -285,8 +291,10 @@ def test_killed_worker_node_gives_crashed_task_runs_reported_to_the_api(runner, 
 
     def kill_the_workers_once_tasks_run():
         # Every worker node: Ray may have put both task runs on one of them.
-        wait_for(running_tasks, timeout=120, interval=0.2, what="running tasks of this flow")
-        for node_id in _worker_node_ids(platform):
+        running = wait_for(running_tasks, timeout=120, interval=0.2,
+                           what="running tasks of this flow")
+        cluster_name = saved_config.cluster_name(running[0].flow_run_id)
+        for node_id in _worker_node_ids(platform, cluster_name):
             platform.kill_node(node_id)
 
     with ThreadPoolExecutor(max_workers=1) as killer:
