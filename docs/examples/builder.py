@@ -58,6 +58,7 @@ with LocalPlatform(templates=templates) as platform, tempfile.TemporaryDirectory
     # End the orphaned clusters in the namespace with the tag (head gone, lifetime passed, or
     # pools left with no work requirement) and leave the healthy ones; everything=True ends all.
     sweep(client, "ray", "nightly")
+    client.close()                         # ends the client's event streams and connections
     # --8<-- [end:build]
 
     assert head.private_ip and not report.failed
