@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
+import scheduling
 import system_packages
 from prefect.settings import PREFECT_API_URL
 from prefect.testing.utilities import prefect_test_harness
@@ -51,16 +52,31 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         system_packages.install_for_workers(reporter.write_line if reporter else print)
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--store-durations", action="store_true",
+                     help="write each test's seconds to tests/durations.json (see scheduling.py)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if config.getoption("store_durations") and not hasattr(config, "workerinput"):
+        config.pluginmanager.register(scheduling.DurationRecorder(), "raydog-durations")
+
+
+def _group(item: pytest.Item) -> str:
+    if item.path.name in _RAY_UP_MODULES or item.nodeid.endswith("[autoscaler.py]"):
+        return "ray-up"
+    return item.nodeid if item.path.name in _SPREAD_MODULES else item.path.name
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if item.path.name in _RAY_UP_MODULES or item.nodeid.endswith("[autoscaler.py]"):
-            item.add_marker(pytest.mark.xdist_group("ray-up"))
-        elif item.path.name not in _SPREAD_MODULES:
-            item.add_marker(pytest.mark.xdist_group(item.path.name))
+        if item.path.name not in _SPREAD_MODULES or _group(item) == "ray-up":
+            item.add_marker(pytest.mark.xdist_group(_group(item)))
         needed = [name for mark in item.iter_markers("system_packages") for name in mark.args]
         if reasons := list(filter(None, map(system_packages.why_missing, needed))):
             item.add_marker(pytest.mark.skip(reason="; ".join(reasons)))
+    scheduling.longest_groups_first(items, _group)
 
 
 def assert_nothing_left(platform: LocalPlatform, timeout: float = 30.0) -> None:
