@@ -1,7 +1,8 @@
-"""A cluster reached over SSH is locked with a Ray token of its own: the runner builds it, writes
-the token into each node's file over SSH (the workers through the head), runs its tasks, and the
-head refuses a Ray Client without the token. The token is in no task's environment, userdata,
-task output or log."""
+"""A cluster reached over SSH is locked with a Ray token of its own: the runner (and the Builder
+given an `SSHLogin`) builds it, writes the token into each node's file over SSH (the workers
+through the head), runs its tasks, and the head refuses a Ray Client without the token. The
+token is in no task's environment, userdata, task output or log. docs/builder.md shows the
+Builder's part of tests/test_token_auth.py."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import dataclasses
 import json
 import logging
 import os
+import subprocess
 import threading
+import uuid
 from pathlib import Path
 
 import paramiko
@@ -24,6 +27,7 @@ from pydantic import SecretStr
 from test_local_ssh import make_key
 from yellowdog_client.model import ComputeRequirementSearch, TaskSearch, WorkRequirementSearch
 
+from prefect_raydog import ClusterSpec, RayDogCluster, RayTunnels, SSHLogin
 from prefect_raydog.blocks import RayDogClusterConfig
 from prefect_raydog.cluster import create_client
 from prefect_raydog.cluster.token_auth import RAY_TOKEN_FILE
@@ -36,18 +40,29 @@ AUTHORIZE = "#!/bin/bash\ncat >> ~yd-agent/.ssh/authorized_keys <<'EOF'\n{}\nEOF
 
 
 @pytest.fixture(scope="module")
-def key(prefect_api, local_platform, tmp_path_factory) -> Path:
-    """A block whose head and worker nodes accept a fresh key, reached through an SSH tunnel."""
+def key(tmp_path_factory) -> Path:
+    """A fresh SSH key; its public half is in `key.userdata`."""
     key = tmp_path_factory.mktemp("ssh") / "id_ed25519"
-    userdata = AUTHORIZE.format(make_key(key))
+    (key.parent / "userdata").write_text(AUTHORIZE.format(make_key(key)))
+    return key
+
+
+def _authorizing(group, key: Path):
+    """The node group with userdata that authorizes `key`."""
+    return group.model_copy(update={"userdata": (key.parent / "userdata").read_text()})
+
+
+@pytest.fixture(scope="module")
+def block(prefect_api, local_platform, key) -> str:
+    """A block whose head and worker nodes accept the key, reached through an SSH tunnel."""
     config = RayDogClusterConfig.local(local_platform.url, local_platform.key_id,
                                        local_platform.key_secret, worker_nodes=1)
     config.model_copy(update={
         "ssh_tunnel": True, "ssh_private_key": SecretStr(key.read_text()),
-        "head": config.head.model_copy(update={"userdata": userdata}),
-        "worker_pools": [config.worker_pools[0].model_copy(update={"userdata": userdata})],
+        "head": _authorizing(config.head, key),
+        "worker_pools": [_authorizing(config.worker_pools[0], key)],
     }).save(BLOCK, overwrite=True)
-    return key
+    return BLOCK
 
 
 @task
@@ -66,9 +81,15 @@ def _probe(key: Path, head: str) -> tuple[str, object, object]:
     from test_locked_head import ray_job
 
     token = ssh(key, head, f"cat ~/{RAY_TOKEN_FILE}").stdout
-    refused = ray_job(f"ray://{head}:10001", RAY_AUTH_MODE="disabled")
+    refused = _probe_without_token(head)
     accepted = ray_job(f"ray://{head}:10001", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
     return token, refused, accepted
+
+
+def _probe_without_token(head: str) -> subprocess.CompletedProcess[str]:
+    from test_locked_head import ray_job
+
+    return ray_job(f"ray://{head}:10001", RAY_AUTH_MODE="disabled")
 
 
 def _records(platform) -> tuple[list[dict], list[str], list[str]]:
@@ -95,11 +116,11 @@ def _records(platform) -> tuple[list[dict], list[str], list[str]]:
 
 
 def test_a_cluster_reached_over_ssh_is_token_locked_and_the_token_leaks_nowhere(
-    key, platform, caplog, capfd
+    block, key, platform, caplog, capfd
 ):
     caplog.set_level(logging.DEBUG)
 
-    @flow(task_runner=RayDogTaskRunner(cluster=BLOCK, api_relay_address=platform.host_address))
+    @flow(task_runner=RayDogTaskRunner(cluster=block, api_relay_address=platform.host_address))
     def locked():
         results = node_ip.map(range(2)).result()
         (head,) = head_ips()
@@ -134,3 +155,34 @@ def test_a_cluster_reached_over_ssh_is_token_locked_and_the_token_leaks_nowhere(
         "environment": json.dumps(dict(os.environ)),
     }
     assert [where for where, text in places.items() if token in text] == []
+
+
+def test_a_builder_given_an_ssh_login_locks_its_cluster_and_lets_its_own_client_in(
+    key, platform
+):
+    spec = ClusterSpec.for_local_platform(f"locked-{uuid.uuid4().hex[:6]}", workers_to_join=1)
+    spec = spec.model_copy(update={"head": _authorizing(spec.head, key), "worker_pools": [
+        _authorizing(pool, key) for pool in spec.worker_pools]})
+    client = create_client(platform.key_id, platform.key_secret, platform.url)
+    try:
+        # --8<-- [start:locked]
+        login = SSHLogin("yd-agent", SecretStr(key.read_text()))
+        with RayDogCluster(spec, client, ssh=login) as cluster:
+            head = cluster.head_node_public_ip or cluster.head_node_private_ip
+            with RayTunnels(head, "yd-agent", private_key_file=key) as tunnels:
+                ray.init(tunnels.ray_client_address, **cluster.ray_client_kwargs())
+                # --8<-- [end:locked]
+                try:
+                    where = ray.get(ray.remote(num_cpus=1)(ray.util.get_node_ip_address).remote())
+                finally:
+                    ray.shutdown()
+            refused = _probe_without_token(cluster.head_node_private_ip)
+            (_, bearer), = cluster.ray_client_kwargs()["_metadata"]
+            shown = f"{cluster!r} {cluster.token_auth!r} {login!r}"
+    finally:
+        client.close()
+    assert where != cluster.head_node_private_ip, "the task ran on the worker node"
+    assert bearer.split()[1] not in shown
+    assert refused.returncode != 0 and "answer" not in refused.stdout
+    assert not _ssh_transports()
+    assert_nothing_left(platform)
