@@ -31,6 +31,7 @@ from prefect_raydog import ClusterSpec, RayDogCluster, RayTunnels, SSHLogin
 from prefect_raydog.blocks import RayDogClusterConfig
 from prefect_raydog.cluster import create_client
 from prefect_raydog.cluster.token_auth import RAY_TOKEN_FILE
+from prefect_raydog.errors import ClusterBuildError
 from prefect_raydog.task_runners import RayDogTaskRunner
 
 pytestmark = [pytest.mark.ray, pytest.mark.system_packages("openssh-server")]
@@ -185,4 +186,28 @@ def test_a_builder_given_an_ssh_login_locks_its_cluster_and_lets_its_own_client_
     assert bearer.split()[1] not in shown
     assert refused.returncode != 0 and "answer" not in refused.stdout
     assert not _ssh_transports()
+    assert_nothing_left(platform)
+
+
+def test_an_unreadable_ssh_key_is_refused_before_anything_is_provisioned(platform):
+    spec = ClusterSpec.for_local_platform(f"badkey-{uuid.uuid4().hex[:6]}")
+    client = create_client(platform.key_id, platform.key_secret, platform.url)
+    try:
+        with pytest.raises(ValueError, match="ssh_private_key: not a private key paramiko"):
+            RayDogCluster(spec, client, ssh=SSHLogin("yd-agent", SecretStr("not a key")))
+    finally:
+        client.close()
+    assert platform.api_calls() == {}
+
+
+def test_a_head_that_does_not_accept_the_key_fails_the_build_and_leaves_nothing(key, platform):
+    spec = ClusterSpec.for_local_platform(f"refused-{uuid.uuid4().hex[:6]}")  # no key in userdata
+    client = create_client(platform.key_id, platform.key_secret, platform.url)
+    try:
+        cluster = RayDogCluster(spec, client, ssh=SSHLogin("yd-agent", SecretStr(key.read_text())))
+        with pytest.raises(ClusterBuildError, match="Writing the Ray token to the head") as error:
+            cluster.build()
+    finally:
+        client.close()
+    assert "Cleaned up: " in str(error.value) and not _ssh_transports()
     assert_nothing_left(platform)
