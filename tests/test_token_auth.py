@@ -29,7 +29,7 @@ from yellowdog_client.model import ComputeRequirementSearch, TaskSearch, WorkReq
 
 from prefect_raydog import ClusterSpec, RayDogCluster, RayTunnels, SSHLogin
 from prefect_raydog.blocks import RayDogClusterConfig
-from prefect_raydog.cluster import create_client
+from prefect_raydog.cluster import create_client, wait_for_ray_nodes
 from prefect_raydog.cluster.token_auth import RAY_TOKEN_FILE
 from prefect_raydog.errors import ClusterBuildError
 from prefect_raydog.task_runners import RayDogTaskRunner
@@ -158,12 +158,12 @@ def test_a_cluster_reached_over_ssh_is_token_locked_and_the_token_leaks_nowhere(
     assert [where for where, text in places.items() if token in text] == []
 
 
-def test_a_builder_given_an_ssh_login_locks_its_cluster_and_lets_its_own_client_in(
+def test_a_builder_given_an_ssh_login_locks_its_cluster_to_its_own_client_and_nodes(
     key, platform
 ):
     spec = ClusterSpec.for_local_platform(f"locked-{uuid.uuid4().hex[:6]}", workers_to_join=1)
     spec = spec.model_copy(update={"head": _authorizing(spec.head, key), "worker_pools": [
-        _authorizing(pool, key) for pool in spec.worker_pools]})
+        _authorizing(pool, key).model_copy(update={"max_count": 2}) for pool in spec.worker_pools]})
     client = create_client(platform.key_id, platform.key_secret, platform.url)
     try:
         # --8<-- [start:locked]
@@ -175,6 +175,9 @@ def test_a_builder_given_an_ssh_login_locks_its_cluster_and_lets_its_own_client_
                 # --8<-- [end:locked]
                 try:
                     where = ray.get(ray.remote(num_cpus=1)(ray.util.get_node_ip_address).remote())
+                    # A node the pool gains later gets the token too, and joins.
+                    cluster.resize_worker_pool(cluster.worker_pool_internal_names[0], 2)
+                    wait_for_ray_nodes(3)
                 finally:
                     ray.shutdown()
             refused = _probe_without_token(cluster.head_node_private_ip)
