@@ -21,6 +21,7 @@ _EXPORTS: dict[str, str] = {
     "RayDogClusterProxy": "prefect_raydog.cluster.saved",
     "HeadNodeAddress": "prefect_raydog.cluster.builder",
     "ShutdownReport": "prefect_raydog.cluster.teardown",
+    "SSHLogin": "prefect_raydog.cluster.token_auth",
     "sweep": "prefect_raydog.cluster.saved",
     "create_client": "prefect_raydog.cluster.client",
     "wait_for_ray_nodes": "prefect_raydog.cluster.client",

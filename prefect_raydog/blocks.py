@@ -276,12 +276,15 @@ class RayDogClusterConfig(Block):
     ssh_tunnel: bool = Field(
         default=False,
         title="Connect through an SSH tunnel",
-        description="Reach the head node's Ray Client port through SSH to its public IP.",
+        description=(
+            "Reach the head node's Ray Client port through SSH to its public IP; the cluster "
+            "is then locked with a Ray token, written into each node over SSH with this key."
+        ),
     )
     ssh_username: str = Field(
         default="yd-agent",
         title="SSH user name",
-        description="The user to log in as on the head node when tunnelling.",
+        description="The user to log in as on the nodes (the agent's) when tunnelling.",
     )
     ssh_private_key: SecretStr | None = Field(
         default=None,

@@ -44,6 +44,7 @@ RUN_BY = {
     "docs/examples/templates.toml": "docs/examples/local_platform.py",
     "docs/examples/builder_templates.toml": "docs/examples/builder.py",
     "docs/examples/cluster.yaml": "tests/test_docs.py",
+    "tests/test_token_auth.py": "tests/test_token_auth.py",
 }
 
 # Output shown as text, by page and the first 12 hex digits of the block's SHA-256, and the

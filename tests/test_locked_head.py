@@ -37,7 +37,7 @@ def pools(platform: LocalPlatform) -> Pools:
         yield workspace
 
 
-def _ray_job(address: str, **auth: str) -> subprocess.CompletedProcess[str]:
+def ray_job(address: str, **auth: str) -> subprocess.CompletedProcess[str]:
     """A Ray Client job from the host, in a process of its own (Ray keeps its auth mode)."""
     environment = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
     return subprocess.run([sys.executable, "-c", RAY_JOB, address], capture_output=True,
@@ -71,9 +71,9 @@ def test_a_head_with_a_token_file_refuses_ray_client_without_the_token(pools: Po
     address = node.details.privateIpAddress
     wait_for(lambda: listening(address, 10001, head.id, pools), 120, 0.5, "Ray Client on the head")
 
-    refused = _ray_job(f"ray://{address}:10001", RAY_AUTH_MODE="disabled")
+    refused = ray_job(f"ray://{address}:10001", RAY_AUTH_MODE="disabled")
     # Ray Client retries a refused handshake until it gives up: "ray client connection timeout".
     assert refused.returncode != 0 and "answer" not in refused.stdout
-    accepted = _ray_job(f"ray://{address}:10001", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
+    accepted = ray_job(f"ray://{address}:10001", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
     assert accepted.stdout.split() == ["answer", "42"], accepted.stderr[-3000:]
     assert token not in pools.platform.task_output(head.id)

@@ -54,8 +54,10 @@ def saved_config(prefect_api, local_platform, tmp_path_factory):
     _config(local_platform, build_timeout=timedelta(seconds=20), worker_pools=[
         config.worker_pools[0].model_copy(update={"script": NEVER_JOINS})
     ]).save(NEVER_JOINS_BLOCK, overwrite=True)
+    authorize = {"userdata": AUTHORIZE.format(public)}  # the workers too: the token goes there
     _config(local_platform, ssh_tunnel=True, ssh_private_key=SecretStr(key.read_text()),
-            head=config.head.model_copy(update={"userdata": AUTHORIZE.format(public)})
+            head=config.head.model_copy(update=authorize),
+            worker_pools=[config.worker_pools[0].model_copy(update=authorize)],
             ).save(TUNNEL_BLOCK, overwrite=True)
 
 

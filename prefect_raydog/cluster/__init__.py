@@ -12,12 +12,14 @@ from prefect_raydog.cluster.builder import HeadNodeAddress, RayDogCluster
 from prefect_raydog.cluster.client import DEFAULT_API_URL, create_client, wait_for_ray_nodes
 from prefect_raydog.cluster.saved import RayDogClusterProxy, sweep
 from prefect_raydog.cluster.teardown import ShutdownReport
+from prefect_raydog.cluster.token_auth import SSHLogin
 
 __all__ = [
     "DEFAULT_API_URL",
     "HeadNodeAddress",
     "RayDogCluster",
     "RayDogClusterProxy",
+    "SSHLogin",
     "ShutdownReport",
     "create_client",
     "sweep",

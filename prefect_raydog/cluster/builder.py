@@ -31,12 +31,14 @@ from prefect_raydog.cluster.nodes import (
     node_tasks,
     observability_group,
     provision_pool,
+    running_nodes,
     task_group,
     worker_group,
 )
 from prefect_raydog.cluster.pools import WorkerPools
 from prefect_raydog.cluster.saved import saved_state_json
 from prefect_raydog.cluster.teardown import ShutdownReport, Teardown, end_work_requirement_named
+from prefect_raydog.cluster.token_auth import SSHLogin, TokenAuth
 from prefect_raydog.cluster.waits import (
     RequirementWatch,
     check_head_still_running,
@@ -82,6 +84,8 @@ class RayDogCluster(WorkerPools):
     `shut_down()` ends everything in parallel; a failure anywhere tears down what was created.
     Every name it gives starts with `build_name` (the cluster name and this object's own build
     ID), so that it only ever ends what it made, even beside another build of the same name.
+    Given an `ssh` login to its nodes, it locks Ray with a token of its own (`TokenAuth`): connect
+    with `ray.init(f"ray://...", **cluster.ray_client_kwargs())`.
     """
 
     def __init__(
@@ -92,7 +96,9 @@ class RayDogCluster(WorkerPools):
         key_id: str | None = None,
         key_secret: str | SecretStr | None = None,
         url: str = DEFAULT_API_URL,
+        ssh: SSHLogin | None = None,
     ) -> None:
+        self.token_auth = TokenAuth(ssh) if ssh is not None else None
         self._owns_client = client is None
         self.spec = spec
         self.build_id = secrets.token_hex(BUILD_ID_LENGTH // 2)
@@ -178,6 +184,10 @@ class RayDogCluster(WorkerPools):
         if self.head_node_private_ip is None:
             return None
         return HeadNodeAddress(self.head_node_private_ip, self.head_node_public_ip)
+
+    def ray_client_kwargs(self) -> dict[str, Any]:
+        """What `ray.init("ray://...")` needs to be let in: the token, when the cluster has one."""
+        return self.token_auth.ray_client_kwargs() if self.token_auth is not None else {}
 
     def get_worker_pool_internal_name_by_id(self, worker_pool_id: str) -> str:
         return self._worker_group_by_id(worker_pool_id).internal_name
@@ -376,6 +386,8 @@ class RayDogCluster(WorkerPools):
     def _start_head_node(
         self, watch: RequirementWatch, environment: dict[str, str], deadline: Deadline
     ) -> None:
+        if self.token_auth is not None:
+            environment = {**environment, **self.token_auth.environment}
         self._environment = environment
         (self.head_node_task_id,) = self.add_tasks(self._head, 1, environment)
         task = self._wait_until_executing(
@@ -386,6 +398,9 @@ class RayDogCluster(WorkerPools):
         self.head_node_private_ip, self.head_node_public_ip = node_addresses(
             self.yd_client, self._head, task
         )
+        if self.token_auth is not None:
+            self.token_auth.deliver_to_head(self.head_node_public_ip or self.head_node_private_ip)
+            self.token_auth.follow(lambda: running_nodes(self.yd_client, list(self._workers)))
 
     def _worker_environment(self) -> dict[str, str]:
         return {
@@ -423,6 +438,8 @@ class RayDogCluster(WorkerPools):
     # ----- shutdown ---------------------------------------------------------------------------
 
     def _end_everything(self) -> ShutdownReport:
+        if self.token_auth is not None:
+            self.token_auth.close()
         with self._lock:
             groups = list(self._all_groups())
             requirement = self._work_requirement_to_end()

@@ -8,7 +8,15 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from yellowdog_client import PlatformClient
-from yellowdog_client.model import InstanceSearch, Task, TaskGroup, TaskSearch, TaskStatus
+from yellowdog_client.model import (
+    InstanceSearch,
+    NodeSearch,
+    NodeStatus,
+    Task,
+    TaskGroup,
+    TaskSearch,
+    TaskStatus,
+)
 from yellowdog_client.model.exceptions import InvalidRequestException
 
 from prefect_raydog.cluster import node_requests
@@ -201,3 +209,15 @@ def _public_ip(client: PlatformClient, group: NodeGroup, instance_id: str) -> st
         if instance.id is not None and instance.id.instanceId == instance_id:
             return instance.publicIpAddress
     return None
+
+
+def running_nodes(client: PlatformClient, groups: list[NodeGroup]) -> dict[str, str]:
+    """The running nodes of the groups' pools: {node id: private IP}."""
+    nodes = {}
+    for group in groups:
+        if group.pool_id:
+            search = NodeSearch(workerPoolId=group.pool_id, statuses=[NodeStatus.RUNNING])
+            for node in client.worker_pool_client.get_nodes(search).iterate():
+                if node.details is not None and node.details.privateIpAddress:
+                    nodes[node.id] = node.details.privateIpAddress
+    return nodes

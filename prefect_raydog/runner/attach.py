@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     import ray
 
     from prefect_raydog.blocks import RayDogClusterConfig
-    from prefect_raydog.cluster import HeadNodeAddress
+    from prefect_raydog.cluster import RayDogCluster
 
 ray = lazy_import("ray")
 RAY_CLIENT_PORT = 10001
@@ -49,17 +49,21 @@ def refuse_second_connection() -> None:
         raise RuntimeError(ALREADY_CONNECTED)
 
 
-def attach_to_head(head: HeadNodeAddress, config: RayDogClusterConfig,
+def attach_to_head(cluster: RayDogCluster, config: RayDogClusterConfig,
                    init_kwargs: Mapping[str, Any], stack: ExitStack, logger: Any,
                    stop: threading.Event) -> None:
     """Connect to the head of a cluster this session built, until `stack` closes: through an
-    SSH tunnel when `config` asks for one, else at its private address."""
+    SSH tunnel when `config` asks for one, else at its private address; with the cluster's
+    Ray token when it has one."""
+    head = cluster.head_address
     if config.ssh_tunnel:
         address = _tunnel(config, head.public_ip or head.private_ip, stack)
     else:
         address = f"ray://{head.private_ip}:{RAY_CLIENT_PORT}"
     check_not_stopped(stop)
-    connect(address, {**init_kwargs, "runtime_env": _runtime_env(init_kwargs)}, logger, stop)
+    token = cluster.ray_client_kwargs()
+    runtime_env = _runtime_env(init_kwargs, "token" if token else "disabled")
+    connect(address, {**init_kwargs, **token, "runtime_env": runtime_env}, logger, stop)
     stack.callback(disconnect)
 
 
@@ -77,8 +81,10 @@ def _tunnel(config: RayDogClusterConfig, head_ip: str, stack: ExitStack) -> str:
     return tunnels.ray_client_address
 
 
-def _runtime_env(init_kwargs: Mapping[str, Any]) -> dict[str, Any]:
+def _runtime_env(init_kwargs: Mapping[str, Any], auth_mode: str) -> dict[str, Any]:
+    """The job's runtime env, its workers in the cluster's auth mode (explicit: with it unset,
+    a stray ~/.ray/auth_token would turn token mode on)."""
     runtime_env = dict(init_kwargs.get("runtime_env") or {})
-    env_vars = {"RAY_AUTH_MODE": "disabled", **(runtime_env.get("env_vars") or {})}
+    env_vars = {"RAY_AUTH_MODE": auth_mode, **(runtime_env.get("env_vars") or {})}
     runtime_env["env_vars"] = env_vars
     return runtime_env

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     import ray
 
     from prefect_raydog.blocks import RayDogClusterConfig
-    from prefect_raydog.cluster import HeadNodeAddress, RayDogCluster
+    from prefect_raydog.cluster import RayDogCluster, SSHLogin
 
 ray = lazy_import("ray")
 
@@ -48,9 +48,8 @@ class Provisioning:
         self._build_timeout_s = 0.0
         self._build_deadline = 0.0
 
-    def build(self, flow_run_id: uuid.UUID | None,
-              logger: Any) -> tuple[HeadNodeAddress, RayDogClusterConfig]:
-        """Build the cluster, named for `flow_run_id`; return its head and its config."""
+    def build(self, flow_run_id: uuid.UUID | None, logger: Any) -> RayDogClusterConfig:
+        """Build the cluster (`self.cluster`), named for `flow_run_id`; return its config."""
         from prefect_raydog.cluster import RayDogCluster
 
         config = self._load_config(logger)
@@ -64,7 +63,8 @@ class Provisioning:
             "Provisioning Ray cluster %s in namespace %s: a head node and %d worker node(s).",
             spec.name, spec.namespace, sum(p.start_count for p in spec.worker_pools),
         )
-        cluster = self.cluster = RayDogCluster(spec, client=config.credentials.get_client())
+        cluster = self.cluster = RayDogCluster(spec, client=config.credentials.get_client(),
+                                               ssh=_ssh_login(config))
         if self.settings.cluster is not None:  # the local preset's platform dies with this process
             self.guardian = self._stack.enter_context(Guardian(config.credentials))
             self.guardian.flow_run(flow_run_id)
@@ -81,7 +81,7 @@ class Provisioning:
         logger.info("Head node ready at %s after %.1f s.", head.private_ip,
                     self._stats.head_ready_s or 0.0)
         self._workers_to_join = spec.workers_to_join
-        return head, config
+        return config
 
     def _load_config(self, logger: Any) -> RayDogClusterConfig:
         """The cluster config to build; the Prefect API relayed where its nodes reach it."""
@@ -147,6 +147,15 @@ class Provisioning:
         """The flow run ended while the cluster was starting: end what the build made."""
         if self.cluster is not None:
             self.cluster.shut_down()
+
+
+def _ssh_login(config: RayDogClusterConfig) -> SSHLogin | None:
+    """A cluster reached over SSH is locked with a Ray token, delivered over SSH."""
+    from prefect_raydog.cluster import SSHLogin
+
+    if not config.ssh_tunnel or config.ssh_private_key is None:
+        return None
+    return SSHLogin(config.ssh_username, config.ssh_private_key)
 
 
 def _shut_down(cluster: RayDogCluster, logger: Any) -> None:

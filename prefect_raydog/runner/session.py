@@ -129,9 +129,9 @@ class Session:
         provisioning = self.provisioning = Provisioning(
             settings, self._stack, self.runs.stats, self._closing, self.node_api_url
         )
-        head, config = provisioning.build(self.runs.flow_run_id, logger)
+        config = provisioning.build(self.runs.flow_run_id, logger)
         self.node_api_url = provisioning.node_api_url
-        attach_to_head(head, config, settings.init_kwargs, self._stack, logger,
+        attach_to_head(provisioning.cluster, config, settings.init_kwargs, self._stack, logger,
                        self._closing)
         provisioning.wait_for_workers(logger)
         # The workers that joined since connect() checked the nodes then.

@@ -63,6 +63,7 @@ class ComputeRequirement:
         expected = sum(n for status, n in counts.items() if status != "TERMINATED")
         source = {
             **self.template.source(),
+            **({"userData": self.user_data} if self.user_data else {}),
             "id": self.source_id,
             "createdFromId": self.template.source_template_id,
             "provider": PROVIDER,

@@ -1,0 +1,184 @@
+"""Ray's token authentication for a cluster reached over SSH: a fresh token per cluster, made on
+the driver's side and written into each node's token file over SSH (the head directly, the
+workers through the head), so that it never lands in a task's environment, userdata or log."""
+
+from __future__ import annotations
+
+import io
+import logging
+import secrets
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import paramiko
+from pydantic import SecretStr
+
+from prefect_raydog.errors import ClusterBuildError
+
+logger = logging.getLogger("prefect_raydog.cluster")
+
+RAY_TOKEN_FILE = ".raydog/ray-token"
+"""Where the node scripts find the token: relative to the agent's home (`RAYDOG_TOKEN_FILE`)."""
+_WRITE_TOKEN = (
+    f"umask 077 && mkdir -p ~/.raydog && cat > ~/{RAY_TOKEN_FILE}.part && "
+    f"mv ~/{RAY_TOKEN_FILE}.part ~/{RAY_TOKEN_FILE}"
+)
+_SSH_TIMEOUT_S = 30.0
+_FOLLOW_INTERVAL_S = 1.0
+
+
+@dataclass(frozen=True)
+class SSHLogin:
+    """How to log in to a cluster's nodes over SSH: the head on its public address (else its
+    private one), the workers through the head."""
+
+    username: str
+    private_key: SecretStr
+    """The private key's text (OpenSSH or PEM; Ed25519, ECDSA or RSA, no passphrase)."""
+    port: int = 22
+
+    def key(self) -> paramiko.PKey:
+        text = self.private_key.get_secret_value()
+        for kind in (paramiko.Ed25519Key, paramiko.ECDSAKey, paramiko.RSAKey):
+            try:
+                return kind.from_private_key(io.StringIO(text))
+            except (paramiko.SSHException, ValueError):
+                continue
+        raise ValueError(
+            "ssh_private_key: not a private key paramiko can read (OpenSSH or PEM text of an "
+            "Ed25519, ECDSA or RSA key without a passphrase)"
+        )
+
+
+class _FirstKeySeen(paramiko.MissingHostKeyPolicy):
+    """Each address's host key as first seen by this cluster; a later connection to it that
+    shows another key is refused."""
+
+    def __init__(self) -> None:
+        self.keys: dict[str, paramiko.PKey] = {}
+
+    def missing_host_key(self, client: paramiko.SSHClient, hostname: str,
+                         key: paramiko.PKey) -> None:
+        seen = self.keys.setdefault(hostname, key)
+        if seen != key:
+            raise paramiko.SSHException(f"The SSH host key of {hostname} changed")
+
+
+class TokenAuth:
+    """A cluster's Ray token and its delivery: `environment` goes into every node task (the
+    token file's path), `deliver_to_head` writes the file on the head, `follow` writes it on
+    each worker node as it comes up, `close` ends the SSH connection.
+
+    Ray Client presents the token with `ray_client_kwargs()`, on that connection alone.
+    """
+
+    def __init__(self, login: SSHLogin) -> None:
+        self.login = login
+        self._key = login.key()
+        self._token = SecretStr(secrets.token_hex(32))
+        self._host_keys = _FirstKeySeen()
+        self._head: paramiko.SSHClient | None = None
+        self._delivered: set[str] = set()
+        self._closing = threading.Event()
+        self._follower: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"TokenAuth(username={self.login.username!r}, delivered={len(self._delivered)})"
+
+    @property
+    def environment(self) -> dict[str, str]:
+        """What each node task needs in its environment: the token file's path, not the token."""
+        return {"RAYDOG_TOKEN_FILE": RAY_TOKEN_FILE}
+
+    def ray_client_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for `ray.init("ray://...")`: Ray Client sends the token as gRPC
+        metadata on this connection only (`RAY_AUTH_TOKEN` would be the whole process's)."""
+        return {"_metadata": [("authorization", f"Bearer {self._token.get_secret_value()}")]}
+
+    def deliver_to_head(self, address: str) -> None:
+        """Log in to the head at `address` and write its token file; the connection stays open
+        for the workers. Raises `ClusterBuildError` when the head cannot be reached."""
+        try:
+            self._head = self._connect(address)
+            self._write(self._head, address)
+        except (OSError, paramiko.SSHException) as error:
+            raise ClusterBuildError(
+                f"Writing the Ray token to the head node {address} over SSH as "
+                f"{self.login.username!r} failed: {type(error).__name__}: {error}"
+            ) from error
+
+    def deliver_to_worker(self, private_ip: str) -> None:
+        """Write the token file on a worker node, logging in through the head."""
+        if self._head is None or (transport := self._head.get_transport()) is None:
+            raise ConnectionError("no SSH connection to the head node")
+        channel = transport.open_channel("direct-tcpip", (private_ip, self.login.port),
+                                         ("127.0.0.1", 0), timeout=_SSH_TIMEOUT_S)
+        client = self._connect(private_ip, sock=channel)
+        try:
+            self._write(client, private_ip)
+        finally:
+            client.close()
+
+    def follow(self, worker_nodes: Callable[[], dict[str, str]]) -> None:
+        """Deliver to each worker node that `worker_nodes()` ({node id: private IP}) lists,
+        once, in the background until `close()`; a node that fails is tried again."""
+        self._follower = threading.Thread(target=self._follow, args=(worker_nodes,),
+                                          daemon=True, name="raydog-token")
+        self._follower.start()
+
+    def _follow(self, worker_nodes: Callable[[], dict[str, str]]) -> None:
+        warned: set[str] = set()
+        while not self._closing.is_set():
+            try:
+                nodes = worker_nodes()
+            except Exception as error:
+                logger.debug("Listing the worker nodes for their Ray token failed: %s", error)
+                nodes = {}
+            for node_id, address in nodes.items():
+                if node_id in self._delivered or self._closing.is_set():
+                    continue
+                try:
+                    self.deliver_to_worker(address)
+                    self._delivered.add(node_id)
+                except (OSError, paramiko.SSHException) as error:
+                    if node_id not in warned:
+                        warned.add(node_id)
+                        logger.warning("Writing the Ray token to worker node %s (%s) failed, "
+                                       "trying again: %s: %s", node_id, address,
+                                       type(error).__name__, error)
+            self._closing.wait(_FOLLOW_INTERVAL_S)
+
+    def close(self) -> None:
+        """Stop following the workers and end the SSH connection to the head."""
+        self._closing.set()
+        if self._follower is not None and self._follower is not threading.current_thread():
+            self._follower.join()
+        with self._lock:
+            if self._head is not None:
+                self._head.close()
+                self._head = None
+
+    def _connect(self, address: str, sock: Any = None) -> paramiko.SSHClient:
+        client = paramiko.SSHClient()
+        client.set_missing_host_key_policy(self._host_keys)
+        try:
+            client.connect(address, self.login.port, self.login.username, pkey=self._key,
+                           sock=sock, timeout=_SSH_TIMEOUT_S, banner_timeout=_SSH_TIMEOUT_S,
+                           auth_timeout=_SSH_TIMEOUT_S, allow_agent=False, look_for_keys=False)
+        except BaseException:
+            client.close()
+            raise
+        return client
+
+    def _write(self, client: paramiko.SSHClient, address: str) -> None:
+        """The token into the node's file from stdin (umask 077, renamed into place)."""
+        stdin, stdout, stderr = client.exec_command(_WRITE_TOKEN, timeout=_SSH_TIMEOUT_S)
+        stdin.write(self._token.get_secret_value())
+        stdin.channel.shutdown_write()
+        status = stdout.channel.recv_exit_status()
+        if status != 0:
+            error = stderr.read().decode(errors="replace").strip()[-500:]
+            raise OSError(f"writing ~/{RAY_TOKEN_FILE} on {address} exited {status}: {error}")
