@@ -23,7 +23,7 @@ from prefect import flow, task
 from pydantic import SecretStr
 
 from prefect_raydog.blocks import RayDogClusterConfig
-from prefect_raydog.errors import ClusterBuildError
+from prefect_raydog.errors import ClusterBuildError, NodeTaskFailed
 from prefect_raydog.runner import parking
 from prefect_raydog.task_runners import RayDogTaskRunner
 
@@ -33,6 +33,9 @@ NEVER_JOINS_BLOCK = "local-never-joins-cluster"
 TUNNEL_BLOCK = "local-tunnel-cluster"
 # A worker node that boots and runs its task, but whose Ray never starts, so never joins.
 NEVER_JOINS = "exec sleep 600\n"
+# A head whose task runs (so the build returns), then ends before its Ray ever listens.
+HEAD_DIES = "sleep 10\nexit 3\n"
+HEAD_DIES_BLOCK = "local-head-dies-cluster"
 # Userdata that authorizes a key for the node's agent user, as on a cloud image.
 AUTHORIZE = "#!/bin/bash\ncat >> ~yd-agent/.ssh/authorized_keys <<'EOF'\n{}\nEOF\n"
 
@@ -54,6 +57,9 @@ def saved_config(prefect_api, local_platform, tmp_path_factory):
     _config(local_platform, build_timeout=timedelta(seconds=20), worker_pools=[
         config.worker_pools[0].model_copy(update={"script": NEVER_JOINS})
     ]).save(NEVER_JOINS_BLOCK, overwrite=True)
+    _config(local_platform, workers_to_join=0,
+            head=config.head.model_copy(update={"script": HEAD_DIES})).save(HEAD_DIES_BLOCK,
+                                                                            overwrite=True)
     authorize = {"userdata": AUTHORIZE.format(public)}  # the workers too: the token goes there
     _config(local_platform, ssh_tunnel=True, ssh_private_key=SecretStr(key.read_text()),
             head=config.head.model_copy(update=authorize),
@@ -135,6 +141,23 @@ def test_worker_nodes_whose_ray_never_joins_fail_the_flow_naming_the_timeout_and
     assert re.fullmatch(r"Only 0 of 1 Ray worker nodes joined cluster local-\w+ within its "
                         r"build_timeout \(20 s\); the cluster is torn down\.", message), message
     assert platform.api_calls().get("POST /work/requirements", 0) == 1
+
+
+def test_a_head_whose_task_ends_before_ray_client_connects_fails_the_flow_saying_so(
+    saved_config, platform
+):
+    """Not Ray Client's 120 s of connection attempts: the runner asks the API how the head is."""
+    runner = RayDogTaskRunner(cluster=HEAD_DIES_BLOCK, api_relay_address=platform.host_address)
+
+    @flow(task_runner=runner)
+    def headless() -> int:
+        return add_one.submit(1).result()
+
+    with pytest.raises(NodeTaskFailed) as raised:
+        headless()
+    assert re.match(r"The head node's task ended FAILED \(.*exit code 3.*\) before Ray Client "
+                    r"could connect to ray://", str(raised.value)), raised.value
+    assert_nothing_left(platform)
 
 
 def test_a_cluster_kept_for_a_retry_that_never_comes_is_torn_down_when_it_expires(

@@ -3,6 +3,7 @@ cluster at a given address, a head it built directly, or that head through an SS
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import threading
@@ -63,8 +64,21 @@ def attach_to_head(cluster: RayDogCluster, config: RayDogClusterConfig,
     check_not_stopped(stop)
     token = cluster.ray_client_kwargs()
     runtime_env = _runtime_env(init_kwargs, "token" if token else "disabled")
-    connect(address, {**init_kwargs, **token, "runtime_env": runtime_env}, logger, stop)
+    connect(address, {**init_kwargs, **token, "runtime_env": runtime_env}, logger, stop,
+            head_ended=lambda: head_task_end(cluster))
     stack.callback(disconnect)
+
+
+def head_task_end(cluster: RayDogCluster) -> str | None:
+    """How the head node's task ended ("FAILED (...)"), or None while it runs."""
+    from prefect_raydog.cluster.waits import describe_task_end
+
+    try:
+        task = cluster.yd_client.work_client.get_task_by_id(cluster.head_node_task_id)
+    except Exception as error:  # noqa: BLE001 - unknown for now; the connect goes on
+        logging.getLogger(__name__).debug("Reading the head's task failed: %s", error)
+        return None
+    return describe_task_end(task) if task.status is not None and task.status.finished else None
 
 
 def _tunnel(config: RayDogClusterConfig, head_ip: str, stack: ExitStack) -> str:

@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 from prefect.utilities.importtools import lazy_import
 
+from prefect_raydog.errors import NodeTaskFailed
 from prefect_raydog.runner import versions
 
 ray = lazy_import("ray")
@@ -35,20 +36,24 @@ _CHECKED: set[str] = set()
 
 
 def connect(address: str, init_kwargs: dict[str, Any], logger: Any,
-            stop: threading.Event | None = None) -> None:
+            stop: threading.Event | None = None,
+            head_ended: Callable[[], str | None] | None = None) -> None:
     """Connect to Ray, retrying while a new head's client server is still starting (until
-    `stop` is set: the flow run ended while its cluster was starting)."""
+    `stop` is set: the flow run ended while its cluster was starting; or until `head_ended()`
+    says how the head's task ended)."""
     kwargs = {"namespace": "prefect", "log_to_driver": False, **init_kwargs}
     if address == "local":
         kwargs.setdefault("include_dashboard", False)
     deadline, attempt = time.monotonic() + CLIENT_CONNECT_TIMEOUT_S, 0
+    ended = _Throttled(head_ended or (lambda: None))
     if address.startswith("ray://"):  # connect as soon as a starting head's port is open
         from prefect_raydog.cluster.client import wait_until_listening
 
         head = urlsplit(address)
-        stopped = stop.is_set if stop is not None else (lambda: False)
-        wait_until_listening(head.hostname, head.port or 10001, CLIENT_CONNECT_TIMEOUT_S, stopped)
+        wait_until_listening(head.hostname, head.port or 10001, CLIENT_CONNECT_TIMEOUT_S,
+                             lambda: (stop is not None and stop.is_set()) or bool(ended()))
         check_not_stopped(stop)
+        _check_head_running(address, ended())
     while True:
         attempt += 1
         try:
@@ -58,6 +63,7 @@ def connect(address: str, init_kwargs: dict[str, Any], logger: Any,
                 _init(address, kwargs)
             break
         except ConnectionError as exc:
+            _check_head_running(address, ended())
             if time.monotonic() > deadline or (stop is not None and stop.is_set()):
                 raise ConnectionError(
                     f"Could not connect to the Ray cluster at {address} after {attempt} "
@@ -72,6 +78,29 @@ def connect(address: str, init_kwargs: dict[str, Any], logger: Any,
         except BaseException:
             disconnect()
             raise
+
+
+class _Throttled:
+    """`check()` at most every few seconds (it asks the platform's API); its answer is kept once
+    it has one."""
+
+    def __init__(self, check: Callable[[], str | None], every_s: float = 2.0) -> None:
+        self._check, self._every_s = check, every_s
+        self._next, self._answer = 0.0, None
+
+    def __call__(self) -> str | None:
+        if self._answer is None and time.monotonic() >= self._next:
+            self._next = time.monotonic() + self._every_s
+            self._answer = self._check()
+        return self._answer
+
+
+def _check_head_running(address: str, ended: str | None) -> None:
+    if ended is not None:
+        raise NodeTaskFailed(
+            f"The head node's task ended {ended} before Ray Client could connect to {address}: "
+            f"its task output (YellowDog's taskoutput.txt) says why."
+        )
 
 
 def disconnect() -> None:
