@@ -35,6 +35,8 @@ _EXPORTS: dict[str, str] = {
     "ClusterShutdownError": "prefect_raydog.errors",
     "ClusterStateError": "prefect_raydog.errors",
     "UnknownWorkerPoolError": "prefect_raydog.errors",
+    "HostKeyRefused": "prefect_raydog.errors",
+    "HostKeys": "prefect_raydog.host_keys",
     "RayTunnels": "prefect_raydog.tunnels",
     "node_requirements": "prefect_raydog.local.images",
 }

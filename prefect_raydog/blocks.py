@@ -36,6 +36,8 @@ from prefect_raydog.spec import (
 if TYPE_CHECKING:
     from yellowdog_client import PlatformClient
 
+    from prefect_raydog.host_keys import HostKeys
+
 DEFAULT_API_URL = "https://api.yellowdog.ai"
 DOCUMENTATION_URL = "https://github.com/yellowdog/prefect-raydog#readme"
 LOCAL_TEMPLATE_ID = "local/process"
@@ -291,6 +293,24 @@ class RayDogClusterConfig(Block):
         title="SSH private key",
         description="The private key (PEM text) for the SSH tunnel.",
     )
+    ssh_known_hosts: str | None = Field(
+        default=None,
+        title="SSH host keys",
+        description=(
+            "The host keys the nodes may present: the image's host public key (a .pub line, "
+            "valid for every node) or OpenSSH known_hosts lines (`*` patterns allowed). A node "
+            "with another key is refused. Required with the SSH tunnel, unless trust on first "
+            "use is on."
+        ),
+    )
+    ssh_trust_first_use: bool = Field(
+        default=False,
+        title="Trust each node's first SSH host key",
+        description=(
+            "Accept the host key a node presents the first time the cluster connects to it "
+            "(a later change is refused), for nodes that the SSH host keys do not cover."
+        ),
+    )
 
     @classmethod
     def model_json_schema(cls, *args: Any, **kwargs: Any) -> dict[str, Any]:
@@ -336,7 +356,20 @@ class RayDogClusterConfig(Block):
         self.to_spec(f"{self.cluster_name_prefix}-{'0' * (_RUN_SUFFIX_LENGTH - 1)}")
         if self.ssh_tunnel and self.ssh_private_key is None:
             raise ValueError("ssh_private_key: required when ssh_tunnel is on")
+        if self.ssh_tunnel and not self.ssh_known_hosts and not self.ssh_trust_first_use:
+            raise ValueError(
+                "ssh_known_hosts: required when ssh_tunnel is on: the nodes' SSH host public "
+                "key (the image's /etc/ssh/ssh_host_ed25519_key.pub line) or known_hosts lines; "
+                "or turn on ssh_trust_first_use to accept each node's first key")
+        self.host_keys()
         return self
+
+    def host_keys(self) -> HostKeys:
+        """A new policy for the host keys of one cluster's nodes: `ssh_known_hosts`, and trust
+        on first use when `ssh_trust_first_use` is on."""
+        from prefect_raydog.host_keys import HostKeys
+
+        return HostKeys(self.ssh_known_hosts or "", trust_first_use=self.ssh_trust_first_use)
 
     def cluster_name(self, run_id: uuid.UUID | None = None) -> str:
         """A cluster name for one flow run, unique among clusters made from this config."""
@@ -356,9 +389,10 @@ class RayDogClusterConfig(Block):
     @classmethod
     def local(
         cls, api_url: str, api_key_id: str, api_key_secret: str, worker_nodes: int = 2,
-        environment: dict[str, str] | None = None,
+        environment: dict[str, str] | None = None, ssh_known_hosts: str | None = None,
     ) -> RayDogClusterConfig:
-        """The `local` preset: a head and one pool of `worker_nodes` on a local platform."""
+        """The `local` preset: a head and one pool of `worker_nodes` on a local platform, its
+        nodes' SSH host key pinned when given (`LocalPlatform.ssh_known_hosts`)."""
         env = {**LOCAL_NODE_ENVIRONMENT, "RAYDOG_VENV": sys.prefix, **(environment or {})}
         head = NodeGroupSpec(template_id=LOCAL_TEMPLATE_ID, environment=env)
         workers = WorkerPoolSpec(template_id=LOCAL_TEMPLATE_ID, name="workers",
@@ -375,6 +409,7 @@ class RayDogClusterConfig(Block):
             cluster_lifetime=timedelta(hours=1),
             build_timeout=timedelta(minutes=3),
             workers_to_join=worker_nodes,
+            ssh_known_hosts=ssh_known_hosts,
         )
 
 

@@ -20,6 +20,10 @@ class UnknownWorkerPoolError(RayDogError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class HostKeyRefused(RayDogError):
+    """A node presented an SSH host key that `HostKeys` does not accept; no login was tried."""
+
+
 class ClusterShutdownError(RayDogError):
     """Some entities of a cluster could not be ended; they may still cost money."""
 

@@ -3,20 +3,25 @@ the Ray dashboard (8265) can be reached where only SSH is open."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import socketserver
 from pathlib import Path
 from typing import Any
 
+import paramiko
 from pydantic import SecretStr
 from sshtunnel import BaseSSHTunnelForwarderError, SSHTunnelForwarder
+
+from prefect_raydog.host_keys import HostKeys, host_name
 
 logger = logging.getLogger("prefect_raydog.tunnels")
 
 RAY_CLIENT_PORT = 10001
 DASHBOARD_PORT = 8265
 _QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
+_SSH_TIMEOUT_S = 30.0
 
 
 def _no_delay(sock: object) -> None:
@@ -28,7 +33,32 @@ def _no_delay(sock: object) -> None:
 class _NoDelayForwarder(SSHTunnelForwarder):
     """sshtunnel's forwarder with TCP_NODELAY on both legs of each tunnel (neither library sets
     it): the local connections its servers accept, and the SSH connection, which also
-    acknowledges each read at once."""
+    acknowledges each read at once; the head's host key checked by `host_keys` before login."""
+
+    def __init__(self, *args: Any, host_keys: HostKeys, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.host_keys = host_keys
+
+    def _connect_to_gateway(self) -> None:
+        # sshtunnel's own login checks no host key (or one fixed key): this one checks the
+        # server's key first, then tries each key and the password. A refused host key ends
+        # start() with HostKeyRefused; a failed login leaves no transport, as sshtunnel's.
+        self._transport = transport = self._get_transport()
+        try:
+            transport.start_client(timeout=_SSH_TIMEOUT_S)
+            self.host_keys.check(host_name(self.ssh_host, self.ssh_port),
+                                 transport.get_remote_server_key())
+            for key in self.ssh_pkeys:
+                with contextlib.suppress(paramiko.AuthenticationException):
+                    transport.auth_publickey(self.ssh_username, key)
+                    return
+            if self.ssh_password:
+                transport.auth_password(self.ssh_username, self.ssh_password)
+                return
+        except BaseException:
+            self._stop_transport()
+            raise
+        self._stop_transport()
 
     def _make_ssh_forward_server_class(self, remote_address: Any) -> type:
         server: type[socketserver.TCPServer] = super()._make_ssh_forward_server_class(
@@ -75,8 +105,10 @@ class RayTunnels:
     """Forwards local ports to ports on the head node over one SSH connection.
 
     By default it forwards Ray Client and the dashboard, each to a free local port (or the given
-    `local_ports`, in the order of `remote_ports`). Use as a context manager, or call
-    `start_tunnels()` / `stop_tunnels()` as in RayDog.
+    `local_ports`, in the order of `remote_ports`). The head's host key must be one that
+    `host_keys` accepts (by default, as OpenSSH: a key of ~/.ssh/known_hosts for that address),
+    else `start_tunnels()` raises `HostKeyRefused` before logging in. Use as a context manager,
+    or call `start_tunnels()` / `stop_tunnels()` as in RayDog.
     """
 
     def __init__(
@@ -91,6 +123,7 @@ class RayTunnels:
         remote_ports: tuple[int, ...] = (RAY_CLIENT_PORT, DASHBOARD_PORT),
         local_ports: tuple[int, ...] | None = None,
         remote_host: str = "127.0.0.1",
+        host_keys: HostKeys | None = None,
     ) -> None:
         if private_key_file is None and password is None:
             raise ValueError("RayTunnels needs private_key_file or password to log in")
@@ -115,6 +148,7 @@ class RayTunnels:
             allow_agent=False,
             host_pkey_directories=[],
             set_keepalive=10.0,
+            host_keys=host_keys or HostKeys.user_known_hosts(),
         )
 
     def __repr__(self) -> str:

@@ -45,6 +45,7 @@ class RayCluster:
         config["provider"]["cluster_namespace"] = self.namespace
         config["provider"]["task_environment"]["RAYDOG_VENV"] = sys.prefix
         config["provider"]["head_api_url"] = platform.node_url
+        config["provider"]["ssh_known_hosts"] = platform.ssh_known_hosts
         config["auth"]["ssh_private_key"] = str(key)
         for path, value in changes.items():
             section = config

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import base64
 import gc
 import json
 import pickle
+import subprocess
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from prefect.blocks.core import Block
@@ -155,11 +158,26 @@ def test_cluster_names_are_unique_per_run_and_valid():
         ({"workers_to_join": 5}, "workers_to_join"),
         ({"cluster_lifetime": timedelta(0)}, "cluster_lifetime"),
         ({"ssh_tunnel": True}, "ssh_private_key"),
+        ({"ssh_tunnel": True, "ssh_private_key": "KEY"},
+         "ssh_known_hosts: required when ssh_tunnel is on"),
+        ({"ssh_known_hosts": "10.0.0.* ssh-ed25519 not-base64"},
+         "ssh_known_hosts: line 1: the key is not valid base64"),
     ],
 )
 def test_bad_input_names_the_field(overrides, field):
     with pytest.raises(ValueError, match=field):
         _config(**overrides)
+
+
+def test_a_tunnel_checks_the_pinned_host_keys_or_trusts_first_use_when_asked(tmp_path):
+    key = tmp_path / "host"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    public = Path(f"{key}.pub").read_text()
+    tunnel = {"ssh_tunnel": True, "ssh_private_key": "KEY"}
+    pinned = _config(**tunnel, ssh_known_hosts=public).host_keys()
+    assert (pinned.trust_first_use, pinned.source) == (False, "ssh_known_hosts")
+    pinned.check("10.1.2.3", base64.b64decode(public.split()[1]))  # a .pub line: any address
+    assert _config(**tunnel, ssh_trust_first_use=True).host_keys().trust_first_use
 
 
 @pytest.mark.parametrize("overrides", [{"cluster_lifetime": timedelta(0)}, {"ssh_tunnel": True}])

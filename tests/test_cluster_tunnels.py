@@ -10,11 +10,13 @@ import subprocess
 import threading
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 from helpers import free_port
 from round_trips import MEDIAN_BOUND_MS, median_split_reply_ms, split_reply_server
 
+from prefect_raydog import HostKeyRefused, HostKeys
 from prefect_raydog.tunnels import RayTunnels
 
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
@@ -40,9 +42,17 @@ def echo_ports():
         server.server_close()
 
 
+class Server(NamedTuple):
+    port: int
+    key: Path
+    host_keys: HostKeys
+    """Its host key, pinned."""
+    log: Path
+
+
 @pytest.fixture
 def sshd(tmp_path: Path):
-    """An sshd on 127.0.0.1 that accepts a fresh key for root; yields (port, private key path)."""
+    """An sshd on 127.0.0.1 that accepts a fresh key for root, with a fresh host key."""
     key = tmp_path / "id_ed25519"
     host_key = tmp_path / "host_ed25519"
     for path in (key, host_key):
@@ -54,10 +64,12 @@ def sshd(tmp_path: Path):
         f"ListenAddress 127.0.0.1\nPort {port}\nHostKey {host_key}\n"
         f"AuthorizedKeysFile {tmp_path}/authorized_keys\nStrictModes no\n"
         "PermitRootLogin prohibit-password\nPasswordAuthentication no\nAllowTcpForwarding yes\n"
-        f"PidFile {tmp_path}/sshd.pid\nUsePAM no\n"
+        f"PidFile {tmp_path}/sshd.pid\nUsePAM no\nLogLevel VERBOSE\n"
     )
     Path("/run/sshd").mkdir(exist_ok=True)
-    process = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stderr=subprocess.PIPE)
+    log = tmp_path / "sshd.log"
+    process = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)],
+                               stderr=log.open("wb"))
     deadline = time.monotonic() + 30
     while True:
         with socket.socket() as sock:
@@ -65,11 +77,11 @@ def sshd(tmp_path: Path):
                 break
         if process.poll() is not None or time.monotonic() > deadline:
             process.kill()
-            _, stderr = process.communicate(timeout=10)
-            pytest.fail(f"sshd did not start listening on port {port}: {stderr.decode()[-2000:]}")
+            process.wait(timeout=10)
+            pytest.fail(f"sshd did not start listening on port {port}: {log.read_text()[-2000:]}")
         time.sleep(0.05)
     try:
-        yield port, key
+        yield Server(port, key, HostKeys(Path(f"{host_key}.pub").read_text()), log)
     finally:
         process.terminate()
         process.wait(timeout=10)
@@ -82,9 +94,9 @@ def _ask(port: int, message: bytes) -> bytes:
 
 
 def test_tunnels_forward_each_remote_port_through_ssh_with_a_private_key(sshd, echo_ports):
-    port, key = sshd
     with RayTunnels(
-        "127.0.0.1", "root", private_key_file=key, ssh_port=port, remote_ports=echo_ports
+        "127.0.0.1", "root", private_key_file=sshd.key, ssh_port=sshd.port,
+        remote_ports=echo_ports, host_keys=sshd.host_keys,
     ) as tunnels:
         local = tunnels.local_ports
         assert set(local) == set(echo_ports)
@@ -94,11 +106,11 @@ def test_tunnels_forward_each_remote_port_through_ssh_with_a_private_key(sshd, e
 
 
 def test_a_tunnel_forwards_a_split_reply_without_waiting_for_a_delayed_ack(sshd):
-    port, key = sshd
     with (
         split_reply_server() as (_, remote_port),
         RayTunnels(
-            "127.0.0.1", "root", private_key_file=key, ssh_port=port, remote_ports=(remote_port,)
+            "127.0.0.1", "root", private_key_file=sshd.key, ssh_port=sshd.port,
+            remote_ports=(remote_port,), host_keys=sshd.host_keys,
         ) as tunnels,
     ):
         median = median_split_reply_ms(tunnels.local_ports[remote_port])
@@ -106,8 +118,8 @@ def test_a_tunnel_forwards_a_split_reply_without_waiting_for_a_delayed_ack(sshd)
 
 
 def test_default_tunnels_are_ray_client_and_dashboard(sshd):
-    port, key = sshd
-    tunnels = RayTunnels("127.0.0.1", "root", private_key_file=key, ssh_port=port)
+    tunnels = RayTunnels("127.0.0.1", "root", private_key_file=sshd.key, ssh_port=sshd.port,
+                         host_keys=sshd.host_keys)
     assert tunnels.remote_ports == (10001, 8265)
     tunnels.start_tunnels()
     try:
@@ -121,12 +133,62 @@ def test_default_tunnels_are_ray_client_and_dashboard(sshd):
 
 
 def test_a_wrong_key_fails_with_a_clear_connection_error(sshd, tmp_path):
-    port, _ = sshd
     other = tmp_path / "other"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
-    tunnels = RayTunnels("127.0.0.1", "root", private_key_file=other, ssh_port=port)
+    tunnels = RayTunnels("127.0.0.1", "root", private_key_file=other, ssh_port=sshd.port,
+                         host_keys=sshd.host_keys)
     with pytest.raises(ConnectionError, match="Could not open SSH tunnels to 127.0.0.1"):
         tunnels.start_tunnels()
+
+
+def _fingerprint(public_key: Path) -> str:
+    """OpenSSH's own fingerprint of a .pub file."""
+    return subprocess.run(["ssh-keygen", "-l", "-f", str(public_key)], check=True,
+                          capture_output=True, text=True).stdout.split()[1]
+
+
+def test_a_head_with_another_host_key_than_the_pinned_one_is_refused_before_login(
+    sshd, tmp_path
+):
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "pin")],
+                   check=True)
+    tunnels = RayTunnels("127.0.0.1", "root", private_key_file=sshd.key, ssh_port=sshd.port,
+                         host_keys=HostKeys((tmp_path / "pin.pub").read_text()))
+    with pytest.raises(HostKeyRefused) as refused:
+        tunnels.start_tunnels()
+    seen = _fingerprint(tmp_path / "host_ed25519.pub")
+    assert str(refused.value).startswith(
+        f"The SSH host key of [127.0.0.1]:{sshd.port} is ssh-ed25519 {seen}, not a key that "
+        f"ssh_known_hosts gives for it (ssh-ed25519 {_fingerprint(tmp_path / 'pin.pub')})")
+    assert not tunnels._forwarder.is_active
+    _wait_for_log(sshd.log, "Connection closed by")
+    assert "publickey" not in sshd.log.read_text(), "no login was tried: no key was offered"
+
+
+def test_by_default_the_host_key_must_be_in_the_users_known_hosts(sshd, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(HostKeyRefused, match=(
+        rf"host key of \[127.0.0.1\]:{sshd.port} \(ssh-ed25519 SHA256:\S+\) is not known: no "
+        r"line of ~/.ssh/known_hosts covers that address")):
+        RayTunnels("127.0.0.1", "root", private_key_file=sshd.key, ssh_port=sshd.port
+                   ).start_tunnels()
+    # As OpenSSH writes it: the address with its port, hashed.
+    known_hosts = tmp_path / ".ssh" / "known_hosts"
+    known_hosts.parent.mkdir()
+    host_key = (tmp_path / "host_ed25519.pub").read_text()
+    known_hosts.write_text(f"[127.0.0.1]:{sshd.port} {host_key}")
+    subprocess.run(["ssh-keygen", "-H", "-f", str(known_hosts)], check=True, capture_output=True)
+    assert known_hosts.read_text().startswith("|1|")
+    with RayTunnels("127.0.0.1", "root", private_key_file=sshd.key, ssh_port=sshd.port
+                    ) as tunnels:
+        socket.create_connection(("127.0.0.1", tunnels.local_ports[10001]), timeout=5).close()
+
+
+def _wait_for_log(log: Path, text: str) -> None:
+    deadline = time.monotonic() + 30
+    while text not in log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert text in log.read_text(), log.read_text()
 
 
 def test_missing_key_file_is_rejected_before_connecting(tmp_path):

@@ -51,7 +51,7 @@ RUN_BY = {
 # example that checks it: every line of the block is in that file, which asserts the messages.
 OUTPUT_OF = {
     ("blocks.md", "40b3f813c821"): "docs/examples/block_validation.py",
-    ("blocks.md", "e36ffaac63d4"): "docs/examples/block_validation.py",
+    ("blocks.md", "55a0a8bea15d"): "docs/examples/block_validation.py",
 }
 # Blocks shown and not run, by page and digest, with the reason. A changed block gets a new
 # digest, so it has to be reviewed again.
@@ -61,7 +61,7 @@ SHOWN_NOT_RUN = {
     ("deployments.md", "cadf33f43a99"): "serves until stopped",
     ("deployments.md", "97b2806084ba"): "a server until stopped; tests/test_deployment_recipe.py "
     "runs the rest of the recipe against the session's Prefect server instead",
-    ("builder.md", "40b4f682045d"): "needs SSH to a head node; tests/test_cluster_tunnels.py "
+    ("builder.md", "578f1d955070"): "needs SSH to a head node; tests/test_cluster_tunnels.py "
     "drives RayTunnels the same way against a real sshd",
     ("builder.md", "5215778e7a6f"): "commands against a YellowDog account; "
     "tests/test_cli_clusters.py runs up, status, down and sweep against the local platform",
@@ -72,7 +72,7 @@ SHOWN_NOT_RUN = {
     "which tests/test_autoscaler.py runs with ray up and ray down",
     ("autoscaler.md", "4264ba99185b"): "a shell session with a platform in the background; "
     "tests/test_autoscaler.py runs ray up, submit and down on docs/examples/autoscaler-local.yaml",
-    ("autoscaler.md", "68e4ee706b0e"): "a config for a YellowDog account (its templates and "
+    ("autoscaler.md", "24cdfee09170"): "a config for a YellowDog account (its templates and "
     "images); the keys are those of docs/examples/autoscaler-local.yaml, which a test runs",
     ("local-platform.md", "0493dff030bb"): "a yellowdog-cli session (installs a package); "
     "tests/test_local_yd_cli.py runs each of these commands against a local platform",

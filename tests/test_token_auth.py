@@ -27,7 +27,7 @@ from pydantic import SecretStr
 from test_local_ssh import make_key
 from yellowdog_client.model import ComputeRequirementSearch, TaskSearch, WorkRequirementSearch
 
-from prefect_raydog import ClusterSpec, RayDogCluster, RayTunnels, SSHLogin
+from prefect_raydog import ClusterSpec, HostKeys, RayDogCluster, RayTunnels, SSHLogin
 from prefect_raydog.blocks import RayDogClusterConfig
 from prefect_raydog.cluster import create_client, wait_for_ray_nodes
 from prefect_raydog.cluster.token_auth import RAY_TOKEN_FILE
@@ -57,7 +57,8 @@ def _authorizing(group, key: Path):
 def block(prefect_api, local_platform, key) -> str:
     """A block whose head and worker nodes accept the key, reached through an SSH tunnel."""
     config = RayDogClusterConfig.local(local_platform.url, local_platform.key_id,
-                                       local_platform.key_secret, worker_nodes=1)
+                                       local_platform.key_secret, worker_nodes=1,
+                                       ssh_known_hosts=local_platform.ssh_known_hosts)
     config.model_copy(update={
         "ssh_tunnel": True, "ssh_private_key": SecretStr(key.read_text()),
         "head": _authorizing(config.head, key),
@@ -167,10 +168,12 @@ def test_a_builder_given_an_ssh_login_locks_its_cluster_to_its_own_client_and_no
     client = create_client(platform.key_id, platform.key_secret, platform.url)
     try:
         # --8<-- [start:locked]
-        login = SSHLogin("yd-agent", SecretStr(key.read_text()))
+        host_keys = HostKeys(platform.ssh_known_hosts)  # the nodes' host public key
+        login = SSHLogin("yd-agent", SecretStr(key.read_text()), host_keys=host_keys)
         with RayDogCluster(spec, client, ssh=login) as cluster:
             head = cluster.head_node_public_ip or cluster.head_node_private_ip
-            with RayTunnels(head, "yd-agent", private_key_file=key) as tunnels:
+            with RayTunnels(head, "yd-agent", private_key_file=key,
+                            host_keys=host_keys) as tunnels:
                 ray.init(tunnels.ray_client_address, **cluster.ray_client_kwargs())
                 # --8<-- [end:locked]
                 try:
@@ -206,11 +209,43 @@ def test_an_unreadable_ssh_key_is_refused_before_anything_is_provisioned(platfor
 def test_a_head_that_does_not_accept_the_key_fails_the_build_and_leaves_nothing(key, platform):
     spec = ClusterSpec.for_local_platform(f"refused-{uuid.uuid4().hex[:6]}")  # no key in userdata
     client = create_client(platform.key_id, platform.key_secret, platform.url)
+    login = SSHLogin("yd-agent", SecretStr(key.read_text()),
+                     host_keys=HostKeys(platform.ssh_known_hosts))
     try:
-        cluster = RayDogCluster(spec, client, ssh=SSHLogin("yd-agent", SecretStr(key.read_text())))
+        cluster = RayDogCluster(spec, client, ssh=login)
         with pytest.raises(ClusterBuildError, match="Writing the Ray token to the head") as error:
             cluster.build()
     finally:
         client.close()
     assert "Cleaned up: " in str(error.value) and not _ssh_transports()
     assert_nothing_left(platform)
+
+
+def test_a_head_with_another_host_key_than_the_pinned_one_fails_the_build_before_any_login(
+    key, platform, tmp_path
+):
+    spec = ClusterSpec.for_local_platform(f"hostkey-{uuid.uuid4().hex[:6]}")
+    spec = spec.model_copy(update={"head": _authorizing(spec.head, key)})
+    pinned = HostKeys(make_key(tmp_path / "other"))  # not the nodes' host key
+    client = create_client(platform.key_id, platform.key_secret, platform.url)
+    try:
+        cluster = RayDogCluster(spec, client, ssh=SSHLogin(
+            "yd-agent", SecretStr(key.read_text()), host_keys=pinned))
+        with pytest.raises(ClusterBuildError) as error:
+            cluster.build()
+    finally:
+        client.close()
+    head = cluster.head_node_public_ip or cluster.head_node_private_ip
+    seen = _fingerprint(platform.ssh_known_hosts)
+    assert f"failed: HostKeyRefused: The SSH host key of {head} is {seen}, not a key" in str(
+        error.value)
+    assert "Cleaned up: " in str(error.value) and not _ssh_transports()
+    assert_nothing_left(platform)
+
+
+def _fingerprint(known_hosts_line: str) -> str:
+    """OpenSSH's own type and fingerprint of a known_hosts line's key."""
+    key_type, key = known_hosts_line.split()[1:3]
+    output = subprocess.run(["ssh-keygen", "-l", "-f", "-"], input=f"{key_type} {key}\n",
+                            check=True, capture_output=True, text=True).stdout
+    return f"{key_type} {output.split()[1]}"

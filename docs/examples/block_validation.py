@@ -28,6 +28,12 @@ BAD_CONFIGS = [
     ({"head": HEAD, "ssh_tunnel": True}, [
         "Value error, ssh_private_key: required when ssh_tunnel is on",
     ]),
+    ({"head": HEAD, "ssh_tunnel": True, "ssh_private_key": "KEY"}, [
+        "Value error, ssh_known_hosts: required when ssh_tunnel is on: the nodes' SSH host public key (the image's /etc/ssh/ssh_host_ed25519_key.pub line) or known_hosts lines; or turn on ssh_trust_first_use to accept each node's first key",  # noqa: E501
+    ]),
+    ({"head": HEAD, "ssh_known_hosts": "* ssh-ed25519 AAAA!"}, [
+        "Value error, ssh_known_hosts: line 1: the key is not valid base64 of an SSH public key",
+    ]),
 ]
 
 for fields, messages in BAD_CONFIGS:

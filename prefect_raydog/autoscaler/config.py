@@ -13,6 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
+from prefect_raydog.host_keys import HostKeys
 from prefect_raydog.spec import check_name
 
 DEFAULT_API_URL = "https://api.yellowdog.ai"
@@ -44,6 +45,8 @@ class ProviderConfig(BaseModel):
     head_api_url: str | None = None
     idle_node_shutdown_minutes: float = Field(default=1.0, ge=0)
     task_environment: dict[str, str] = Field(default_factory=dict)
+    ssh_known_hosts: str | None = None
+    ssh_trust_first_use: bool = False
 
     @field_validator("cluster_namespace")
     @classmethod
@@ -54,6 +57,20 @@ class ProviderConfig(BaseModel):
     @classmethod
     def _tag(cls, value: str | None) -> str | None:
         return None if not value else check_name(value)
+
+    def host_keys(self) -> HostKeys:
+        """The policy for the nodes' SSH host keys; `AutoscalerConfigError` when it has no keys
+        and no trust on first use, or a bad line."""
+        if not self.ssh_known_hosts and not self.ssh_trust_first_use:
+            raise AutoscalerConfigError(
+                "Invalid cluster YAML: provider.ssh_known_hosts: required: the nodes' SSH host "
+                "public key (the image's /etc/ssh/ssh_host_ed25519_key.pub line, or "
+                "`file:PATH`) or known_hosts lines; or set provider.ssh_trust_first_use: true")
+        try:
+            return HostKeys(self.ssh_known_hosts or "", trust_first_use=self.ssh_trust_first_use,
+                            source="provider.ssh_known_hosts")
+        except ValueError as error:
+            raise AutoscalerConfigError(f"Invalid cluster YAML: {error}") from None
 
     @property
     def lifetime(self) -> timedelta:
@@ -111,7 +128,7 @@ def read_file_values(section: dict[str, Any], keys: tuple[str, ...], where: str)
     for key in keys:
         value = section.get(key)
         if isinstance(value, str) and value.startswith("file:"):
-            path = (base / value.removeprefix("file:")).expanduser()
+            path = base / Path(value.removeprefix("file:")).expanduser()
             try:
                 section[key] = path.read_text()
             except OSError as error:

@@ -21,7 +21,7 @@ from ray.autoscaler.tags import (
 )
 
 from prefect_raydog.autoscaler import config as yaml_keys
-from prefect_raydog.autoscaler.remote import RemoteShell
+from prefect_raydog.autoscaler.remote import CheckedSSHCommandRunner, RemoteShell, host_key_options
 from prefect_raydog.autoscaler.tags import TAGS_DIR, FileTags, RemoteTags, TagStore
 from prefect_raydog.autoscaler.yellowdog import (
     ClusterRecord,
@@ -99,13 +99,28 @@ class RayDogNodeProvider(NodeProvider):
         if head is None:
             return
         self._cluster.record.head_private_ip = head.private_ip or ""
-        self._store = RemoteTags(self._shell(head.public_ip))
+        self._store = RemoteTags(self._shell(head))
         self._tags = self._store.load()
 
-    def _shell(self, address: str) -> RemoteShell:
+    def _shell(self, head: LiveNode) -> RemoteShell:
         auth = self.provider_config.get("auth") or {}
-        return RemoteShell(address, auth.get("ssh_user", "yd-agent"),
-                           Path(auth.get("ssh_private_key", "~/.ssh/id_rsa")).expanduser())
+        return RemoteShell(head.public_ip, auth.get("ssh_user", "yd-agent"),
+                           Path(auth.get("ssh_private_key", "~/.ssh/id_rsa")).expanduser(),
+                           self._host_key_options(head.task_id))
+
+    def _host_key_options(self, node_id: str) -> dict[str, str]:
+        """OpenSSH options checking a node's host key with the YAML's `ssh_known_hosts`."""
+        return host_key_options(self.settings.host_keys(), self.cluster_name, node_id)
+
+    def get_command_runner(self, log_prefix: str, node_id: str, auth_config: dict[str, Any],
+                           cluster_name: str, process_runner: Any, use_internal_ip: bool,
+                           docker_config: dict[str, Any] | None = None) -> Any:
+        """Ray's SSH command runner (`ray up`, `ray exec`, `ray attach`), checking host keys
+        as this provider's own SSH does, where Ray's options check none."""
+        return CheckedSSHCommandRunner(
+            self._host_key_options(node_id), log_prefix=log_prefix, node_id=node_id,
+            provider=self, auth_config=auth_config, cluster_name=cluster_name,
+            process_runner=process_runner, use_internal_ip=use_internal_ip)
 
     def _refresh(self) -> list[LiveNode]:
         nodes = self._yellowdog().live_nodes()
@@ -241,7 +256,7 @@ class RayDogNodeProvider(NodeProvider):
 
         try:
             head = cluster.wait_for_head(task_id, self.settings.build_timeout)
-            shell = self._shell(head.public_ip)
+            shell = self._shell(head)
             shell.wait_until_reachable(self.settings.build_timeout.total_seconds(), check_head)
             key = yaml_keys.credentials(self.settings, self._home)
             key.url = self.settings.head_api_url or key.url
@@ -289,8 +304,10 @@ class RayDogNodeProvider(NodeProvider):
         config = copy.deepcopy(cluster_config)
         provider = config["provider"]
         yaml_keys.read_file_values(
-            provider, ("ray_head_node_task_script", "ray_worker_node_task_script"), "provider")
+            provider, ("ray_head_node_task_script", "ray_worker_node_task_script",
+                       "ssh_known_hosts"), "provider")
         settings = yaml_keys.parse(yaml_keys.ProviderConfig, provider, "provider")
+        settings.host_keys()
         check_name(config["cluster_name"].lower())
         head_type = config.get("head_node_type")
         node_types = {}

@@ -9,13 +9,14 @@ import logging
 import secrets
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import paramiko
 from pydantic import SecretStr
 
-from prefect_raydog.errors import ClusterBuildError
+from prefect_raydog.errors import ClusterBuildError, HostKeyRefused
+from prefect_raydog.host_keys import HostKeys
 
 logger = logging.getLogger("prefect_raydog.cluster")
 
@@ -32,12 +33,14 @@ _FOLLOW_INTERVAL_S = 1.0
 @dataclass(frozen=True)
 class SSHLogin:
     """How to log in to a cluster's nodes over SSH: the head on its public address (else its
-    private one), the workers through the head."""
+    private one), the workers through the head; each node's host key checked by `host_keys`."""
 
     username: str
     private_key: SecretStr
     """The private key's text (OpenSSH or PEM; Ed25519, ECDSA or RSA, no passphrase)."""
     port: int = 22
+    host_keys: HostKeys = field(default_factory=HostKeys.user_known_hosts)
+    """The host keys the nodes may present; by default, as OpenSSH, ~/.ssh/known_hosts."""
 
     def key(self) -> paramiko.PKey:
         text = self.private_key.get_secret_value()
@@ -52,20 +55,6 @@ class SSHLogin:
         )
 
 
-class _FirstKeySeen(paramiko.MissingHostKeyPolicy):
-    """Each address's host key as first seen by this cluster; a later connection to it that
-    shows another key is refused."""
-
-    def __init__(self) -> None:
-        self.keys: dict[str, paramiko.PKey] = {}
-
-    def missing_host_key(self, client: paramiko.SSHClient, hostname: str,
-                         key: paramiko.PKey) -> None:
-        seen = self.keys.setdefault(hostname, key)
-        if seen != key:
-            raise paramiko.SSHException(f"The SSH host key of {hostname} changed")
-
-
 class TokenAuth:
     """A cluster's Ray token and its delivery: `environment` goes into every node task (the
     token file's path), `deliver_to_head` writes the file on the head, `follow` writes it on
@@ -78,7 +67,6 @@ class TokenAuth:
         self.login = login
         self._key = login.key()
         self._token = SecretStr(secrets.token_hex(32))
-        self._host_keys = _FirstKeySeen()
         self._head: paramiko.SSHClient | None = None
         self._delivered: set[str] = set()
         self._closing = threading.Event()
@@ -104,7 +92,7 @@ class TokenAuth:
         try:
             self._head = self._connect(address)
             self._write(self._head, address)
-        except (OSError, paramiko.SSHException) as error:
+        except (OSError, paramiko.SSHException, HostKeyRefused) as error:
             raise ClusterBuildError(
                 f"Writing the Ray token to the head node {address} over SSH as "
                 f"{self.login.username!r} failed: {type(error).__name__}: {error}"
@@ -143,7 +131,7 @@ class TokenAuth:
                 try:
                     self.deliver_to_worker(address)
                     self._delivered.add(node_id)
-                except (OSError, paramiko.SSHException) as error:
+                except (OSError, paramiko.SSHException, HostKeyRefused) as error:
                     if node_id not in warned:
                         warned.add(node_id)
                         logger.warning("Writing the Ray token to worker node %s (%s) failed, "
@@ -163,7 +151,7 @@ class TokenAuth:
 
     def _connect(self, address: str, sock: Any = None) -> paramiko.SSHClient:
         client = paramiko.SSHClient()
-        client.set_missing_host_key_policy(self._host_keys)
+        client.set_missing_host_key_policy(self.login.host_keys)
         try:
             client.connect(address, self.login.port, self.login.username, pkey=self._key,
                            sock=sock, timeout=_SSH_TIMEOUT_S, banner_timeout=_SSH_TIMEOUT_S,

@@ -217,6 +217,17 @@ class LocalPlatform:
         return self.runner.host_address if self.runner is not None else "127.0.0.1"
 
     @property
+    def ssh_known_hosts(self) -> str | None:
+        """The known_hosts line of the SSH host key every process node presents (one per data
+        directory, as an image's), for any address; None without process nodes."""
+        if self.runner is None or self.data_dir is None:
+            return None
+        from prefect_raydog.local import ssh
+
+        key_type, key = Path(f"{ssh.host_key(self.data_dir)}.pub").read_text().split()[:2]
+        return f"* {key_type} {key}\n"
+
+    @property
     def client(self) -> PlatformClient:
         """A `PlatformClient` with the SDK's default settings (retries included)."""
         if self._client is None:

@@ -58,7 +58,7 @@ def attach_to_head(cluster: RayDogCluster, config: RayDogClusterConfig,
     Ray token when it has one."""
     head = cluster.head_address
     if config.ssh_tunnel:
-        address = _tunnel(config, head.public_ip or head.private_ip, stack)
+        address = _tunnel(cluster, config, head.public_ip or head.private_ip, stack)
     else:
         address = f"ray://{head.private_ip}:{RAY_CLIENT_PORT}"
     check_not_stopped(stop)
@@ -81,8 +81,11 @@ def head_task_end(cluster: RayDogCluster) -> str | None:
     return describe_task_end(task) if task.status is not None and task.status.finished else None
 
 
-def _tunnel(config: RayDogClusterConfig, head_ip: str, stack: ExitStack) -> str:
-    """Open SSH tunnels to the head (closed with `stack`); return their Ray Client address."""
+def _tunnel(cluster: RayDogCluster, config: RayDogClusterConfig, head_ip: str,
+            stack: ExitStack) -> str:
+    """Open SSH tunnels to the head (closed with `stack`), checking its host key with the
+    cluster's own policy (the token's delivery used it first); return their Ray Client
+    address."""
     from prefect_raydog.tunnels import RayTunnels
 
     key_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="raydog-ssh-"))
@@ -90,7 +93,8 @@ def _tunnel(config: RayDogClusterConfig, head_ip: str, stack: ExitStack) -> str:
     with os.fdopen(os.open(key_file, os.O_WRONLY | os.O_CREAT, 0o600), "w") as handle:
         handle.write(config.ssh_private_key.get_secret_value())
     tunnels = stack.enter_context(
-        RayTunnels(head_ip, config.ssh_username, private_key_file=key_file)
+        RayTunnels(head_ip, config.ssh_username, private_key_file=key_file,
+                   host_keys=cluster.token_auth.login.host_keys)
     )
     return tunnels.ray_client_address
 

@@ -155,7 +155,7 @@ def _ssh_login(config: RayDogClusterConfig) -> SSHLogin | None:
 
     if not config.ssh_tunnel or config.ssh_private_key is None:
         return None
-    return SSHLogin(config.ssh_username, config.ssh_private_key)
+    return SSHLogin(config.ssh_username, config.ssh_private_key, host_keys=config.host_keys())
 
 
 def _shut_down(cluster: RayDogCluster, logger: Any) -> None:
