@@ -70,7 +70,8 @@ def test_a_restart_with_the_same_state_dir_keeps_the_url_and_key(tmp_path: Path)
     with local_start("--network", "loopback", "--state-dir", str(tmp_path)) as (second, _):
         assert client.worker_pool_client.get_worker_pools(WorkerPoolSearch()).list_all() == []
         heading = [line for line in second.printed.splitlines() if "key" in line or "http" in line]
-        assert all(line in first.printed for line in heading) and len(heading) == 3
+        # The URL, the key and the nodes' SSH host key.
+        assert all(line in first.printed for line in heading) and len(heading) == 4
         busy = subprocess.run([*START, "--network", "loopback", "--state-dir", str(tmp_path)],
                               capture_output=True, text=True, env=ENVIRONMENT, timeout=60)
         assert busy.returncode == 2 and "already running" in busy.stdout

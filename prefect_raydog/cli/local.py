@@ -27,8 +27,6 @@ class Network(str, Enum):
     LOOPBACK = "loopback"
 
 
-SSH_KNOWN_HOSTS_FILE = "ssh_known_hosts"
-"""The nodes' SSH host key, as a known_hosts line, in the state directory."""
 DEFAULT_STATE_DIR = Path(os.environ.get("PREFECT_HOME") or "~/.prefect") / "raydog-local"
 StateDir = Annotated[
     Path,
@@ -97,11 +95,10 @@ def _serve_platform(
             f"{error.strerror or error}; stop what listens there, or pass --port"
         ) from None
     try:
+        platform.keep_ssh_host_key(directory.path)
         identity.port, identity.bridge_index = platform.port, platform.bridge_index
         identity.url, identity.node_address = platform.url, platform.host_address
         directory.save(identity)
-        if platform.ssh_known_hosts is not None:
-            (directory.path / SSH_KNOWN_HOSTS_FILE).write_text(platform.ssh_known_hosts)
         _print_platform(platform, directory)
         threading.Event().wait()
     except KeyboardInterrupt:
@@ -118,8 +115,8 @@ def _print_platform(platform: LocalPlatform, directory: StateDirectory) -> None:
     console.print(f"  nodes reach this machine at {platform.host_address}", highlight=False)
     console.print(f"  state kept in {directory.path}", highlight=False)
     if platform.ssh_known_hosts is not None:
-        console.print(f"  nodes' SSH host key (in {SSH_KNOWN_HOSTS_FILE} there): "
-                      f"{platform.ssh_known_hosts.strip()}", highlight=False)
+        console.print(f"  nodes' SSH host key: {platform.ssh_known_hosts.strip()}",
+                      highlight=False)
     if platform.runner is None:
         console.print(
             f"  [yellow]process nodes unavailable:[/yellow] {platform.state.runner_unavailable}"
@@ -142,10 +139,12 @@ def save_block(
     if identity is None or not identity.url:
         raise fail(f"no local platform has started with state directory {state_dir}: run "
                     f"'prefect-raydog local start --state-dir {state_dir}' first", 2)
-    known_hosts = Path(state_dir).expanduser() / SSH_KNOWN_HOSTS_FILE
+    from prefect_raydog.local.ssh import HOST_KEY_FILE
+
+    host_key = Path(state_dir).expanduser() / f"{HOST_KEY_FILE}.pub"
     config = RayDogClusterConfig.local(
         identity.url, identity.key_id, identity.key_secret, worker_nodes,
-        ssh_known_hosts=known_hosts.read_text() if known_hosts.is_file() else None,
+        ssh_known_hosts=host_key.read_text() if host_key.is_file() else None,
     ).model_copy(update={"api_relay_address": identity.node_address})
     config.save(name, overwrite=True)
     console.print(f"Saved RayDogClusterConfig {name!r} for the local platform at "

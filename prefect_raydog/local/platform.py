@@ -227,6 +227,14 @@ class LocalPlatform:
         key_type, key = Path(f"{ssh.host_key(self.data_dir)}.pub").read_text().split()[:2]
         return f"* {key_type} {key}\n"
 
+    def keep_ssh_host_key(self, directory: Path) -> None:
+        """Give the nodes the SSH host key kept in `directory` (made there first when missing),
+        so that it stays the same across restarts; before any node boots."""
+        if self.runner is not None and self.data_dir is not None:
+            from prefect_raydog.local import ssh
+
+            ssh.keep_host_key(directory, self.data_dir)
+
     @property
     def client(self) -> PlatformClient:
         """A `PlatformClient` with the SDK's default settings (retries included)."""

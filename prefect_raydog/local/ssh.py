@@ -18,6 +18,7 @@ from pathlib import Path
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 SSH_USER = "yd-agent"
 SSH_PORT = 22
+HOST_KEY_FILE = "ssh_host_ed25519_key"
 
 PUBLIC_KEY = re.compile(
     r"^\s*((?:ssh-(?:ed25519|rsa|dss)|ecdsa-sha2-nistp\d+|sk-\S+@openssh\.com)"
@@ -63,12 +64,25 @@ def authorized_keys(user_data: str | None) -> list[str]:
 
 def host_key(data_dir: Path) -> Path:
     """The platform's SSH host key, made once per data directory and shared by its nodes."""
-    path = data_dir / "ssh_host_ed25519_key"
+    path = data_dir / HOST_KEY_FILE
     with _host_key_lock:
         if not path.exists():
             subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)],
                            check=True, capture_output=True)
     return path
+
+
+def keep_host_key(kept_dir: Path, data_dir: Path) -> None:
+    """Make `data_dir`'s host key the one kept in `kept_dir` (made there first when missing),
+    so that the nodes' key outlives one data directory, as an image's does."""
+    kept = host_key(kept_dir)
+    with _host_key_lock:
+        for suffix in ("", ".pub"):
+            target = data_dir / f"{HOST_KEY_FILE}{suffix}"
+            target.unlink(missing_ok=True)
+            with os.fdopen(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600),
+                           "wb") as copy:
+                copy.write(Path(f"{kept}{suffix}").read_bytes())
 
 
 def prepare(root: Path, home: Path, address: str, keys: list[str], host_key_path: Path,
