@@ -62,6 +62,7 @@ def saved_config(prefect_api, local_platform, tmp_path_factory):
                                                                             overwrite=True)
     authorize = {"userdata": AUTHORIZE.format(public)}  # the workers too: the token goes there
     _config(local_platform, ssh_tunnel=True, ssh_private_key=SecretStr(key.read_text()),
+            ssh_known_hosts=local_platform.ssh_known_hosts,
             head=config.head.model_copy(update=authorize),
             worker_pools=[config.worker_pools[0].model_copy(update=authorize)],
             ).save(TUNNEL_BLOCK, overwrite=True)
