@@ -3,8 +3,8 @@
 `python benchmarks/adaptive.py --json` prints one JSON object; `--quick` is a short run (two
 flow runs, not four: the fixed pool's run is also the lazy one, the adaptive pool's the eager one);
 `--smoke` proves the benchmark runs: the same two runs on pools of one node that boots from a
-template of its own, with bursts of one task and cooldowns and idle timeouts under a second (its
-figures mean nothing). Each stage's time goes to stderr.
+template of its own, with bursts of one task, no pause between them, and cooldowns and idle
+timeouts under a second (its figures mean nothing). Each stage's time goes to stderr.
 - `adaptive_node_seconds_ratio`, `adaptive_wall_ratio`: a bursty flow (60 one-second tasks, a
   pause, 60 more) on a worker pool of 0 to 3 nodes over the same flow on a fixed pool of 3;
   node-seconds are the worker nodes' registered-to-deregistered times in the platform's records.
@@ -42,12 +42,14 @@ from stages import stage  # noqa: E402
 
 SLOW_BOOT = "bench/slow-boot"
 # `workers`: the fixed pool's nodes and the adaptive pool's most; `idle_s`: the adaptive pool's
-# idle node shutdown.
+# idle node shutdown. A smoke run does not pause between its bursts: a pool that shrinks and grows
+# again within seconds sends the burst to the node it shrank, which Ray finds dead only after
+# about 20 s.
 FULL = {"tasks": 60, "pause_s": 60.0, "boot_s": 20.0, "prepare_s": 20.0, "workers": 3,
         "idle_s": 2.0}
 QUICK = {"tasks": 6, "pause_s": 4.0, "boot_s": 2.0, "prepare_s": 2.0, "cooldown_s": 1.0,
          "workers": 3, "idle_s": 2.0}
-SMOKE = {"tasks": 1, "pause_s": 1.5, "boot_s": 0.2, "prepare_s": 0.2, "cooldown_s": 0.5,
+SMOKE = {"tasks": 1, "pause_s": 0.0, "boot_s": 0.2, "prepare_s": 0.2, "cooldown_s": 0.5,
          "workers": 1, "idle_s": 0.5}
 
 

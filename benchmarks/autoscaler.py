@@ -283,6 +283,7 @@ def main() -> None:
                 node_seconds = dict(zip(kinds, sessions.map(session_of, kinds), strict=True))
         else:
             node_seconds = {fixed: session_of(fixed) for fixed in kinds}
+        stage("both burst sessions")
         figures["node_seconds_ratio_vs_fixed"] = round(node_seconds[False] / node_seconds[True],
                                                        3)
     stage("platform down")
