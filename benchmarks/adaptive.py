@@ -1,6 +1,10 @@
 """What adaptive pools and eager provisioning save, measured on a local platform of process nodes.
 
-`python benchmarks/adaptive.py --json` prints one JSON object; `--quick` is a small smoke run.
+`python benchmarks/adaptive.py --json` prints one JSON object; `--quick` is a short run (two
+flow runs, not four: the fixed pool's run is also the lazy one, the adaptive pool's the eager one);
+`--smoke` proves the benchmark runs: the same two runs on pools of one node that boots from a
+template of its own, with bursts of one task, no pause between them, and cooldowns and idle
+timeouts under a second (its figures mean nothing). Each stage's time goes to stderr.
 - `adaptive_node_seconds_ratio`, `adaptive_wall_ratio`: a bursty flow (60 one-second tasks, a
   pause, 60 more) on a worker pool of 0 to 3 nodes over the same flow on a fixed pool of 3;
   node-seconds are the worker nodes' registered-to-deregistered times in the platform's records.
@@ -24,6 +28,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 from prefect import flow, task  # noqa: E402
+from prefect.settings import PREFECT_LOGGING_TO_API_BATCH_INTERVAL, temporary_settings  # noqa: E402
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 from yellowdog_client.model import NodeSearch  # noqa: E402
 
@@ -33,11 +38,19 @@ from prefect_raydog.runner import adaptive  # noqa: E402
 from prefect_raydog.spec import WorkerPoolSpec  # noqa: E402
 from prefect_raydog.task_runners import RayDogTaskRunner  # noqa: E402
 
+from stages import stage  # noqa: E402
+
 SLOW_BOOT = "bench/slow-boot"
-FULL = {"tasks": 60, "pause_s": 60.0, "boot_s": 20.0, "prepare_s": 20.0}
-QUICK = {"tasks": 6, "pause_s": 4.0, "boot_s": 2.0, "prepare_s": 2.0, "cooldown_s": 1.0}
-FIXED = {"name": "workers", "count": 3}
-ADAPTIVE = {"name": "workers", "min_count": 0, "max_count": 3}
+# `workers`: the fixed pool's nodes and the adaptive pool's most; `idle_s`: the adaptive pool's
+# idle node shutdown. A smoke run does not pause between its bursts: a pool that shrinks and grows
+# again within seconds sends the burst to the node it shrank, which Ray finds dead only after
+# about 20 s.
+FULL = {"tasks": 60, "pause_s": 60.0, "boot_s": 20.0, "prepare_s": 20.0, "workers": 3,
+        "idle_s": 2.0}
+QUICK = {"tasks": 6, "pause_s": 4.0, "boot_s": 2.0, "prepare_s": 2.0, "cooldown_s": 1.0,
+         "workers": 3, "idle_s": 2.0}
+SMOKE = {"tasks": 1, "pause_s": 0.0, "boot_s": 0.2, "prepare_s": 0.2, "cooldown_s": 0.5,
+         "workers": 1, "idle_s": 0.5}
 
 
 @task
@@ -93,9 +106,10 @@ def _flow_run(platform: LocalPlatform, pool: dict[str, Any], size: dict[str, Any
               template: str | None = None) -> tuple[float, float, float]:
     """Wall seconds, worker node-seconds and seconds to the first result of one flow run that
     prepares for `prepare_s`, submits one task, then runs `bursts` bursts with pauses between."""
-    # Adaptive: shrunk nodes stop 2 s after their task is aborted. Fixed: the default, as a
-    # node that boots before the head is ready sits idle until its task arrives.
-    idle = {"idle_node_shutdown": timedelta(seconds=2)} if "min_count" in pool else {}
+    # Adaptive: shrunk nodes stop 2 s (in full) after their task is aborted. Fixed: the
+    # default, as a node that boots before the head is ready sits idle until its task arrives.
+    adaptive = "min_count" in pool
+    idle = {"idle_node_shutdown": timedelta(seconds=size["idle_s"])} if adaptive else {}
     joined = pool.get("count", 0)
     config = _config(platform, pool, template=template, workers_to_join=joined, **idle)
 
@@ -114,7 +128,9 @@ def _flow_run(platform: LocalPlatform, pool: dict[str, Any], size: dict[str, Any
     started = time.monotonic()
     first = bursty()
     wall = time.monotonic() - started
+    stage(f"{'adaptive' if adaptive else 'fixed'} pool, {provision}: flow run")
     _wait_until_nothing_live(platform)
+    stage("nothing live")
     return wall, _worker_node_seconds(platform, known), first
 
 
@@ -124,8 +140,9 @@ def _wait_until_nothing_live(platform: LocalPlatform, timeout: float = 60.0) -> 
         time.sleep(0.2)
 
 
-def measure(quick: bool) -> dict[str, float]:
-    size = QUICK if quick else FULL
+def measure(size: dict[str, Any]) -> dict[str, float]:
+    fixed = {"name": "workers", "count": size["workers"]}
+    adaptive_pool = {"name": "workers", "min_count": 0, "max_count": size["workers"]}
     if "cooldown_s" in size:
         adaptive.COOLDOWN_S = size["cooldown_s"]
     with tempfile.TemporaryDirectory() as tmp:
@@ -135,16 +152,20 @@ def measure(quick: bool) -> dict[str, float]:
         )
         with prefect_test_harness(server_startup_timeout=120), \
                 LocalPlatform(templates=templates) as platform:
-            if quick:
+            stage("Prefect server and platform up")
+            if size is not FULL:
                 # Two builds instead of four: the fixed pool's run is also the lazy one and the
-                # adaptive pool's the eager one (the figures of a smoke run are not kept).
+                # adaptive pool's the eager one (the figures of a short run are not kept). A
+                # smoke run boots them from the slow-boot template, as the full run's last two.
+                template = SLOW_BOOT if size is SMOKE else None
                 fixed_wall, fixed_ns, lazy = _flow_run(
-                    platform, FIXED, size, "lazy", size["prepare_s"], 2)
+                    platform, fixed, size, "lazy", size["prepare_s"], 2, template)
                 adaptive_wall, adaptive_ns, eager = _flow_run(
-                    platform, ADAPTIVE, size, "eager", size["prepare_s"], 2)
+                    platform, adaptive_pool, size, "eager", size["prepare_s"], 2, template)
             else:
-                fixed_wall, fixed_ns, _ = _flow_run(platform, FIXED, size, "eager", 0.0, 2)
-                adaptive_wall, adaptive_ns, _ = _flow_run(platform, ADAPTIVE, size, "eager", 0.0, 2)
+                fixed_wall, fixed_ns, _ = _flow_run(platform, fixed, size, "eager", 0.0, 2)
+                adaptive_wall, adaptive_ns, _ = _flow_run(
+                    platform, adaptive_pool, size, "eager", 0.0, 2)
                 one = {"name": "workers", "count": 1}
                 _, _, lazy = _flow_run(platform, one, size, "lazy", size["prepare_s"], 0, SLOW_BOOT)
                 _, _, eager = _flow_run(
@@ -164,11 +185,20 @@ def measure(quick: bool) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--quick", action="store_true", help="a small smoke run")
+    modes = parser.add_mutually_exclusive_group()
+    modes.add_argument("--quick", action="store_true", help="a short run: two flow runs")
+    modes.add_argument("--smoke", action="store_true",
+                       help="the short run's two flow runs at the smallest sizes: proves the "
+                            "benchmark runs, its figures mean nothing")
     args = parser.parse_args()
-    figures = measure(args.quick)
+    # A smoke run's flows wait less for the nodes' last batch of logs when they end.
+    batches = {PREFECT_LOGGING_TO_API_BATCH_INTERVAL: 0.2} if args.smoke else {}
+    with temporary_settings(updates=batches):
+        figures = measure(SMOKE if args.smoke else QUICK if args.quick else FULL)
+    stage("Prefect server and platform down")
     if args.json:
         print(json.dumps(figures))
     else:

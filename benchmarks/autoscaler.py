@@ -9,7 +9,13 @@ autoscaler on a `ray up` cluster from `docs/examples/autoscaler-local.yaml`:
   fixed pool of 3 workers (min_workers = max_workers = 3), measured in the same run.
 
     python benchmarks/autoscaler.py --json      # full figures (about 4 minutes)
-    python benchmarks/autoscaler.py --quick     # a smoke run (two `ray up` sessions, not three)
+    python benchmarks/autoscaler.py --quick     # a short run (two `ray up` sessions, not three)
+    python benchmarks/autoscaler.py --smoke     # proves it runs (seconds; figures meaningless)
+
+`--smoke` goes through every step of `--quick` at the smallest sizes: one fixed worker and a
+burst of one short task, idle timeouts of about a second, the two sessions side by side, and the
+autoscaled one ends once its workers are gone (not after a fixed quiet time). Each stage's time
+goes to stderr.
 """
 
 from __future__ import annotations
@@ -22,7 +28,9 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -31,6 +39,8 @@ import yaml
 from yellowdog_client.model import InstanceSearch, InstanceStatus, WorkerPoolSearch
 
 from prefect_raydog.local import LocalPlatform
+
+from stages import stage
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "docs" / "examples" / "autoscaler-local.yaml"
 RAY = str(Path(sys.executable).parent / "ray")
@@ -55,7 +65,7 @@ ray.init()
 @ray.remote(num_cpus=1)
 def work():
     time.sleep({seconds})
-print("DONE", len(ray.get([work.remote() for _ in range(3)])), flush=True)
+print("DONE", len(ray.get([work.remote() for _ in range({tasks})])), flush=True)
 """
 
 
@@ -116,22 +126,30 @@ class Session:
             raise RuntimeError(f"ray submit failed: {''.join(output)[-3000:]}")
         return "".join(output)
 
-    def worker_node_seconds(self) -> float:
-        """Seconds from creation to termination (or now) of every worker instance."""
+    def _worker_instances(self) -> Iterator[Any]:
         client = self.platform.client
-        now = datetime.now(timezone.utc)
-        total = 0.0
         for pool in client.worker_pool_client.get_worker_pools(
                 WorkerPoolSearch(namespace=self.namespace)).iterate():
             if pool.name.endswith("-head"):
                 continue
             detail = client.worker_pool_client.get_worker_pool_by_id(pool.id)
-            for instance in client.compute_client.get_instances(InstanceSearch(
-                    computeRequirementId=detail.computeRequirementId)).iterate():
-                end = (instance.statusChangedTime
-                       if instance.status == InstanceStatus.TERMINATED else now)
-                total += (end - instance.createdTime).total_seconds()
+            yield from client.compute_client.get_instances(InstanceSearch(
+                computeRequirementId=detail.computeRequirementId)).iterate()
+
+    def worker_node_seconds(self) -> float:
+        """Seconds from creation to termination (or now) of every worker instance."""
+        now = datetime.now(timezone.utc)
+        total = 0.0
+        for instance in self._worker_instances():
+            end = (instance.statusChangedTime
+                   if instance.status == InstanceStatus.TERMINATED else now)
+            total += (end - instance.createdTime).total_seconds()
         return total
+
+    def live_workers(self) -> int:
+        """Worker instances the platform has not terminated."""
+        return sum(instance.status != InstanceStatus.TERMINATED
+                   for instance in self._worker_instances())
 
     def workers(self) -> int:
         status = self._status()
@@ -139,12 +157,12 @@ class Session:
                    if line.strip().endswith(" cpu") and line.split()[0].isdigit())
 
     @staticmethod
-    def wait(condition: Any, what: str, timeout: float = 300) -> None:
+    def wait(condition: Any, what: str, timeout: float = 300, interval: float = 1.0) -> None:
         deadline = time.monotonic() + timeout
         while not condition():
             if time.monotonic() > deadline:
                 raise TimeoutError(f"timed out waiting for {what}")
-            time.sleep(1.0)
+            time.sleep(interval)
 
     def down(self) -> None:
         self.ray("down", "-y", str(self.path))
@@ -166,63 +184,109 @@ def scale_up(platform: LocalPlatform, session: Session) -> dict[str, float]:
     return figures
 
 
-def burst_session(platform: LocalPlatform, directory: Path, idle_minutes: float,
-                  work_s: float, quiet_s: float, fixed: bool,
+@dataclass(frozen=True)
+class Sizes:
+    idle_minutes: float
+    work_s: float
+    quiet_s: float
+    workers: int
+    """The fixed pool's workers, and the burst's 1-CPU tasks."""
+    smoke: bool = False
+    """The two sessions side by side; the autoscaled one ends once its workers are gone, the
+    fixed one after its burst."""
+
+
+FULL = Sizes(idle_minutes=0.25, work_s=20.0, quiet_s=20.0, workers=3)
+QUICK = Sizes(idle_minutes=0.1, work_s=3.0, quiet_s=3.0, workers=3)
+SMOKE = Sizes(idle_minutes=0.02, work_s=0.5, quiet_s=0.0, workers=1, smoke=True)
+
+
+def burst_session(platform: LocalPlatform, directory: Path, sizes: Sizes, fixed: bool,
                   first: Callable[[Session], None] | None = None) -> float:
-    """Worker node-seconds of: up, quiet, a burst of 3 x `work_s`, quiet until the autoscaled
-    workers are gone (the same length for the fixed pool), down. `first(session)` runs on
-    the cluster before all that."""
-    session = Session(platform, directory, idle_minutes, min_workers=3 if fixed else 0)
+    """Worker node-seconds of: up, quiet, a burst of `sizes.workers` x `work_s`, quiet until the
+    autoscaled workers are gone (the same length for the fixed pool), down. `first(session)`
+    runs on the cluster before all that."""
+    kind = "fixed" if fixed else "autoscaled"
+    session = Session(platform, directory, sizes.idle_minutes,
+                      min_workers=sizes.workers if fixed else 0)
     session.up()
+    stage(f"{kind}: ray up")
     try:
         if first is not None:
             first(session)
+            stage(f"{kind}: scale-up")
         if fixed:
-            session.wait(lambda: session.workers() >= 3, "the fixed pool's workers")
+            session.wait(lambda: session.workers() >= sizes.workers, "the fixed pool's workers")
+            stage(f"{kind}: workers up")
         started = time.monotonic()
-        time.sleep(quiet_s)
-        session.submit(BURST.format(seconds=work_s))
-        time.sleep(quiet_s + idle_minutes * 60 + 10)
+        time.sleep(sizes.quiet_s)
+        session.submit(BURST.format(seconds=sizes.work_s, tasks=sizes.workers))
+        stage(f"{kind}: burst")
+        if not sizes.smoke:
+            time.sleep(sizes.quiet_s + sizes.idle_minutes * 60 + 10)
+        elif not fixed:
+            session.wait(lambda: session.live_workers() == 0, "the idle workers to go",
+                         interval=0.2)
+        stage(f"{kind}: quiet")
         elapsed = time.monotonic() - started
         node_seconds = session.worker_node_seconds()
     finally:
         session.down()
-    print(f"{'fixed' if fixed else 'autoscaled'}: {node_seconds:.1f} worker node-seconds "
-          f"over a {elapsed:.0f} s session", file=sys.stderr)
+        stage(f"{kind}: ray down")
+    print(f"{kind}: {node_seconds:.1f} worker node-seconds over a {elapsed:.0f} s session",
+          file=sys.stderr)
     return node_seconds
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true", help="print one JSON object only")
-    parser.add_argument("--quick", action="store_true", help="a small smoke run")
+    modes = parser.add_mutually_exclusive_group()
+    modes.add_argument("--quick", action="store_true",
+                       help="a short run: scale up on the autoscaled burst's cluster")
+    modes.add_argument("--smoke", action="store_true",
+                       help="as --quick at the smallest sizes: proves the benchmark runs, "
+                            "its figures mean nothing")
     args = parser.parse_args()
-    idle_minutes, work_s, quiet_s = (0.1, 3.0, 3.0) if args.quick else (0.25, 20.0, 20.0)
+    sizes = SMOKE if args.smoke else QUICK if args.quick else FULL
+    short = args.quick or args.smoke
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     with tempfile.TemporaryDirectory() as data_dir, LocalPlatform(
             data_dir=Path(data_dir)) as platform:
         if platform.runner is None or platform.runner.network.mode != "bridge":
             raise SystemExit("the autoscaler benchmark needs process nodes on a bridge (root)")
+        stage("platform up")
         figures: dict[str, float] = {}
-        if not args.quick:  # a smoke run scales up on the autoscaled burst's cluster instead
+        if not short:  # a short run scales up on the autoscaled burst's cluster instead
             first = Path(data_dir) / "scale-up"
             first.mkdir()
-            session = Session(platform, first, idle_minutes)
+            session = Session(platform, first, sizes.idle_minutes)
             session.up()
             try:
                 figures |= scale_up(platform, session)
             finally:
                 session.down()
-        node_seconds = {}
-        for fixed in (False, True):
+            stage("scale-up session")
+
+        def session_of(fixed: bool) -> float:
             directory = Path(data_dir) / ("fixed" if fixed else "autoscaled")
             directory.mkdir()
-            node_seconds[fixed] = burst_session(
-                platform, directory, idle_minutes, work_s, quiet_s, fixed,
+            return burst_session(
+                platform, directory, sizes, fixed,
                 first=(lambda session: figures.update(scale_up(platform, session)))
-                if args.quick and not fixed else None)
+                if short and not fixed else None)
+
+        kinds = (False, True)
+        if sizes.smoke:  # side by side, as their figures are not kept
+            with ThreadPoolExecutor(len(kinds)) as sessions:
+                node_seconds = dict(zip(kinds, sessions.map(session_of, kinds), strict=True))
+        else:
+            node_seconds = {fixed: session_of(fixed) for fixed in kinds}
+        stage("both burst sessions")
         figures["node_seconds_ratio_vs_fixed"] = round(node_seconds[False] / node_seconds[True],
                                                        3)
+    stage("platform down")
     if not args.json:
         print("RayDog Autoscaler on the local platform's process nodes:", file=sys.stderr)
     print(json.dumps(figures))

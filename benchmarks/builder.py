@@ -3,7 +3,9 @@ after the head task runs, how many API requests a build makes while its nodes bo
 shutdown takes, and how API calls grow with a cluster's size.
 
     python benchmarks/builder.py --json      # full figures
-    python benchmarks/builder.py --quick     # a smoke run of a few seconds
+    python benchmarks/builder.py --quick     # a quick run of a few seconds
+    python benchmarks/builder.py --smoke     # proves it runs: the smallest sizes, under the
+                                             # full run's keys (its figures mean nothing)
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from prefect_raydog.cluster import RayDogCluster
 from prefect_raydog.local import LocalPlatform
 from prefect_raydog.spec import ClusterSpec, NodeGroupSpec, WorkerPoolSpec
 
+FULL = (5, 100, 100, 30)  # builds timed for the overhead, pools, nodes a pool, seconds of a boot
 SIMULATED = "local/simulated"
 SLOW_BOOT = "benchmark/slow-boot"
 TEMPLATES_TOML = f"""
@@ -103,18 +106,25 @@ def _client(platform: LocalPlatform):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true", help="print one JSON object only")
-    parser.add_argument("--quick", action="store_true", help="a small smoke run")
+    modes = parser.add_mutually_exclusive_group()
+    modes.add_argument("--quick", action="store_true", help="a quick run")
+    modes.add_argument("--smoke", action="store_true",
+                       help="the smallest sizes: proves the benchmark runs, its figures mean "
+                            "nothing")
     args = parser.parse_args()
-    repeats, pools, nodes, boot_s = (2, 10, 10, 1) if args.quick else (5, 100, 100, 30)
+    repeats, pools, nodes, boot_s = (
+        (1, 2, 2, 0.1) if args.smoke else (2, 10, 10, 1) if args.quick else FULL)
     with tempfile.TemporaryDirectory() as data_dir:
         templates = Path(data_dir) / "templates.toml"
         templates.write_text(TEMPLATES_TOML.format(boot_s=boot_s))
         with LocalPlatform(
             network="loopback", data_dir=Path(data_dir), templates=templates
         ) as platform:
-            figures = _figures(platform, repeats, pools, nodes, boot_s)
+            figures = _figures(platform, repeats, pools, nodes, boot_s,
+                               named=FULL[1:] if args.smoke else None)
     if not args.json:
         print(
             f"RayDog Builder on simulated nodes ({pools} pools x {nodes} nodes):", file=sys.stderr
@@ -123,19 +133,24 @@ def main() -> None:
 
 
 def _figures(
-    platform: LocalPlatform, repeats: int, pools: int, nodes: int, boot_s: int
+    platform: LocalPlatform, repeats: int, pools: int, nodes: int, boot_s: float,
+    named: tuple[int, int, float] | None = None,
 ) -> dict[str, float]:
+    """The figures, under keys that name the sizes measured, or `named` (pools, nodes, boot
+    seconds): a smoke run's keys are the full run's."""
+    key_pools, key_nodes, key_boot_s = named or (pools, nodes, boot_s)
     figures = {
         "build_overhead_s": round(build_overhead_s(platform, repeats), 4),
-        f"build_api_requests_{boot_s}s_boot": build_api_requests(platform),
+        f"build_api_requests_{key_boot_s}s_boot": build_api_requests(platform),
         "shutdown_s_1_pool": round(shutdown_s(platform, 1), 4),
         "shutdown_s_10_pools": round(shutdown_s(platform, 10), 4),
     }
     large = large_cluster(platform, pools, nodes)
+    total = key_pools * key_nodes
     return figures | {
-        f"api_calls_{pools * nodes}_nodes": large["calls"],
-        f"build_s_{pools * nodes}_nodes": round(large["build_s"], 3),
-        f"shutdown_s_{pools * nodes}_nodes": round(large["shutdown_s"], 3),
+        f"api_calls_{total}_nodes": large["calls"],
+        f"build_s_{total}_nodes": round(large["build_s"], 3),
+        f"shutdown_s_{total}_nodes": round(large["shutdown_s"], 3),
     }
 
 

@@ -3,7 +3,9 @@ against a platform started with `prefect-raydog local start` in a subprocess (so
 its own): task read latency, adding 1000 tasks, and 100 pools of 100 simulated nodes.
 
     python benchmarks/local_platform.py --json      # full figures
-    python benchmarks/local_platform.py --quick     # smoke run in seconds
+    python benchmarks/local_platform.py --quick     # a quick run in seconds
+    python benchmarks/local_platform.py --smoke     # proves it runs: the smallest sizes (its
+                                                    # figures mean nothing)
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ class Scale:
 
 FULL = Scale(task_reads=500, tasks=1000, pools=100, nodes_per_pool=100)
 QUICK = Scale(task_reads=50, tasks=100, pools=5, nodes_per_pool=10)
+SMOKE = Scale(task_reads=20, tasks=10, pools=2, nodes_per_pool=2)
 
 
 @contextmanager
@@ -181,16 +184,22 @@ def measure_nodes(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true", help="print one JSON object only")
-    parser.add_argument("--quick", action="store_true", help="a small smoke run")
+    modes = parser.add_mutually_exclusive_group()
+    modes.add_argument("--quick", action="store_true", help="a quick run")
+    modes.add_argument("--smoke", action="store_true",
+                       help="the smallest sizes: proves the benchmark runs, its figures mean "
+                            "nothing")
     arguments = parser.parse_args()
-    scale = QUICK if arguments.quick else FULL
+    scale = SMOKE if arguments.smoke else QUICK if arguments.quick else FULL
     with platform_process() as (process, client):
         figures = {
             **measure_tasks(client, scale),
             **measure_nodes(client, process, scale),
             "quick": arguments.quick,
+            "smoke": arguments.smoke,
             "rss_measured": "platform subprocess (prefect-raydog local start), VmRSS",
         }
     if arguments.json:

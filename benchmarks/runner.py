@@ -1,13 +1,17 @@
 """Per-task overhead of RayDogTaskRunner against prefect_ray.RayTaskRunner on the path users take.
 
-`python benchmarks/runner.py --json` prints one JSON object; `--quick` is a small smoke run.
+`python benchmarks/runner.py --json` prints one JSON object; `--quick` is a short run, `--smoke`
+proves the benchmark runs (every step at the smallest sizes; its figures mean nothing).
 One cluster is provisioned on an embedded local platform; both runners attach to it through
 Ray Client (`ray://HEAD:10001`), in alternating rounds, and report to one Prefect server that
 the nodes reach through a relay on the platform's host-side bridge address. Ray never runs on
 this machine's own network. Plain `ray.remote` calls through the same Ray Client give the floor,
-warm in the same rounds and cold in fresh driver processes (`--cold KIND ADDRESS` is one such
-process). `first_task_after_ready_s` provisions a second cluster through the runner itself; it,
-the cold runs and the flow of 10,000 tasks are not in the `--quick` smoke run.
+warm in the same rounds and cold in fresh driver processes (`--cold KIND ADDRESS TASKS` is one
+such process). `first_task_after_ready_s` provisions a second cluster through the runner itself;
+it, the cold runs and the flow of 10,000 tasks are not in the `--quick` run. `--smoke` runs them
+all once, with a few tasks each, one worker node, and the cold runs side by side; it leaves out
+`first_task_attached_s` (its flow is the first-task-after-ready one's). Each stage's time goes
+to stderr.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -38,8 +43,11 @@ from prefect.client.orchestration import get_client  # noqa: E402
 from prefect.events.worker import EventsWorker  # noqa: E402
 from prefect.logging.handlers import APILogWorker  # noqa: E402
 from prefect.runtime import flow_run  # noqa: E402
-from prefect.settings import PREFECT_API_URL, temporary_settings  # noqa: E402
-from prefect.testing.utilities import prefect_test_harness  # noqa: E402
+from prefect.settings import (  # noqa: E402
+    PREFECT_API_URL,
+    PREFECT_LOGGING_TO_API_BATCH_INTERVAL,
+    temporary_settings,
+)
 from prefect_ray import RayTaskRunner  # noqa: E402
 
 from prefect_raydog.blocks import RayDogClusterConfig  # noqa: E402
@@ -49,10 +57,28 @@ from prefect_raydog.runner.connection import connect  # noqa: E402
 from prefect_raydog.runner.relay import TcpRelay  # noqa: E402
 from prefect_raydog.task_runners import RayDogTaskRunner  # noqa: E402
 
-WARM_UP = 20
-WORKER_NODES = 2
-COLD_TASKS = 200
-LARGE_FLOW_TASKS = 10_000
+from stages import stage  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Scale:
+    warm_up: int  # tasks each flow maps before the ones it times
+    tasks: int
+    rounds: int
+    memory: tuple[int, int]  # tasks of the small and the large flow whose memory is compared
+    worker_nodes: int = 2
+    every_figure: bool = True  # also a cluster of the runner's, cold runs, one large flow
+    cold_tasks: int = 200
+    cold_rounds: int = 3
+    large_flow_tasks: int = 10_000
+    memory_warm_up: bool = True
+
+
+FULL = Scale(warm_up=20, tasks=500, rounds=2, memory=(1000, 10_000))
+QUICK = Scale(warm_up=20, tasks=20, rounds=1, memory=(50, 200), every_figure=False,
+              memory_warm_up=False)
+SMOKE = Scale(warm_up=2, tasks=5, rounds=1, memory=(5, 10), worker_nodes=1, cold_tasks=5,
+              cold_rounds=1, large_flow_tasks=10, memory_warm_up=False)
 
 
 @task
@@ -70,12 +96,13 @@ def started_at() -> tuple[float, float]:
     return time.time(), boot + start_ticks / os.sysconf("SC_CLK_TCK")
 
 
-def _timed_map(runner: Any, n: int) -> tuple[float, str]:
-    """Seconds from the start of a map of `n` trivial tasks until all results are back."""
+def _timed_map(runner: Any, n: int, warm_up: int) -> tuple[float, str]:
+    """Seconds from the start of a map of `n` trivial tasks (after `warm_up` of them) until all
+    results are back."""
 
     @flow(task_runner=runner)
     def mapped() -> tuple[float, str]:
-        add_one.map(range(WARM_UP)).result()
+        add_one.map(range(warm_up)).result()
         start = time.perf_counter()
         results = add_one.map(range(n)).result()
         elapsed = time.perf_counter() - start
@@ -102,13 +129,13 @@ def _raw_ray_map(n: int) -> float:
     return elapsed
 
 
-def _raw_ray_timed_map(address: str, n: int) -> float:
+def _raw_ray_timed_map(address: str, n: int, warm_up: int) -> float:
     """`_raw_ray_map` after the same warm-up as the runners', on a connection of its own."""
     import ray
 
     connect(address, {}, logging.getLogger("benchmark"))
     try:
-        _raw_ray_map(WARM_UP)
+        _raw_ray_map(warm_up)
         return _raw_ray_map(n)
     finally:
         ray.shutdown()
@@ -126,14 +153,15 @@ def _completed_count(flow_run_id: str) -> int:
         return response.json()
 
 
-def _until_states_saved(runner: Any, n: int, wait_s: float = 300) -> tuple[float, float, int]:
+def _until_states_saved(runner: Any, n: int, warm_up: int, wait_s: float = 300
+                        ) -> tuple[float, float, int]:
     """(results-back seconds, seconds until every task run's final state is in the API, how
     many final states it holds: all of them, unless `wait_s` passed first)."""
     start = time.perf_counter()
-    elapsed, flow_run_id = _timed_map(runner, n)
+    elapsed, flow_run_id = _timed_map(runner, n, warm_up)
     map_started = start + (time.perf_counter() - start) - elapsed
     deadline = time.perf_counter() + wait_s
-    while (saved := _completed_count(flow_run_id)) < n + WARM_UP and time.perf_counter() < deadline:
+    while (saved := _completed_count(flow_run_id)) < n + warm_up and time.perf_counter() < deadline:
         time.sleep(0.2)
     return elapsed, time.perf_counter() - map_started, saved
 
@@ -159,7 +187,7 @@ def _step_times() -> Iterator[dict[str, float]]:
     """When (epoch seconds) the runner's session got past each step to its first task: the
     head's node task running (`build` returned), Ray Client connected, the workers joined
     (when it warms them)."""
-    from prefect_raydog.runner import session
+    from prefect_raydog.runner import attach, session
 
     at: dict[str, float] = {}
 
@@ -177,14 +205,14 @@ def _step_times() -> Iterator[dict[str, float]]:
         threading.Thread(target=_until_listening, args=(head.private_ip, at), daemon=True).start()
         return head
 
-    originals = build, _, _ = (RayDogCluster.build, session.connect, session.warm_workers)
+    originals = build, _, _ = (RayDogCluster.build, attach.connect, session.warm_workers)
     RayDogCluster.build = built
-    session.connect = timed("connected", session.connect)
+    attach.connect = timed("connected", attach.connect)
     session.warm_workers = timed("workers_joined", session.warm_workers)
     try:
         yield at
     finally:
-        RayDogCluster.build, session.connect, session.warm_workers = originals
+        RayDogCluster.build, attach.connect, session.warm_workers = originals
 
 
 def _until_listening(host: str, at: dict[str, float]) -> None:
@@ -263,7 +291,8 @@ def _api_for_nodes(host: str) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def _provisioned(platform: LocalPlatform, config: RayDogClusterConfig) -> Iterator[str]:
+def _provisioned(platform: LocalPlatform, config: RayDogClusterConfig, workers: int
+                 ) -> Iterator[str]:
     """One cluster on the platform, its Ray workers joined; yields its Ray Client address."""
     import ray
 
@@ -272,27 +301,29 @@ def _provisioned(platform: LocalPlatform, config: RayDogClusterConfig) -> Iterat
         address = f"ray://{cluster.head_node_private_ip}:10001"
         connect(address, {}, logging.getLogger("benchmark"))  # retries while the head starts
         try:
-            wait_for_ray_nodes(1 + WORKER_NODES, timeout=180)
+            wait_for_ray_nodes(1 + workers, timeout=180)
         finally:
             ray.shutdown()
         yield address
 
 
-def _client_figures(address: str, quick: bool) -> dict[str, Any]:
+def _client_figures(address: str, scale: Scale) -> dict[str, Any]:
     """Both runners and plain Ray through Ray Client to the same cluster, alternating round by
     round."""
-    n, rounds = (20, 1) if quick else (500, 2)
+    n, rounds, warm_up = scale.tasks, scale.rounds, scale.warm_up
     runners = {"ours": RayDogTaskRunner(address=address), "theirs": RayTaskRunner(address=address)}
     results: dict[str, list[float]] = {"ours": [], "theirs": [], "raw": []}
     saved: dict[str, list[float]] = {"ours": [], "theirs": []}
     for _ in range(rounds):
         for name, runner in runners.items():
-            elapsed, until_saved, saved_states = _until_states_saved(runner, n)
-            if saved_states < n + WARM_UP:
-                raise RuntimeError(f"{name}: the API holds {saved_states} of {n + WARM_UP} states")
+            elapsed, until_saved, saved_states = _until_states_saved(runner, n, warm_up)
+            if saved_states < n + warm_up:
+                raise RuntimeError(f"{name}: the API holds {saved_states} of {n + warm_up} states")
             results[name].append(elapsed)
             saved[name].append(until_saved)
-        results["raw"].append(_raw_ray_timed_map(address, n))
+            stage(f"client round: {name}")
+        results["raw"].append(_raw_ray_timed_map(address, n, warm_up))
+        stage("client round: raw")
     ours, theirs = statistics.median(results["ours"]), statistics.median(results["theirs"])
     raw = statistics.median(results["raw"])
     ours_saved = statistics.median(saved["ours"])
@@ -309,74 +340,97 @@ def _client_figures(address: str, quick: bool) -> dict[str, Any]:
         "client_prefect_ray_states_saved_per_task_ms": round(1000 * theirs_saved / n, 2),
         "client_states_saved_ratio_vs_prefect_ray": round(ours_saved / theirs_saved, 3),
     }
-    if not quick:
+    if scale.every_figure and scale is not SMOKE:  # the smoke run's first task is its own
         figures["first_task_attached_s"] = round(_first_task_after_start(runners["ours"]), 3)
+        stage("first task attached")
     return figures
 
 
-def _large_flow_figures(address: str, per_task_500_ms: float) -> dict[str, Any]:
-    """One flow of `LARGE_FLOW_TASKS` tasks: per task against the 500-task rounds' figure, and
-    how many of its final states the API holds at the end (all, or the figure says how many)."""
+def _large_flow_figures(address: str, per_task_500_ms: float, scale: Scale) -> dict[str, Any]:
+    """One flow of `large_flow_tasks` tasks (10,000 in full): per task against the 500-task
+    rounds' figure, and how many of its final states the API holds at the end (all, or the
+    figure says how many)."""
     runner = RayDogTaskRunner(address=address)
-    elapsed, until_saved, saved = _until_states_saved(runner, LARGE_FLOW_TASKS, wait_s=120)
-    per_task_ms = 1000 * elapsed / LARGE_FLOW_TASKS
+    n, warm_up = scale.large_flow_tasks, scale.warm_up
+    elapsed, until_saved, saved = _until_states_saved(runner, n, warm_up, wait_s=120)
+    per_task_ms = 1000 * elapsed / n
     figures = {
         "ms_per_task_10k": round(per_task_ms, 2),
         "ms_per_task_10k_over_500": round(per_task_ms / per_task_500_ms, 3),
-        "final_states_in_api_10k": saved - WARM_UP,
+        "final_states_in_api_10k": saved - warm_up,
     }
-    if saved == LARGE_FLOW_TASKS + WARM_UP:
-        figures["ms_per_task_10k_states_saved"] = round(1000 * until_saved / LARGE_FLOW_TASKS, 2)
+    if saved == n + warm_up:
+        figures["ms_per_task_10k_states_saved"] = round(1000 * until_saved / n, 2)
+    stage("large flow")
     return figures
 
 
-def _cold_run(kind: str, address: str) -> float:
+def _cold_run(kind: str, address: str, tasks: int) -> float:
     """In a fresh driver process (so a new Ray job, new worker processes): seconds from the
-    first submit of `COLD_TASKS` mapped tasks to the last result. `kind` is "raw" (plain Ray),
+    first submit of `tasks` mapped tasks to the last result. `kind` is "raw" (plain Ray),
     "ours", or "unwarmed" (ours without warming the job's workers)."""
     import ray
 
     if kind == "raw":
         connect(address, {}, logging.getLogger("benchmark"))
         try:
-            return _raw_ray_map(COLD_TASKS)
+            return _raw_ray_map(tasks)
         finally:
             ray.shutdown()
     if kind == "unwarmed":
-        from prefect_raydog.runner import session
+        from prefect_raydog.runner import attach
 
-        session.warm_workers = lambda: []
+        attach.warm_workers = lambda: []
 
     @flow(task_runner=RayDogTaskRunner(address=address))
     def cold() -> float:
         start = time.perf_counter()
-        results = add_one.map(range(COLD_TASKS)).result()
+        results = add_one.map(range(tasks)).result()
         elapsed = time.perf_counter() - start
-        assert results == [x + 1 for x in range(COLD_TASKS)]
+        assert results == [x + 1 for x in range(tasks)]
         return elapsed
 
     return cold()
 
 
-def _cold_figures(address: str, api_url: str, rounds: int = 3) -> dict[str, Any]:
-    """Cold runs, each in a fresh process, alternating kinds round by round."""
+def _cold_process(kind: str, address: str, tasks: int, environment: dict[str, str]
+                  ) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, __file__, "--cold", kind, address, str(tasks)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=environment)
+
+
+def _cold_seconds(kind: str, process: subprocess.Popen[str]) -> float:
+    try:
+        stdout, stderr = process.communicate(timeout=600)
+    finally:
+        process.kill()  # a no-op once it has exited
+    if process.returncode:
+        raise RuntimeError(f"the cold {kind} run failed: {stderr[-3000:]}")
+    stage(f"cold run: {kind}")
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def _cold_figures(address: str, api_url: str, scale: Scale) -> dict[str, Any]:
+    """Cold runs, each in a fresh process, alternating kinds round by round (side by side in a
+    smoke run, whose figures are not kept)."""
     kinds = ("ours", "unwarmed", "raw")
     elapsed: dict[str, list[float]] = {kind: [] for kind in kinds}
-    environment = {**os.environ, "PREFECT_API_URL": api_url}
-    for _ in range(rounds):
+    environment = {**os.environ, "PREFECT_API_URL": api_url,
+                   "PREFECT_LOGGING_TO_API_BATCH_INTERVAL":
+                       str(PREFECT_LOGGING_TO_API_BATCH_INTERVAL.value())}
+    for _ in range(scale.cold_rounds):
+        if scale is SMOKE:
+            started = {kind: _cold_process(kind, address, scale.cold_tasks, environment)
+                       for kind in kinds}
+            for kind, process in started.items():
+                elapsed[kind].append(_cold_seconds(kind, process))
+            continue
         for kind in kinds:
-            process = subprocess.run(
-                [sys.executable, __file__, "--cold", kind, address],
-                capture_output=True,
-                text=True,
-                env=environment,
-                timeout=600,
-            )
-            if process.returncode:
-                raise RuntimeError(f"the cold {kind} run failed: {process.stderr[-3000:]}")
-            elapsed[kind].append(json.loads(process.stdout.strip().splitlines()[-1]))
+            process = _cold_process(kind, address, scale.cold_tasks, environment)
+            elapsed[kind].append(_cold_seconds(kind, process))
     per_task = {
-        kind: 1000 * statistics.median(times) / COLD_TASKS for kind, times in elapsed.items()
+        kind: 1000 * statistics.median(times) / scale.cold_tasks for kind, times in elapsed.items()
     }
     return {
         "cold_per_task_ms": round(per_task["ours"], 2),
@@ -386,13 +440,14 @@ def _cold_figures(address: str, api_url: str, rounds: int = 3) -> dict[str, Any]
     }
 
 
-def _memory_figures(address: str, quick: bool) -> dict[str, Any]:
-    small, large = (50, 200) if quick else (1000, 10000)
+def _memory_figures(address: str, scale: Scale) -> dict[str, Any]:
+    small, large = scale.memory
     runner = RayDogTaskRunner(address=address)
-    if not quick:
+    if scale.memory_warm_up:
         _driver_rss_kib(runner, small)  # warm up: imports, connections, caches
     before = _driver_rss_kib(runner, small)
     after = _driver_rss_kib(runner, large)
+    stage("memory flows")
     return {
         f"driver_rss_mib_{small}": round(before / 1024, 1),
         f"driver_rss_mib_{large}": round(after / 1024, 1),
@@ -400,43 +455,55 @@ def _memory_figures(address: str, quick: bool) -> dict[str, Any]:
     }
 
 
-def run(quick: bool) -> dict[str, Any]:
+def run(scale: Scale) -> dict[str, Any]:
     """Every figure, on clusters provisioned on one local platform."""
     with LocalPlatform() as platform:
+        stage("platform up")
         config = RayDogClusterConfig.local(
-            platform.url, platform.key_id, platform.key_secret, worker_nodes=WORKER_NODES
+            platform.url, platform.key_id, platform.key_secret, worker_nodes=scale.worker_nodes
         )
-        first_task = (  # a cluster of its own: the smoke run skips it
-            {} if quick else _first_task_after_platform_ready(platform, config)
-        )
+        first_task = {}
+        if scale.every_figure:  # a cluster of its own
+            first_task = _first_task_after_platform_ready(platform, config)
+            stage("first task after ready (a cluster of its own)")
         with (
             _api_for_nodes(platform.host_address) as api_url,
-            _provisioned(platform, config) as address,
+            _provisioned(platform, config, scale.worker_nodes) as address,
         ):
-            figures = _client_figures(address, quick)
-            if not quick:
-                figures |= _cold_figures(address, api_url)
-                figures |= _large_flow_figures(address, figures["client_per_task_ms"])
-            figures |= _memory_figures(address, quick)
+            stage("cluster provisioned")
+            figures = _client_figures(address, scale)
+            if scale.every_figure:
+                figures |= _cold_figures(address, api_url, scale)
+                figures |= _large_flow_figures(address, figures["client_per_task_ms"], scale)
+            figures |= _memory_figures(address, scale)
+    stage("cluster and platform down")
     return figures | first_task
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--quick", action="store_true", help="a small smoke run")
-    parser.add_argument(
-        "--cold",
-        nargs=2,
-        metavar=("KIND", "ADDRESS"),
-        help="one cold run in this process (the benchmark starts these)",
-    )
+    modes = parser.add_mutually_exclusive_group()
+    modes.add_argument("--quick", action="store_true", help="a short run: the client figures")
+    modes.add_argument("--smoke", action="store_true",
+                       help="every step once at the smallest sizes: proves the benchmark runs, "
+                            "its figures mean nothing")
+    parser.add_argument("--cold", nargs=3, metavar=("KIND", "ADDRESS", "TASKS"),
+                        help="one cold run in this process (the benchmark starts these)")
     args = parser.parse_args()
     if args.cold:
-        print(json.dumps(_cold_run(*args.cold)))
+        kind, address, tasks = args.cold
+        print(json.dumps(_cold_run(kind, address, int(tasks))))
         return
-    with prefect_test_harness(server_startup_timeout=120):
-        figures = run(args.quick)
+    from prefect.testing.utilities import prefect_test_harness  # not in the cold processes
+
+    # A smoke run's flows wait less for the nodes' last batch of logs when they end.
+    batches = {PREFECT_LOGGING_TO_API_BATCH_INTERVAL: 0.2} if args.smoke else {}
+    with temporary_settings(updates=batches), prefect_test_harness(server_startup_timeout=120):
+        stage("Prefect server up")
+        figures = run(SMOKE if args.smoke else QUICK if args.quick else FULL)
+    stage("Prefect server down")
     if args.json:
         print(json.dumps(figures))
     else:
