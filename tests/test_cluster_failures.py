@@ -254,3 +254,25 @@ def test_a_persistent_fault_at_one_shutdown_call_is_covered_by_the_others(
     platform.faults.add("503", path, method, count=1000)
     assert not cluster.shut_down().failed
     platform.clear_faults()
+
+
+def test_aborting_a_node_task_that_ended_meanwhile_leaves_it_as_it_ended(platform, client):
+    """`ray down` stops a node's Ray before it ends the node's task: the task may have ended by
+    then, and YellowDog refuses to cancel a finished task."""
+    from yellowdog_client.model import TaskSearch, TaskStatus
+
+    from prefect_raydog.cluster.nodes import abort_task
+
+    with RayDogCluster(simulated_spec(pools=1, nodes=2), client=client) as cluster:
+        tasks = [task for task in client.work_client.get_tasks(
+            TaskSearch(workRequirementId=cluster.work_requirement_id)).iterate()
+            if task.id != cluster.head_node_task_id]
+        ended, live = tasks
+        platform.kill_node(client.work_client.get_task_by_id(ended.id).nodeId)
+        wait_for(lambda: client.work_client.get_task_by_id(ended.id).status.finished,
+                 timeout=30, what="the killed node's task to end")
+        abort_task(client, ended.id)
+        abort_task(client, live.id)
+        assert client.work_client.get_task_by_id(ended.id).status == TaskStatus.FAILED
+        wait_for(lambda: client.work_client.get_task_by_id(live.id).status.finished,
+                 timeout=30, what="the aborted task to end")

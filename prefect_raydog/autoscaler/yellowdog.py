@@ -29,6 +29,7 @@ from yellowdog_client.model import (
 
 from prefect_raydog.cluster import RayDogClusterProxy, ShutdownReport
 from prefect_raydog.cluster.node_requests import PoolRequest, node_task_group, node_tasks
+from prefect_raydog.cluster.nodes import abort_task
 from prefect_raydog.cluster.waits import RequirementWatch, describe_task_end
 
 logger = logging.getLogger("prefect_raydog.autoscaler")
@@ -311,7 +312,7 @@ class YellowDogCluster:
 
     def end_node(self, task_id: str) -> None:
         """Abort the node's task; its machine then goes by idle node shutdown."""
-        self.client.work_client.cancel_task_by_id(task_id, True)
+        abort_task(self.client, task_id)
         self._addresses.pop(task_id, None)
         self._cache = None
 

@@ -7,6 +7,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Literal
 
+from requests import HTTPError
 from yellowdog_client import PlatformClient
 from yellowdog_client.model import (
     InstanceSearch,
@@ -173,6 +174,17 @@ def append_task_group(
 def node_tasks(group: NodeGroup, names: list[str], environment: dict[str, str]) -> list[Task]:
     """One task per name that starts a Ray node of the group, with the given environment."""
     return node_requests.node_tasks(names, group.script, {**group.spec.environment, **environment})
+
+
+def abort_task(client: PlatformClient, task_id: str) -> None:
+    """Abort a node's task; one that ended meanwhile (its Ray stopped, its node lost) is left
+    as it is, where YellowDog refuses the cancel as an invalid transition."""
+    try:
+        client.work_client.cancel_task_by_id(task_id, True)
+    except HTTPError:
+        status = client.work_client.get_task_by_id(task_id).status
+        if status is None or not status.finished:
+            raise
 
 
 def live_task_ids(

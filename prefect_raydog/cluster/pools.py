@@ -14,7 +14,12 @@ from yellowdog_client.model import TaskGroupStatus
 from yellowdog_client.model.exceptions import InvalidRequestException
 
 from prefect_raydog.cluster.client import parallel
-from prefect_raydog.cluster.nodes import NodeGroup, append_task_group, live_task_ids
+from prefect_raydog.cluster.nodes import (
+    NodeGroup,
+    abort_task,
+    append_task_group,
+    live_task_ids,
+)
 from prefect_raydog.cluster.teardown import ShutdownReport, Teardown
 from prefect_raydog.errors import ClusterStateError
 from prefect_raydog.spec import ClusterSpec, WorkerPoolSpec
@@ -126,9 +131,8 @@ class WorkerPools:
         if count > len(live):
             self._grow(group, count - len(live))
         elif count < len(live):
-            work = self.yd_client.work_client
             extra = live[count:]
-            parallel([lambda t=t: work.cancel_task_by_id(t, True) for t in extra])
+            parallel([lambda t=t: abort_task(self.yd_client, t) for t in extra])
             group.task_ids = [task_id for task_id in group.task_ids if task_id not in set(extra)]
         logger.info(
             "Resized worker pool %s of cluster %s to %d nodes", internal_name, self.spec.name, count
