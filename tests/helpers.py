@@ -39,3 +39,8 @@ def free_port() -> int:
 # A flow that calls these carries them to the nodes with its context, where this module is not
 # installed: it travels by value, as the test modules do.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+def authorizing_userdata(public_key: str) -> str:
+    """Userdata that authorizes `public_key` for the node's agent user, as a cloud image's does."""
+    return f"#!/bin/bash\ncat >> ~yd-agent/.ssh/authorized_keys <<'EOF'\n{public_key}\nEOF\n"

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from conftest import wait_for
+from helpers import authorizing_userdata
 from process_nodes import Pools, process_pools
 from yellowdog_client.model import (
     ComputeRequirementTemplateUsage,
@@ -71,7 +72,7 @@ def test_a_key_in_userdata_opens_ssh_on_the_nodes_public_address(
         pools: Pools, tmp_path: Path) -> None:
     key = tmp_path / "id_ed25519"
     public = make_key(key)
-    user_data = f"#!/bin/bash\ncat >> ~yd-agent/.ssh/authorized_keys <<'EOF'\n{public}\nEOF\n"
+    user_data = authorizing_userdata(public)
     pool_id = provision(pools, "ssh", user_data)
     node = node_of(pools, pool_id)
     (task,) = pools.run("ssh", ["echo from-the-task > /tmp/mark; sleep 300"])

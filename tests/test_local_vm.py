@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from conftest import wait_for
+from helpers import authorizing_userdata
 from process_nodes import Pools, process_pools
 from test_local_ssh import make_key, ssh
 from typer.testing import CliRunner
@@ -130,7 +131,7 @@ def test_a_node_whose_userdata_fails_never_registers(
 def test_an_ssh_login_runs_as_yd_agent_from_the_image(pools: Pools, tmp_path: Path) -> None:
     key = tmp_path / "id_ed25519"
     public = make_key(key)
-    user_data = f"#!/bin/bash\ncat >> ~yd-agent/.ssh/authorized_keys <<'EOF'\n{public}\nEOF\n"
+    user_data = authorizing_userdata(public)
     pool_id = pools.provision(1, "login", VM, user_data)
     pools.wait_idle(pool_id, timeout=60)
     (node,) = pools.client.worker_pool_client.get_nodes(NodeSearch(workerPoolId=pool_id)).iterate()

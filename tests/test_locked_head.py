@@ -10,6 +10,7 @@ import sys
 
 import pytest
 from conftest import wait_for
+from helpers import authorizing_userdata
 from process_nodes import Pools, process_pools
 from test_local_ssh import make_key
 from test_local_vm import VM, listening
@@ -59,7 +60,7 @@ def _deliver(key: str, address: str, token: str) -> None:
 def test_a_head_with_a_token_file_refuses_ray_client_without_the_token(pools: Pools, tmp_path):
     key = tmp_path / "id_ed25519"
     public = make_key(key)
-    user_data = f"#!/bin/bash\ncat >> ~yd-agent/.ssh/authorized_keys <<'EOF'\n{public}\nEOF\n"
+    user_data = authorizing_userdata(public)
     pool_id = pools.provision(1, "locked", VM, user_data)
     pools.wait_idle(pool_id, timeout=60)
     (node,) = pools.client.worker_pool_client.get_nodes(NodeSearch(workerPoolId=pool_id)).iterate()

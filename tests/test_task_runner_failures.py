@@ -18,7 +18,7 @@ import paramiko
 import pytest
 import ray
 from conftest import assert_nothing_left, wait_for
-from helpers import head_ips, what_is_live
+from helpers import authorizing_userdata, head_ips, what_is_live
 from prefect import flow, task
 from pydantic import SecretStr
 
@@ -36,8 +36,6 @@ NEVER_JOINS = "exec sleep 600\n"
 # A head whose task runs (so the build returns), then ends before its Ray ever listens.
 HEAD_DIES = "sleep 10\nexit 3\n"
 HEAD_DIES_BLOCK = "local-head-dies-cluster"
-# Userdata that authorizes a key for the node's agent user, as on a cloud image.
-AUTHORIZE = "#!/bin/bash\ncat >> ~yd-agent/.ssh/authorized_keys <<'EOF'\n{}\nEOF\n"
 
 
 def _config(platform, **update) -> RayDogClusterConfig:
@@ -60,7 +58,7 @@ def saved_config(prefect_api, local_platform, tmp_path_factory):
     _config(local_platform, workers_to_join=0,
             head=config.head.model_copy(update={"script": HEAD_DIES})).save(HEAD_DIES_BLOCK,
                                                                             overwrite=True)
-    authorize = {"userdata": AUTHORIZE.format(public)}  # the workers too: the token goes there
+    authorize = {"userdata": authorizing_userdata(public)}  # the workers too: the token goes there
     _config(local_platform, ssh_tunnel=True, ssh_private_key=SecretStr(key.read_text()),
             ssh_known_hosts=local_platform.ssh_known_hosts,
             head=config.head.model_copy(update=authorize),

@@ -19,7 +19,7 @@ import paramiko
 import pytest
 import ray
 from conftest import assert_nothing_left
-from helpers import head_ips
+from helpers import authorizing_userdata, head_ips
 from prefect import flow, task
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
@@ -36,15 +36,13 @@ from prefect_raydog.task_runners import RayDogTaskRunner
 
 pytestmark = [pytest.mark.ray, pytest.mark.system_packages("openssh-server")]
 BLOCK = "local-locked-cluster"
-# Userdata that authorizes a key for the node's agent user, as on a cloud image.
-AUTHORIZE = "#!/bin/bash\ncat >> ~yd-agent/.ssh/authorized_keys <<'EOF'\n{}\nEOF\n"
 
 
 @pytest.fixture(scope="module")
 def key(tmp_path_factory) -> Path:
     """A fresh SSH key; its public half is in `key.userdata`."""
     key = tmp_path_factory.mktemp("ssh") / "id_ed25519"
-    (key.parent / "userdata").write_text(AUTHORIZE.format(make_key(key)))
+    (key.parent / "userdata").write_text(authorizing_userdata(make_key(key)))
     return key
 
 
