@@ -41,6 +41,8 @@ from prefect_raydog.task_runners import RayDogTaskRunner, placement
 
 pytestmark = pytest.mark.ray
 BLOCK = "local-test-cluster"
+# For tests that need no second worker: each node costs the 2-core machine seconds of CPU.
+ONE_WORKER_BLOCK = "local-test-cluster-1"
 
 
 @pytest.fixture(scope="module")
@@ -49,12 +51,20 @@ def saved_config(prefect_api, local_platform):
         local_platform.url, local_platform.key_id, local_platform.key_secret
     )
     config.save(BLOCK, overwrite=True)
+    RayDogClusterConfig.local(
+        local_platform.url, local_platform.key_id, local_platform.key_secret, worker_nodes=1
+    ).save(ONE_WORKER_BLOCK, overwrite=True)
     return config
 
 
 @pytest.fixture
 def runner(saved_config, platform):
     return RayDogTaskRunner(cluster=BLOCK, api_relay_address=platform.host_address)
+
+
+@pytest.fixture
+def one_worker_runner(saved_config, platform):
+    return RayDogTaskRunner(cluster=ONE_WORKER_BLOCK, api_relay_address=platform.host_address)
 
 
 @task
@@ -127,7 +137,8 @@ def test_a_subflow_with_its_own_runner_runs_on_the_cluster_its_parent_provisione
     def child():
         return ray_namespace.submit().result()
 
-    @flow(task_runner=RayDogTaskRunner(cluster=BLOCK, api_relay_address=platform.host_address,
+    @flow(task_runner=RayDogTaskRunner(cluster=ONE_WORKER_BLOCK,
+                                       api_relay_address=platform.host_address,
                                        init_kwargs={"namespace": "nested-parent"}))
     def parent():
         before = ray_namespace.submit().result()
@@ -172,12 +183,12 @@ def saved_secret() -> str:
     return RayDogClusterConfig.load(BLOCK).credentials.api_key_secret.get_secret_value()
 
 
-def test_failing_task_fails_the_flow_and_tears_down(runner):
+def test_failing_task_fails_the_flow_and_tears_down(one_worker_runner):
     @task
     def boom():
         raise RuntimeError("boom on a node")
 
-    @flow(task_runner=runner)
+    @flow(task_runner=one_worker_runner)
     def failing():
         return boom.submit().result()
 
@@ -192,10 +203,10 @@ def node_environment() -> dict[str, str]:
     return dict(os.environ)
 
 
-def test_a_retried_flow_run_reuses_its_cluster(runner, platform):
+def test_a_retried_flow_run_reuses_its_cluster(one_worker_runner, platform):
     attempts = []
 
-    @flow(task_runner=runner, retries=1)
+    @flow(task_runner=one_worker_runner, retries=1)
     def flaky():
         value = node_ip.submit(1).result()[0]
         attempts.append(value)
@@ -315,13 +326,14 @@ def test_killed_worker_node_gives_crashed_task_runs_reported_to_the_api(
 
 @pytest.mark.parametrize("signum", ["SIGTERM", "SIGINT"])
 def test_signal_to_a_running_flow_process_tears_the_cluster_down(
-    runner, platform, tmp_path, signum
+    saved_config, platform, tmp_path, signum
 ):
     script, marker = tmp_path / "flow.py", tmp_path / "submitted"
     script.write_text(LONG_FLOW)
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "RAY_AUTH_MODE": "disabled"}
     process = subprocess.Popen(
-        [sys.executable, str(script), BLOCK, platform.host_address, str(marker)], env=env
+        [sys.executable, str(script), ONE_WORKER_BLOCK, platform.host_address, str(marker)],
+        env=env,
     )
     try:
         wait_for(marker.exists, timeout=180, interval=0.2, what="tasks submitted")
