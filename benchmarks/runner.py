@@ -372,7 +372,9 @@ def _cold_run(kind: str, address: str, tasks: int) -> float:
     import ray
 
     if kind == "raw":
-        connect(address, {}, logging.getLogger("benchmark"))
+        # Plain Ray Client, as a Ray user connects: the runner's connect() would start the
+        # job's worker processes with its version probes before the clock starts.
+        ray.init(address, log_to_driver=False)
         try:
             return _raw_ray_map(tasks)
         finally:
