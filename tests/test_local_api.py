@@ -501,9 +501,10 @@ def test_pool_grows_to_waiting_tasks_up_to_max_nodes_and_never_beyond(yd: Worksp
 def test_a_max_nodes_above_the_platform_limit_is_accepted_and_caps_the_pool_at_the_limit(
     yd: Workspace,
 ) -> None:
-    # RayDog's autoscaler provisions every worker pool with maxNodes 100000, "so that YellowDog
-    # imposes no separate limit" (yellowdog_ray/raydog/autoscaler.py:113-116); a pool has at most
-    # 10,000 nodes (yellowdog-cli's MAX_WORKER_POOL_NODE_COUNT, "enforced by the platform").
+    # RayDog's autoscaler provisions every worker pool with maxNodes 100000: "this prevents
+    # YellowDog imposing a separate limit" (yellowdog_ray/raydog/autoscaler.py:109-113, 879).
+    # A pool has at most 10,000 nodes (yellowdog-cli: MAX_WORKER_POOL_NODE_COUNT, "enforced by
+    # the platform").
     pool = yd.provision(count=0, minNodes=0, maxNodes=100_000)
     assert pool.properties.maxNodes == 100_000
     requirement = yd.requirement(yd.group())
