@@ -498,6 +498,22 @@ def test_pool_grows_to_waiting_tasks_up_to_max_nodes_and_never_beyond(yd: Worksp
     )
 
 
+def test_a_max_nodes_above_the_platform_limit_is_accepted_and_caps_the_pool_at_the_limit(
+    yd: Workspace,
+) -> None:
+    # RayDog's autoscaler provisions every worker pool with maxNodes 100000: "this prevents
+    # YellowDog imposing a separate limit" (yellowdog_ray/raydog/autoscaler.py:109-113, 879).
+    # A pool has at most 10,000 nodes (yellowdog-cli: MAX_WORKER_POOL_NODE_COUNT, "enforced by
+    # the platform").
+    pool = yd.provision(count=0, minNodes=0, maxNodes=100_000)
+    assert pool.properties.maxNodes == 100_000
+    requirement = yd.requirement(yd.group())
+    for task in yd.add_tasks(requirement.taskGroups[0].id, 2):
+        yd.wait_task(task.id, TaskStatus.EXECUTING)
+    with pytest.raises(InvalidRequestException, match="maxNodes 10000"):
+        yd.client.worker_pool_client.resize_worker_pool_by_id(pool.id, 10_001)
+
+
 def test_killed_node_fails_its_task_and_the_pool_replaces_it(yd: Workspace) -> None:
     pool = yd.provision(count=1, maxNodes=2)
     requirement = yd.requirement(yd.group())

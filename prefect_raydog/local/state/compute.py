@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from prefect_raydog.local.state.work import Task
 
 MAX_NODES = 10_000
+"""The most nodes one worker pool has (the platform's MAX_WORKER_POOL_NODE_COUNT)."""
 ALIVE = ("PENDING", "RUNNING")
 
 
@@ -136,12 +137,15 @@ class WorkerPool:
         self.template = requirement.template
         self.worker_tag: str | None = properties.get("workerTag")
         self.min_nodes = int(properties.get("minNodes") or 0)
-        self.max_nodes = int(properties.get("maxNodes") or MAX_NODES)
-        if not 0 <= self.min_nodes <= self.max_nodes <= MAX_NODES:
+        max_nodes = int(properties.get("maxNodes") or MAX_NODES)
+        if not 0 <= self.min_nodes <= min(max_nodes, MAX_NODES):
             raise InvalidRequest(
-                f"{what}: minNodes ({self.min_nodes}) and maxNodes ({self.max_nodes}) must "
-                f"satisfy 0 <= minNodes <= maxNodes <= {MAX_NODES}"
+                f"{what}: minNodes ({self.min_nodes}) and maxNodes ({max_nodes}) must "
+                f"satisfy 0 <= minNodes <= maxNodes and minNodes <= {MAX_NODES}"
             )
+        # A larger maxNodes is accepted (RayDog's autoscaler asks for 100000 on every worker
+        # pool) and the pool grows to the platform's limit at most.
+        self.max_nodes = min(max_nodes, MAX_NODES)
         self.idle_node_timeout = auto_shutdown(
             properties.get("idleNodeShutdown"), f"{what}: idleNodeShutdown.timeout"
         )
