@@ -76,8 +76,13 @@ def test_readme_main_command_works_first_time_and_ends_clean(tmp_path: Path) -> 
     assert result.returncode == 0, output[-5000:]
     assert "Traceback" not in output, output[-5000:]
     assert not [line for line in output.splitlines() if "ERROR" in line], output[-5000:]
-    counts = [int(line.split()[0]) for line in output.splitlines() if "tasks ran on node" in line]
-    assert len(counts) == 2 and sum(counts) == 300, output[-3000:]
+    ran = {line.split()[-1]: int(line.split()[0])
+           for line in output.splitlines() if "tasks ran on node" in line}
+    head = re.search(r"Head node ready at (\S+) ", output)
+    # Both worker nodes, or one: a worker still importing Prefect on a loaded machine when the
+    # other has run all 300 quick tasks gets none, as Ray schedules.
+    assert head and head[1] not in ran, output[-3000:]
+    assert 1 <= len(ran) <= 2 and sum(ran.values()) == 300, output[-3000:]
 
     deadline = time.monotonic() + 30
     while (left := processes_mentioning(str(checkout))) and time.monotonic() < deadline:
