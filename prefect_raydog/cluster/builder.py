@@ -16,12 +16,12 @@ from typing import Any, Literal, NamedTuple
 from pydantic import SecretStr
 from yellowdog_client import PlatformClient
 from yellowdog_client.model import Task, WorkRequirement
-from yellowdog_client.model.exceptions import NotAuthorisedException
 
 from prefect_raydog.cluster.client import (
     DEFAULT_API_URL,
     Deadline,
     client_or_credentials,
+    is_key_refused,
     parallel,
 )
 from prefect_raydog.cluster.nodes import (
@@ -55,15 +55,6 @@ from prefect_raydog.errors import (
 from prefect_raydog.spec import BUILD_ID_LENGTH, ClusterSpec, WorkerPoolSpec
 
 logger = logging.getLogger("prefect_raydog.cluster")
-
-
-def _key_refused(error: BaseException | None) -> bool:
-    """Whether YellowDog refused the key somewhere in this error's chain of causes."""
-    while error is not None:
-        if isinstance(error, NotAuthorisedException):
-            return True
-        error = error.__cause__ or error.__context__
-    return False
 
 
 _LOST = object()
@@ -295,7 +286,7 @@ class RayDogCluster(WorkerPools):
         try:
             yield
         except BaseException as error:
-            if _key_refused(error):
+            if is_key_refused(error):
                 self._refuse_key(action)
             if groups is None:
                 report = self._end_everything()

@@ -14,7 +14,7 @@ import requests
 from pydantic import SecretStr
 from yellowdog_client import PlatformClient
 from yellowdog_client.model import ApiKey, RetryProperties, ServicesSchema
-from yellowdog_client.model.exceptions import InternalServerException
+from yellowdog_client.model.exceptions import InternalServerException, NotAuthorisedException
 
 DEFAULT_API_URL = "https://api.yellowdog.ai"
 MAX_PARALLEL_CALLS = 32
@@ -87,6 +87,15 @@ def is_transient(error: BaseException) -> bool:
         return True
     status = getattr(getattr(error, "response", None), "status_code", 0) or 0
     return isinstance(error, requests.HTTPError) and (status >= 500 or status == 429)
+
+
+def is_key_refused(error: BaseException | None) -> bool:
+    """Whether YellowDog refused the key somewhere in this error's chain of causes."""
+    while error is not None:
+        if isinstance(error, NotAuthorisedException):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def wait_for_ray_nodes(count: int, timeout: float = 120.0) -> int:
