@@ -51,10 +51,10 @@ from prefect_ray.task_runners import PrefectRayFuture, RayTaskRunner
 from typing_extensions import Self
 
 from prefect_raydog.runner import versions
-from prefect_raydog.runner.node import Outcome, inside_ray_worker, remote_for
 from prefect_raydog.runner.packing import Kept, keep, unpack
 from prefect_raydog.runner.parking import live_session, release_session, take_session
 from prefect_raydog.runner.placement import PLACEMENT, placement, pool_resource
+from prefect_raydog.runner.remote import Outcome, dumps_with_refs, inside_ray_worker, remote_for
 from prefect_raydog.runner.session import run_logger
 from prefect_raydog.runner.settings import SessionSettings, cluster_reference, unsaved_config
 from prefect_raydog.runner.shipping import register_code_by_value, rewrite_api_url
@@ -363,10 +363,12 @@ class RayDogTaskRunner(RayTaskRunner):
         parameters, upstream_refs = self._exchange_prefect_for_ray_futures(parameters)
         wait_for = list(wait_for or [])
         upstream_refs += [f.wrapped_future for f in wait_for if isinstance(f, PrefectRayFuture)]
+        call, refs = dumps_with_refs({
+            "task_run_id": task_run_id, "parameters": parameters, "wait_for": wait_for or None,
+            "dependencies": dependencies, "asset_context": asset_context,
+        })
         ref = self._remote(task).remote(
-            [self._context_ref(task)], [self._task_ref(task)], *upstream_refs,
-            task_run_id=task_run_id, parameters=parameters, wait_for=wait_for or None,
-            dependencies=dependencies, asset_context=asset_context,
+            call, refs, [self._context_ref(task)], [self._task_ref(task)], *upstream_refs
         )
         future = RayDogFuture(task_run_id=task_run_id, wrapped_future=ref)
         if self._session is not None:
@@ -399,7 +401,7 @@ class RayDogTaskRunner(RayTaskRunner):
         context["driver_versions"] = versions.own()  # for nodes that join later
         register_code_by_value(task, live[0])
         rewrite_api_url(context, self._session.node_api_url if self._session else None)
-        ref = ray.put(context)
+        ref = ray.put(ray.cloudpickle.dumps(context))  # opened on the nodes alone
         self._contexts[key] = (live, ref)
         if len(self._contexts) > 16:
             self._contexts.popitem(last=False)
@@ -410,7 +412,7 @@ class RayDogTaskRunner(RayTaskRunner):
         if cached is not None and cached[0] is task:
             return cached[1]
         register_code_by_value(task, None)
-        ref = ray.put(task)
+        ref = ray.put(ray.cloudpickle.dumps(task))
         self._task_refs[id(task)] = (task, ref)
         if len(self._task_refs) > 256:
             self._task_refs.popitem(last=False)

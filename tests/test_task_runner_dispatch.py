@@ -486,3 +486,47 @@ def test_a_runner_that_connects_warms_its_job_workers_for_the_first_tasks(addres
     finally:
         connect(address, {}, logging.getLogger(__name__))
     assert all(at is not None for at in warmed), warmed
+
+
+OPENS_WITHOUT_PREFECT = """
+import pickle, sys
+pickle.loads(sys.stdin.buffer.read())
+print(sorted(m for m in sys.modules if m.split(".")[0] in ("prefect", "prefect_ray")
+             or m in ("prefect_raydog.runner.node", "prefect_raydog.task_runners")))
+"""
+
+
+def test_what_the_heads_ray_client_server_forwards_opens_without_prefect():
+    """Over Ray Client, the head's server unpickles each function, argument and outcome it
+    forwards: a task run's call (here with a state, a future and its dependencies inside) goes
+    as one payload only a worker opens, so the server never imports Prefect (which cost each
+    flow run's connection about 1.7 s of CPU on the head); the call's references come out."""
+    import subprocess
+    import sys
+    import uuid
+
+    from prefect.client.schemas.objects import TaskRunResult
+
+    from prefect_raydog.runner.remote import (
+        Outcome,
+        dumps_with_refs,
+        loads_with_refs,
+        run_task_run,
+        warm_process,
+    )
+    from prefect_raydog.task_runners import RayDogFuture
+
+    upstream = ray.ObjectRef(b"u" * 28)
+    call = {"parameters": {"x": Completed(data=1), "y": upstream},
+            "wait_for": [RayDogFuture(task_run_id=uuid.uuid4(), wrapped_future=upstream)],
+            "dependencies": {"x": [TaskRunResult(id=uuid.uuid4())]}, "asset_context": {}}
+    payload, refs = dumps_with_refs(call)
+    forwarded = pickle.dumps((run_task_run, warm_process, payload,
+                              Outcome("10.0.0.2", pickle.dumps(Completed()))))
+    opened = subprocess.run([sys.executable, "-c", OPENS_WITHOUT_PREFECT], input=forwarded,
+                            capture_output=True, check=True)
+    assert opened.stdout.decode().strip() == "[]"
+    assert refs == [upstream, upstream]
+    reopened = loads_with_refs(payload, refs)
+    assert reopened["parameters"]["y"] is upstream
+    assert reopened["wait_for"][0].wrapped_future is upstream

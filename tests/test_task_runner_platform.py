@@ -73,6 +73,31 @@ def node_ip(x: int) -> tuple[int, str]:
     return x + 1, ray.util.get_node_ip_address()
 
 
+class NodesSeen:
+    """The worker nodes the flow's tasks have run on so far (a Ray actor)."""
+
+    def __init__(self) -> None:
+        self.ips: set[str] = set()
+
+    def add(self, ip: str) -> int:
+        self.ips.add(ip)
+        return len(self.ips)
+
+
+@task
+def node_ip_on_both_workers(x: int) -> tuple[int, str]:
+    """`node_ip`, whose first run holds its node's one CPU until a task has run on another node:
+    without it, a worker node that Ray gives every quick task first can run them all while the
+    other still imports Prefect."""
+    ip = ray.util.get_node_ip_address()
+    seen = ray.remote(num_cpus=0)(NodesSeen).options(
+        name="nodes-seen", get_if_exists=True, lifetime="detached").remote()
+    give_up = time.monotonic() + 120  # then the test's own assertion says what went wrong
+    while ray.get(seen.add.remote(ip)) < 2 and x == 0 and time.monotonic() < give_up:
+        time.sleep(0.05)
+    return node_ip.fn(x)
+
+
 def test_one_flow_run_maps_nests_and_calls_a_subflow_on_its_one_cluster(runner, platform):
     """200 mapped tasks on both worker nodes with their logs in the API, a task that submits
     another from its worker, and a subflow: all on the cluster provisioned once for the run,
@@ -83,7 +108,7 @@ def test_one_flow_run_maps_nests_and_calls_a_subflow_on_its_one_cluster(runner, 
 
     @flow(task_runner=runner)
     def parent():
-        results = node_ip.map(range(200)).result()
+        results = node_ip_on_both_workers.map(range(200)).result()
         nested = submits_from_its_worker.submit(1).result()
         return results, nested, child(), head_ips(), flow_run.id
 
@@ -98,7 +123,8 @@ def test_one_flow_run_maps_nests_and_calls_a_subflow_on_its_one_cluster(runner, 
     assert saved_secret() not in str(environment)
     assert environment.get("PREFECT_API_URL", "").find("127.0.0.1") == -1
 
-    expected = {"node_ip": 201, "submits_from_its_worker": 1}  # the subflow's own run aside
+    # The subflow's own run aside.
+    expected = {"node_ip_on_both_workers": 200, "node_ip": 1, "submits_from_its_worker": 1}
     wait_for(lambda: expected.items() <= _completed_task_names(flow_run_id).items(),
              timeout=60, what="Completed states of every task run in the API")
     logs = wait_for(lambda: _hello_logs(flow_run_id, 201), timeout=30, what="task logs")

@@ -1,7 +1,8 @@
 """The node side of the runner: what runs inside Ray worker processes for each task run.
 
-Imports nothing from the driver side, so a node needs only Prefect, Ray, this module and
-`runner/versions.py` (with which a node checks that it runs the driver's versions).
+Imports nothing from the driver side, so a node needs only Prefect, Ray, this module,
+`runner/remote.py` (the functions the driver sends) and `runner/versions.py` (with which a node
+checks that it runs the driver's versions).
 """
 
 from __future__ import annotations
@@ -9,11 +10,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import pickle
-import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, nullcontext
-from typing import Any, NamedTuple
+from typing import Any
 
 from prefect.context import (
     AssetContext,
@@ -24,11 +24,10 @@ from prefect.context import (
     _deployment_id,
     _deployment_parameters,
 )
-from prefect.futures import PrefectFuture
-from prefect.states import State
 from prefect.utilities.collections import visit_collection
 from prefect.utilities.importtools import lazy_import
 
+from prefect_raydog.runner.remote import Outcome
 from prefect_raydog.runner.versions import check_this_node
 
 ray = lazy_import("ray")
@@ -37,18 +36,6 @@ _HYDRATED: OrderedDict[str, Hydrated] = OrderedDict()
 _FETCHED: OrderedDict[str, Any] = OrderedDict()
 _NODE_CACHE_SIZE = 4
 _node_ip: str | None = None
-
-
-class Outcome(NamedTuple):
-    """What a remote task run sends back: the node it ran on and its final Prefect state,
-    pickled here so that the driver can keep it packed (`runner.packing`)."""
-
-    node_ip: str
-    state_pickle: bytes
-
-    @property
-    def state(self) -> State:
-        return pickle.loads(self.state_pickle)
 
 
 class Hydrated:
@@ -170,27 +157,20 @@ def _resolve_upstream(expr: Any) -> Any:
     return expr
 
 
-def _run_on_node(
-    context_box: list[Any],
-    task_box: list[Any],
-    *upstream_refs: Any,
-    task_run_id: uuid.UUID,
-    parameters: dict[str, Any],
-    wait_for: list[PrefectFuture[Any]] | None,
-    dependencies: dict[str, Any] | None,
-    asset_context: dict[str, Any],
-) -> Outcome:
-    """Run one Prefect task run in this Ray worker process and return its final state."""
+def run_call(call: dict[str, Any], context_ref: Any, task_ref: Any) -> Outcome:
+    """Run one Prefect task run in this Ray worker process and return its final state. `call`:
+    the task run's id, parameters, wait_for, dependencies and asset context."""
     from prefect.task_engine import run_task_async, run_task_sync
 
     global _node_ip
     if _node_ip is None:
         _node_ip = ray.util.get_node_ip_address()
-    hydrated = _cached(_HYDRATED, context_box[0], Hydrated)
-    task = _cached(_FETCHED, task_box[0], lambda task: task)
-    parameters = visit_collection(parameters, visit_fn=_resolve_upstream, return_data=True)
-    kwargs = dict(task=task, task_run_id=task_run_id, parameters=parameters, wait_for=wait_for,
-                  dependencies=dependencies, return_type="state")
+    hydrated = _cached(_HYDRATED, context_ref, lambda data: Hydrated(pickle.loads(data)))
+    task = _cached(_FETCHED, task_ref, pickle.loads)
+    parameters = visit_collection(call.pop("parameters"), visit_fn=_resolve_upstream,
+                                  return_data=True)
+    asset_context = call.pop("asset_context")
+    kwargs = dict(task=task, parameters=parameters, return_type="state", **call)
     with hydrated.bound(), AssetContext(**asset_context):
         state = asyncio.run(run_task_async(**kwargs)) if task.isasync else run_task_sync(**kwargs)
         _flush_events()
@@ -205,32 +185,3 @@ def _flush_events() -> None:
         has_worker = bool(EventsWorker._instances)
     if has_worker:
         EventsWorker.instance().wait_until_empty()
-
-
-_WORKER_REMOTES: dict[str, Any] = {}
-
-
-def remote_for(options: dict[str, Any], cache: dict[str, Any] | None = None) -> Any:
-    """`_run_on_node` as a Ray remote function with a task's `options`, kept in `cache` (on a
-    node, this process's) by options.
-
-    The options go to `ray.remote` as prefect-ray gives them, so each means what it means on
-    `@ray.remote` (`max_calls` too, which `.options()` refuses); the task's name, the one option
-    that differs per task, goes to `.options()` of the function decorated once for the rest."""
-    cache = _WORKER_REMOTES if cache is None else cache
-    key = repr(sorted(options.items()))
-    remote = cache.get(key)
-    if remote is None:
-        decorated = {name: value for name, value in options.items() if name != "name"}
-        if "name" in options:
-            remote = remote_for(decorated, cache).options(name=options["name"])
-        else:
-            remote = ray.remote(**{"max_retries": 0, **decorated})(_run_on_node)
-        cache[key] = remote
-    return remote
-
-
-def inside_ray_worker() -> bool:
-    if not ray.is_initialized() or ray.util.client.ray.is_connected():
-        return False
-    return ray._private.worker.global_worker.mode == ray._private.worker.WORKER_MODE

@@ -17,7 +17,7 @@ from prefect.utilities.asyncutils import run_coro_as_sync
 from prefect.utilities.importtools import lazy_import
 
 from prefect_raydog.runner.ending import being_cancelled, record_final_state
-from prefect_raydog.runner.node import Outcome, remote_for
+from prefect_raydog.runner.remote import Outcome, remote_for
 from prefect_raydog.runner.stats import ClusterStats
 
 if TYPE_CHECKING:
@@ -49,7 +49,7 @@ class TaskRuns:
         self._reporter = stack.enter_context(ThreadPoolExecutor(1, "raydog-crash-report"))
 
     def remote_function(self, options: dict[str, Any]) -> Any:
-        """`_run_on_node` with a task's Ray options, one per options for this connection."""
+        """`run_task_run` with a task's Ray options, one per options for this connection."""
         return remote_for(options, self._remote_by_options)
 
     def track(self, ref: Any, task: Task, task_run_id: uuid.UUID,
