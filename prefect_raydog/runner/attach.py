@@ -15,6 +15,7 @@ from prefect.utilities.importtools import lazy_import
 
 from prefect_raydog.runner.connection import (
     ALREADY_CONNECTED,
+    check_node_versions,
     check_not_stopped,
     connect,
     disconnect,
@@ -41,7 +42,10 @@ def attach_to_address(address: str, init_kwargs: Mapping[str, Any], stack: ExitS
     logger.info("Connecting to the Ray cluster at %s.", address)
     connect(address, dict(init_kwargs), logger, stop)
     stack.callback(disconnect)
-    warm_workers()
+    if address != "local":  # a cluster of its own runs this very Python
+        check_node_versions(meanwhile=warm_workers)
+    else:
+        warm_workers()
 
 
 def refuse_second_connection() -> None:

@@ -40,7 +40,8 @@ def connect(address: str, init_kwargs: dict[str, Any], logger: Any,
             head_ended: Callable[[], str | None] | None = None) -> None:
     """Connect to Ray, retrying while a new head's client server is still starting (until
     `stop` is set: the flow run ended while its cluster was starting; or until `head_ended()`
-    says how the head's task ended)."""
+    says how the head's task ended). The nodes' versions are the caller's to check
+    (`check_node_versions`), once the nodes it waits for have joined."""
     kwargs = {"namespace": "prefect", "log_to_driver": False, **init_kwargs}
     if address == "local":
         kwargs.setdefault("include_dashboard", False)
@@ -72,12 +73,6 @@ def connect(address: str, init_kwargs: dict[str, Any], logger: Any,
             time.sleep(min(0.2 * attempt, 2.0))
     alive = [node for node in ray.nodes() if node.get("Alive")]
     logger.info("Connected to the Ray cluster at %s: %d node(s).", address, len(alive))
-    if address != "local":  # a cluster of its own runs this very Python
-        try:
-            check_node_versions()
-        except BaseException:
-            disconnect()
-            raise
 
 
 class _Throttled:

@@ -134,7 +134,8 @@ class Session:
         attach_to_head(provisioning.cluster, config, settings.init_kwargs, self._stack, logger,
                        self._closing)
         provisioning.wait_for_workers(logger)
-        # The workers that joined since connect() checked the nodes then.
+        # Every node at once, the head's too: the probe's worker process on the head then
+        # starts while the warm-up imports Prefect on the workers.
         check_node_versions(meanwhile=warm_workers)
         self.runs.adaptive = provisioning.adapt(logger)
 
