@@ -32,14 +32,15 @@ RAY_CLIENT_PORT = 10001
 
 
 def attach_to_address(address: str, init_kwargs: Mapping[str, Any], stack: ExitStack,
-                      logger: Any, stop: threading.Event) -> None:
+                      logger: Any, stop: threading.Event, api_url: str | None) -> None:
     """Connect to the running cluster at `address` until `stack` closes (unless this process
-    is connected already: then that connection is used, and left open); `stop` gives up."""
+    is connected already: then that connection is used, and left open); `stop` gives up.
+    `api_url` is the Prefect API URL the nodes get, which `connect` checks that they reach."""
     if ray.is_initialized():
         logger.info("Using the Ray cluster this process is already connected to.")
         return
     logger.info("Connecting to the Ray cluster at %s.", address)
-    connect(address, dict(init_kwargs), logger, stop)
+    connect(address, dict(init_kwargs), logger, stop, api_url=api_url)
     stack.callback(disconnect)
     warm_workers()
 
@@ -52,10 +53,10 @@ def refuse_second_connection() -> None:
 
 def attach_to_head(cluster: RayDogCluster, config: RayDogClusterConfig,
                    init_kwargs: Mapping[str, Any], stack: ExitStack, logger: Any,
-                   stop: threading.Event) -> None:
+                   stop: threading.Event, api_url: str | None) -> None:
     """Connect to the head of a cluster this session built, until `stack` closes: through an
     SSH tunnel when `config` asks for one, else at its private address; with the cluster's
-    Ray token when it has one."""
+    Ray token when it has one. `connect` checks that the nodes reach `api_url`."""
     head = cluster.head_address
     if config.ssh_tunnel:
         address = _tunnel(cluster, config, head.public_ip or head.private_ip, stack)
@@ -65,7 +66,7 @@ def attach_to_head(cluster: RayDogCluster, config: RayDogClusterConfig,
     token = cluster.ray_client_kwargs()
     runtime_env = _runtime_env(init_kwargs, "token" if token else "disabled")
     connect(address, {**init_kwargs, **token, "runtime_env": runtime_env}, logger, stop,
-            head_ended=lambda: head_task_end(cluster))
+            head_ended=lambda: head_task_end(cluster), api_url=api_url)
     stack.callback(disconnect)
 
 
