@@ -215,8 +215,9 @@ class RayDogTaskRunner(RayTaskRunner):
             nothing is provisioned.
         init_kwargs: extra keyword arguments for `ray.init`.
         node_api_url: the Prefect API URL that nodes use, when it differs from this process's.
-        api_relay_address: an address of this machine that nodes reach; the runner relays the
-            Prefect API there for the flow run (the local preset uses the platform's own).
+        api_relay_address: an address of this machine that nodes reach; the runner relays a
+            plain-http Prefect API on this machine's loopback there for the flow run (the local
+            preset uses the platform's own); any other API URL reaches the nodes unchanged.
         provision: "eager" (the default) starts provisioning when the flow run starts, in the
             background, so the first submission waits only for what is left; "lazy" provisions
             at the first submission, so a flow run that submits nothing provisions nothing.

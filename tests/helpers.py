@@ -1,5 +1,5 @@
 """Small helpers of more than one test module: the connected Ray cluster's nodes, what is live on
-a local platform, a free loopback port."""
+a local platform, a free port, whether a flow's runs ran a task."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import socket
 import sys
 
 import ray
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowFilter, FlowFilterName
 from ray import cloudpickle
 
 from prefect_raydog.local import LocalPlatform
@@ -29,11 +31,19 @@ def what_is_live(platform: LocalPlatform) -> dict[str, list]:
     return {kind: items for kind, items in platform.live_entities().items() if items}
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that no one listens on now."""
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on `host` that no one listens on now."""
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((host, 0))
         return sock.getsockname()[1]
+
+
+def no_task_ran(flow_name: str) -> bool:
+    """Whether the API has a run of the flow `flow_name`, and no task run of it."""
+    named = FlowFilter(name=FlowFilterName(any_=[flow_name]))
+    with get_client(sync_client=True) as client:
+        return bool(client.read_flow_runs(flow_filter=named)) and not client.read_task_runs(
+            flow_filter=named)
 
 
 # A flow that calls these carries them to the nodes with its context, where this module is not

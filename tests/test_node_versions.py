@@ -21,9 +21,8 @@ from pathlib import Path
 import pytest
 import ray
 from cluster_helpers import NAMESPACE, unique_name
+from helpers import no_task_ran
 from prefect import flow, task
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowFilter, FlowFilterName
 from typer.testing import CliRunner
 
 from prefect_raydog.blocks import RayDogClusterConfig
@@ -104,14 +103,6 @@ def run_a_task(runner: RayDogTaskRunner, flow_name: str) -> tuple[str, str]:
         return where_it_runs.submit().result()
 
     return one_task()
-
-
-def no_task_ran(flow_name: str) -> bool:
-    """Whether the API has a run of the flow `flow_name`, and no task run of it."""
-    named = FlowFilter(name=FlowFilterName(any_=[flow_name]))
-    with get_client(sync_client=True) as client:
-        return bool(client.read_flow_runs(flow_filter=named)) and not client.read_task_runs(
-            flow_filter=named)
 
 
 def test_nodes_with_the_drivers_versions_in_their_own_venv_run_tasks(

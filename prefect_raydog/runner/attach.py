@@ -33,9 +33,11 @@ RAY_CLIENT_PORT = 10001
 
 
 def attach_to_address(address: str, init_kwargs: Mapping[str, Any], stack: ExitStack,
-                      logger: Any, stop: threading.Event) -> None:
+                      logger: Any, stop: threading.Event, api_url: str | None) -> None:
     """Connect to the running cluster at `address` until `stack` closes (unless this process
-    is connected already: then that connection is used, and left open); `stop` gives up."""
+    is connected already: then that connection is used, and left open); `stop` gives up.
+    Then checks the nodes' versions and that they reach `api_url` (the Prefect API URL they
+    get), while the job's workers warm."""
     if ray.is_initialized():
         logger.info("Using the Ray cluster this process is already connected to.")
         return
@@ -43,7 +45,7 @@ def attach_to_address(address: str, init_kwargs: Mapping[str, Any], stack: ExitS
     connect(address, dict(init_kwargs), logger, stop)
     stack.callback(disconnect)
     if address != "local":  # a cluster of its own runs this very Python
-        check_node_versions(meanwhile=warm_workers)
+        check_node_versions(meanwhile=warm_workers, api_url=api_url)
     else:
         warm_workers()
 
@@ -59,7 +61,7 @@ def attach_to_head(cluster: RayDogCluster, config: RayDogClusterConfig,
                    stop: threading.Event) -> None:
     """Connect to the head of a cluster this session built, until `stack` closes: through an
     SSH tunnel when `config` asks for one, else at its private address; with the cluster's
-    Ray token when it has one."""
+    Ray token when it has one. The session checks the nodes once its workers joined."""
     head = cluster.head_address
     if config.ssh_tunnel:
         address = _tunnel(cluster, config, head.public_ip or head.private_ip, stack)

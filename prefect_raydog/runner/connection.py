@@ -9,7 +9,7 @@ import signal
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlsplit
@@ -31,6 +31,16 @@ ALREADY_CONNECTED = (
     "RayDogTaskRunner(address=...) to use the connected cluster."
 )
 HEAD_RESOURCE = "node:__internal_head__"
+# A node's GET of the Prefect API's health endpoint: an API it reaches answers in milliseconds.
+API_PROBE_TIMEOUT_S = 5.0
+API_UNREACHABLE = (
+    "The cluster's nodes cannot reach the Prefect API at {url}, the URL the runner gives them "
+    "({why}), so no task was sent to them. Give the nodes a Prefect API URL that they reach "
+    "with RayDogTaskRunner(node_api_url=...), or, for a Prefect API served on this machine's "
+    "loopback, set api_relay_address (on the runner or the cluster block) to an address of "
+    "this machine that the nodes reach (see \"The cluster's nodes cannot reach the Prefect "
+    "API\" in docs/troubleshooting.md)."
+)
 # The Ray nodes whose versions this process's connection has checked, by node id.
 _CHECKED: set[str] = set()
 
@@ -111,23 +121,53 @@ def check_not_stopped(stop: threading.Event | None) -> None:
 
 
 def check_node_versions(meanwhile: Callable[[], object] | None = None,
-                        timeout_s: float = CLIENT_CONNECT_TIMEOUT_S) -> None:
+                        timeout_s: float = CLIENT_CONNECT_TIMEOUT_S,
+                        api_url: str | None = None) -> None:
     """Read the versions of each live node not checked yet with a probe task (no CPU, so it
     runs on the head too), and raise one `NodeEnvironmentError` naming every version that is
-    not the driver's, before any task is sent. `meanwhile` runs once the probes are sent: work
-    queued behind them on a node reuses the worker process a probe started."""
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
+    not the driver's, before any task is sent; the same probe tries `api_url` (the Prefect API
+    URL the nodes are given) and raises one `NodeAPIUnreachableError` when a node gets no
+    answer there. `meanwhile` runs once the probes are sent: work queued behind them on a node
+    reuses the worker process a probe started. Its error is raised after the probes' (a head
+    without prefect-raydog cannot take the warm-up, and the probes say why)."""
     nodes = sorted((node for node in ray.nodes()
                     if node.get("Alive") and node["NodeID"] not in _CHECKED),
                    key=lambda node: (_place(node) != "the head", _place(node)))
+    found, failed = _probe(nodes, api_url, meanwhile, timeout_s)
+    driver = versions.own()
+    mismatched = _grouped(nodes, lambda node: versions.mismatches(driver, found[node["NodeID"]],
+                                                                   "\0"))
+    if mismatched:
+        raise versions.error(line.replace("\0", _where(places))
+                             for line, places in mismatched.items())
+    unreached = _grouped(nodes, lambda node: filter(None, [found[node["NodeID"]]["api"]]))
+    if unreached:
+        why = "; ".join(f"{_where(places)}: {reason}" for reason, places in unreached.items())
+        raise versions.NodeAPIUnreachableError(API_UNREACHABLE.format(url=api_url, why=why))
+    if failed is not None:
+        raise failed
+    _CHECKED.update(found)
+
+
+def _probe(nodes: list[dict[str, Any]], api_url: str | None,
+           meanwhile: Callable[[], object] | None, timeout_s: float
+           ) -> tuple[dict[str, dict], Exception | None]:
+    """What `versions.probe` found on each of `nodes`, by node id, and how `meanwhile`
+    failed, if it did."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
     ray.cloudpickle.register_pickle_by_value(versions)  # runs where prefect-raydog is missing
-    probe = ray.remote(num_cpus=0, max_retries=0)(versions.installed)
+    probe = ray.remote(num_cpus=0, max_retries=0)(versions.probe)
     refs = [probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"],
-                                                                              soft=False)).remote()
+                                                                              soft=False))
+            .remote(api_url, API_PROBE_TIMEOUT_S)
             for node in nodes]
+    failed = None
     if meanwhile is not None:
-        meanwhile()
+        try:
+            meanwhile()
+        except Exception as exc:  # noqa: BLE001 - the probes' answer says why first
+            failed = exc
     deadline, found = time.monotonic() + timeout_s, {}
     for node, ref in zip(nodes, refs, strict=True):
         try:
@@ -137,18 +177,23 @@ def check_node_versions(meanwhile: Callable[[], object] | None = None,
                 f"Could not read the versions of {_place(node)} ({node['NodeManagerAddress']}): "
                 f"{exc}"
             ) from exc
-    driver, where_by_line = versions.own(), {}
+    return found, failed
+
+
+def _grouped(nodes: list[dict[str, Any]], lines_of: Callable[[dict[str, Any]], Iterable[str]]
+             ) -> dict[str, dict[str, list[str]]]:
+    """Each line that `lines_of(node)` gives for some of `nodes`, with the places (and their
+    addresses) that gave it."""
+    by_line: dict[str, dict[str, list[str]]] = {}
     for node in nodes:
-        for line in versions.mismatches(driver, found[node["NodeID"]], "\0"):
-            places = where_by_line.setdefault(line, {})
+        for line in lines_of(node):
+            places = by_line.setdefault(line, {})
             places.setdefault(_place(node), []).append(node["NodeManagerAddress"])
-    if where_by_line:
-        raise versions.error(
-            line.replace("\0", " and ".join(f"{place} {', '.join(addresses)}"
-                                             for place, addresses in places.items()))
-            for line, places in where_by_line.items()
-        )
-    _CHECKED.update(found)
+    return by_line
+
+
+def _where(places: dict[str, list[str]]) -> str:
+    return " and ".join(f"{place} {', '.join(addresses)}" for place, addresses in places.items())
 
 
 def _place(node: dict[str, Any]) -> str:

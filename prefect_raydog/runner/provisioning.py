@@ -87,9 +87,8 @@ class Provisioning:
         """The cluster config to build; the Prefect API relayed where its nodes reach it."""
         config, relay_host = self._config_and_relay_host()
         if relay_host and not self.node_api_url:
-            self.node_api_url = relay_api(relay_host, self._stack)
-            logger.info("Nodes reach the Prefect API at %s.", self.node_api_url)
-        elif not self.node_api_url:
+            self.node_api_url = relay_api(relay_host, logger, self._stack)
+        if not self.node_api_url:
             from prefect.settings import PREFECT_API_URL
 
             refuse_loopback_api(PREFECT_API_URL.value())  # before anything is provisioned

@@ -1,5 +1,5 @@
 """`TcpRelay`: forwards TCP connections from an address the nodes reach to the Prefect API;
-`relay_api` opens one for this process's API and says the URL the nodes use."""
+`relay_api` opens one for this process's loopback API and says the URL the nodes use."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import threading
 from contextlib import ExitStack
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
+
+from prefect_raydog.runner.shipping import on_loopback
 
 _SHARED: dict[tuple[str, tuple[str, int]], TcpRelay] = {}
 _SHARED_LOCK = threading.Lock()
@@ -79,17 +81,31 @@ def shared_relay(host: str, target: tuple[str, int]) -> TcpRelay:
         return relay
 
 
-def relay_api(host: str, stack: ExitStack | None = None) -> str:
+def relay_api(host: str, logger: Any, stack: ExitStack | None = None) -> str | None:
     """Relay this process's Prefect API on `host` and return the URL the nodes use: for as long
-    as `stack` lasts, or (no `stack`: a cluster that is only attached to) for the process."""
+    as `stack` lasts, or (no `stack`: a cluster that is only attached to) for the process.
+
+    Only a plain-http API on this machine's loopback (Prefect's temporary server, or
+    `prefect server start` there) is relayed. Any other (Prefect Cloud, a server the nodes
+    reach, any https URL, whose TLS host name a relay's address would not match) goes to the
+    nodes unchanged: then this returns None.
+    """
     from prefect.settings import PREFECT_API_URL
 
-    api_url = PREFECT_API_URL.value() or _ephemeral_api_url()
+    api_url = PREFECT_API_URL.value()
+    if api_url is not None and (urlsplit(api_url).scheme != "http" or not on_loopback(api_url)):
+        logger.info("Nodes use the Prefect API at %s unchanged: a relay (on %s) serves only a "
+                    "plain-http Prefect API on this machine's loopback.", api_url, host)
+        return None
+    api_url = api_url or _ephemeral_api_url()
     parts = urlsplit(api_url)
     target = (parts.hostname, parts.port or 80)
     relay = (shared_relay(host, target) if stack is None
              else stack.enter_context(TcpRelay(host, target)))
-    return urlunsplit(parts._replace(netloc=f"{host}:{relay.port}"))
+    url = urlunsplit(parts._replace(netloc=f"{host}:{relay.port}"))
+    logger.info("Nodes reach the Prefect API at %s, a relay to %s on this machine's loopback.",
+                url, api_url)
+    return url
 
 
 def _ephemeral_api_url() -> str:

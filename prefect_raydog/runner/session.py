@@ -24,6 +24,7 @@ from prefect_raydog.runner.heldlog import HeldRunLog
 from prefect_raydog.runner.provisioning import Provisioning
 from prefect_raydog.runner.relay import relay_api
 from prefect_raydog.runner.settings import SessionSettings
+from prefect_raydog.runner.shipping import api_url_for_nodes
 from prefect_raydog.runner.tracking import TaskRuns
 from prefect_raydog.runner.warmup import warm_workers
 
@@ -116,10 +117,9 @@ class Session:
         logger = self._held_log or run_logger(settings.logger)
         if settings.address:
             if settings.api_relay_address and not self.node_api_url:
-                self.node_api_url = relay_api(settings.api_relay_address)
-                logger.info("Nodes reach the Prefect API at %s.", self.node_api_url)
+                self.node_api_url = relay_api(settings.api_relay_address, logger)
             attach_to_address(settings.address, settings.init_kwargs, self._stack, logger,
-                              self._closing)
+                              self._closing, api_url_for_nodes(self.node_api_url))
         else:
             refuse_second_connection()
             self._provision_and_attach(settings, logger)
@@ -136,7 +136,7 @@ class Session:
         provisioning.wait_for_workers(logger)
         # Every node at once, the head's too: the probe's worker process on the head then
         # starts while the warm-up imports Prefect on the workers.
-        check_node_versions(meanwhile=warm_workers)
+        check_node_versions(meanwhile=warm_workers, api_url=api_url_for_nodes(self.node_api_url))
         self.runs.adaptive = provisioning.adapt(logger)
 
     def track(self, ref: Any, task: Task, task_run_id: uuid.UUID,

@@ -46,15 +46,35 @@ def rewrite_api_url(context: dict[str, Any], node_api_url: str | None) -> None:
         refuse_loopback_api(url)
 
 
+def on_loopback(url: str) -> bool:
+    """Whether `url`'s host is this machine's loopback."""
+    return urlsplit(url).hostname in _LOOPBACK_HOSTS
+
+
+def api_url_for_nodes(node_api_url: str | None) -> str | None:
+    """The Prefect API URL the nodes get (see `rewrite_api_url`), or None for a loopback URL of
+    this process's, which they are not sent (the first submission refuses it)."""
+    from prefect.settings import PREFECT_API_URL
+
+    url = node_api_url or PREFECT_API_URL.value()
+    return None if url is None or (not node_api_url and on_loopback(url)) else url
+
+
 def refuse_loopback_api(url: str | None) -> None:
     """Raise if `url` (None: Prefect's temporary server) is on loopback, out of the nodes' reach."""
-    if url is None or urlsplit(url).hostname in _LOOPBACK_HOSTS:
-        raise RuntimeError(
-            f"The Prefect API URL {url or '(a temporary local server)'} is on loopback, which "
-            "the cluster's nodes cannot reach. Serve the API on an address the nodes reach, "
-            "or pass RayDogTaskRunner(node_api_url=...) or RayDogTaskRunner("
-            "api_relay_address=...)."
-        )
+    if url is not None and not on_loopback(url):
+        return
+    if url is not None and urlsplit(url).scheme == "https":
+        advice = ("An https API is not relayed (the relay's address would fail the nodes' TLS "
+                  "host name checks): serve it on an address the nodes reach, or pass "
+                  "RayDogTaskRunner(node_api_url=...).")
+    else:
+        advice = ("Serve the API on an address the nodes reach, or pass RayDogTaskRunner("
+                  "node_api_url=...) or RayDogTaskRunner(api_relay_address=...).")
+    raise RuntimeError(
+        f"The Prefect API URL {url or '(a temporary local server)'} is on loopback, which "
+        f"the cluster's nodes cannot reach. {advice}"
+    )
 
 
 def _nodes_are_remote() -> bool:

@@ -1,11 +1,15 @@
-"""The versions a node's Python must share with the driver's (Python minor, Ray, Prefect,
-prefect-raydog), read and compared with the standard library alone: the driver ships this module
-to the nodes by value, so it runs on a node whose image lacks prefect-raydog or Prefect."""
+"""What a node must share with the driver, its versions (Python minor, Ray, Prefect,
+prefect-raydog) and a Prefect API it reaches, read and compared with the standard library alone:
+the driver ships this module to the nodes by value, so it runs on a node whose image lacks
+prefect-raydog or Prefect."""
 
 from __future__ import annotations
 
 import importlib.metadata
+import ssl
 import sys
+import urllib.error
+import urllib.request
 from collections.abc import Iterable
 
 PACKAGES = ("ray", "prefect", "prefect-raydog")
@@ -18,7 +22,12 @@ HOW_TO_MATCH = (
 
 
 class NodeEnvironmentError(RuntimeError):
-    """A node's Python, Ray, Prefect or prefect-raydog is not the driver's; no task was sent."""
+    """A node cannot run the driver's task runs (its Python, Ray, Prefect or prefect-raydog is
+    not the driver's, or it cannot reach the Prefect API); no task was sent."""
+
+
+class NodeAPIUnreachableError(NodeEnvironmentError):
+    """A node cannot reach the Prefect API URL it was given; no task was sent."""
 
 
 def installed() -> dict[str, str | None]:
@@ -34,6 +43,31 @@ def installed() -> dict[str, str | None]:
         except importlib.metadata.PackageNotFoundError:
             found[name] = None
     return found
+
+
+def probe(api_url: str | None, timeout_s: float) -> dict[str, str | None]:
+    """`installed()`, and under "api" why this node cannot reach `api_url` (None: it can, or
+    there is no URL to try)."""
+    found = installed()
+    found["api"] = unreachable(api_url, timeout_s) if api_url else None
+    return found
+
+
+def unreachable(api_url: str, timeout_s: float) -> str | None:
+    """Why a GET of the Prefect API's health endpoint at `api_url` gets no answer, or None when
+    it gets one: any HTTP status, or a TLS certificate that this bare check does not trust
+    (Prefect's own settings may), shows that a server answers there."""
+    try:
+        with urllib.request.urlopen(f"{api_url.rstrip('/')}/health", timeout=timeout_s):
+            return None
+    except urllib.error.HTTPError:
+        return None
+    except urllib.error.URLError as exc:
+        return None if isinstance(exc.reason, ssl.SSLError) else str(exc.reason)
+    except ssl.SSLError:
+        return None
+    except (OSError, ValueError) as exc:  # a timeout while reading; a URL urllib cannot open
+        return str(exc) or type(exc).__name__
 
 
 def mismatches(driver: dict[str, str | None], node: dict[str, str | None],
