@@ -51,10 +51,11 @@ from prefect_ray.task_runners import PrefectRayFuture, RayTaskRunner
 from typing_extensions import Self
 
 from prefect_raydog.runner import versions
+from prefect_raydog.runner.outcome import Outcome
 from prefect_raydog.runner.packing import Kept, keep, unpack
 from prefect_raydog.runner.parking import live_session, release_session, take_session
 from prefect_raydog.runner.placement import PLACEMENT, placement, pool_resource
-from prefect_raydog.runner.remote import Outcome, dumps_with_refs, inside_ray_worker, remote_for
+from prefect_raydog.runner.remote import dumps_with_refs, inside_ray_worker, remote_for
 from prefect_raydog.runner.session import run_logger
 from prefect_raydog.runner.settings import SessionSettings, cluster_reference, unsaved_config
 from prefect_raydog.runner.shipping import register_code_by_value, rewrite_api_url

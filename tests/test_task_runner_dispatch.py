@@ -467,9 +467,9 @@ def test_attached_flow_runs_give_nodes_one_relayed_api_url_that_outlives_each_ru
 
 @task
 def warmed_at() -> float | None:
-    from prefect_raydog.runner import warmup
+    from prefect_raydog.runner import node
 
-    return warmup.warmed_at
+    return node.warmed_at
 
 
 def test_a_runner_that_connects_warms_its_job_workers_for_the_first_tasks(address):
@@ -507,8 +507,8 @@ def test_what_the_heads_ray_client_server_forwards_opens_without_prefect():
 
     from prefect.client.schemas.objects import TaskRunResult
 
+    from prefect_raydog.runner.outcome import Outcome
     from prefect_raydog.runner.remote import (
-        Outcome,
         dumps_with_refs,
         loads_with_refs,
         run_task_run,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import pickle
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, nullcontext
@@ -27,7 +28,7 @@ from prefect.context import (
 from prefect.utilities.collections import visit_collection
 from prefect.utilities.importtools import lazy_import
 
-from prefect_raydog.runner.remote import Outcome
+from prefect_raydog.runner.outcome import Outcome
 from prefect_raydog.runner.versions import check_this_node
 
 ray = lazy_import("ray")
@@ -36,6 +37,8 @@ _HYDRATED: OrderedDict[str, Hydrated] = OrderedDict()
 _FETCHED: OrderedDict[str, Any] = OrderedDict()
 _NODE_CACHE_SIZE = 4
 _node_ip: str | None = None
+# When this worker process was warmed (epoch seconds), or None: what a task run can observe.
+warmed_at: float | None = None
 
 
 class Hydrated:
@@ -124,6 +127,19 @@ class Hydrated:
         self._stack.close()
 
 
+def warm_this_process() -> None:
+    """Import and set up, in this worker process, what `run_call` does on first use."""
+    global warmed_at
+    import prefect.client.orchestration  # noqa: F401
+    import prefect.task_engine  # noqa: F401
+    from prefect.logging.configuration import ensure_logging_setup
+
+    Hydrated.rebuild_models()
+    ensure_logging_setup()
+    quiet_node_console()
+    warmed_at = time.time()
+
+
 def quiet_node_console() -> None:
     """A node's console only feeds Ray's log files; the API gets every record. Printing each
     "Finished in state" line there cost about a third of a trivial task's time on a node."""
@@ -157,9 +173,10 @@ def _resolve_upstream(expr: Any) -> Any:
     return expr
 
 
-def run_call(call: dict[str, Any], context_ref: Any, task_ref: Any) -> Outcome:
-    """Run one Prefect task run in this Ray worker process and return its final state. `call`:
-    the task run's id, parameters, wait_for, dependencies and asset context."""
+def run_call(call: dict[str, Any], context_ref: Any, task_ref: Any) -> tuple[str, bytes]:
+    """Run one Prefect task run in this Ray worker process; return the node's address and the
+    run's final state, pickled. `call`: the task run's id, parameters, wait_for, dependencies
+    and asset context."""
     from prefect.task_engine import run_task_async, run_task_sync
 
     global _node_ip
@@ -174,7 +191,7 @@ def run_call(call: dict[str, Any], context_ref: Any, task_ref: Any) -> Outcome:
     with hydrated.bound(), AssetContext(**asset_context):
         state = asyncio.run(run_task_async(**kwargs)) if task.isasync else run_task_sync(**kwargs)
         _flush_events()
-    return Outcome(_node_ip, ray.cloudpickle.dumps(state))
+    return _node_ip, ray.cloudpickle.dumps(state)
 
 
 def _flush_events() -> None:

@@ -11,19 +11,9 @@ from __future__ import annotations
 
 import io
 import pickle
-from typing import Any, NamedTuple
+from typing import Any
 
-
-class Outcome(NamedTuple):
-    """What a remote task run sends back: the node it ran on and its final Prefect state,
-    pickled there so that the driver can keep it packed (`runner.packing`)."""
-
-    node_ip: str
-    state_pickle: bytes
-
-    @property
-    def state(self) -> Any:
-        return pickle.loads(self.state_pickle)
+from prefect_raydog.runner.outcome import Outcome
 
 
 def dumps_with_refs(value: Any) -> tuple[bytes, list[Any]]:
@@ -80,12 +70,12 @@ def run_task_run(call: bytes, refs: list[Any], context_box: list[Any], task_box:
     results its call waits for, given to Ray so that the task starts once they are done."""
     from prefect_raydog.runner.node import run_call
 
-    return run_call(loads_with_refs(call, refs), context_box[0], task_box[0])
+    return Outcome(*run_call(loads_with_refs(call, refs), context_box[0], task_box[0]))
 
 
 def warm_process() -> None:
     """Import and set up, in this worker process, what a task run does on first use."""
-    from prefect_raydog.runner.warmup import warm_this_process
+    from prefect_raydog.runner.node import warm_this_process
 
     warm_this_process()
 

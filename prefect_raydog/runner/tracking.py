@@ -17,7 +17,8 @@ from prefect.utilities.asyncutils import run_coro_as_sync
 from prefect.utilities.importtools import lazy_import
 
 from prefect_raydog.runner.ending import being_cancelled, record_final_state
-from prefect_raydog.runner.remote import Outcome, remote_for
+from prefect_raydog.runner.outcome import Outcome
+from prefect_raydog.runner.remote import remote_for
 from prefect_raydog.runner.stats import ClusterStats
 
 if TYPE_CHECKING:
