@@ -35,11 +35,13 @@ for _name, _value in {
 signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-# Most of a test's time is spent waiting for nodes to boot and join, so two pytest-xdist workers
-# fill the two cores. A module's tests share its module-scoped clusters, so a module stays on one
-# worker (Ray on the host's loopback, in test_local_ray_nodes.py, takes fixed ports: its tests
-# must not overlap); the benchmark smoke runs share nothing and spread. `ray up` sessions run one
-# at a time: Ray's CLI keeps state of its own under the host's /tmp (SSH control sockets).
+# A test's time is part CPU (Ray and Prefect starting in a dozen processes a cluster) and part
+# waiting (nodes booting, timers ending): three pytest-xdist workers keep two cores busy where
+# two left a fifth of them idle. A module's tests share its module-scoped clusters, so a module
+# stays on one worker (Ray on the host's loopback, in test_local_ray_nodes.py, takes fixed
+# ports: its tests must not overlap); the benchmark smoke runs share nothing and spread. `ray up`
+# sessions run one at a time: Ray's CLI keeps state of its own under the host's /tmp (SSH
+# control sockets).
 _SPREAD_MODULES = {"test_benchmarks_smoke.py"}
 _RAY_UP_MODULES = {"test_autoscaler.py", "test_autoscaler_failures.py"}
 
