@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import secrets
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import paramiko
@@ -60,7 +62,8 @@ class TokenAuth:
     token file's path), `deliver_to_head` writes the file on the head, `follow` writes it on
     each worker node as it comes up, `close` ends the SSH connection.
 
-    Ray Client presents the token with `ray_client_kwargs()`, on that connection alone.
+    Ray Client presents the token with `ray_client_kwargs()`, on that connection alone; or,
+    for a cluster that outlives this process, from the file `save()` writes.
     """
 
     def __init__(self, login: SSHLogin) -> None:
@@ -69,6 +72,8 @@ class TokenAuth:
         self._token = SecretStr(secrets.token_hex(32))
         self._head: paramiko.SSHClient | None = None
         self._delivered: set[str] = set()
+        self._delivery = threading.Condition()
+        self._last_failure = ""
         self._closing = threading.Event()
         self._follower: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -85,6 +90,24 @@ class TokenAuth:
         """Keyword arguments for `ray.init("ray://...")`: Ray Client sends the token as gRPC
         metadata on this connection only (`RAY_AUTH_TOKEN` would be the whole process's)."""
         return {"_metadata": [("authorization", f"Bearer {self._token.get_secret_value()}")]}
+
+    def save(self, path: Path) -> None:
+        """Write the token to `path`, readable by this user alone (0600, renamed into place),
+        for Ray's `RAY_AUTH_TOKEN_PATH`."""
+        part = path.with_name(f"{path.name}.part")
+        part.unlink(missing_ok=True)
+        with os.fdopen(os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as file:
+            file.write(self._token.get_secret_value())
+        part.replace(path)
+
+    def wait_for_workers(self, count: int, timeout_s: float) -> str | None:
+        """Wait until `follow` has written the token on `count` worker nodes; None once it has,
+        else (after `timeout_s`) what is missing and the last failure."""
+        with self._delivery:
+            if self._delivery.wait_for(lambda: len(self._delivered) >= count, timeout_s):
+                return None
+            missing = f"{count - len(self._delivered)} of {count} worker nodes lack it"
+            return f"{missing}: {self._last_failure}" if self._last_failure else missing
 
     def deliver_to_head(self, address: str) -> None:
         """Log in to the head at `address` and write its token file; the connection stays open
@@ -130,8 +153,11 @@ class TokenAuth:
                     continue
                 try:
                     self.deliver_to_worker(address)
-                    self._delivered.add(node_id)
+                    with self._delivery:
+                        self._delivered.add(node_id)
+                        self._delivery.notify_all()
                 except (OSError, paramiko.SSHException, HostKeyRefused) as error:
+                    self._last_failure = f"{address}: {type(error).__name__}: {error}"
                     if node_id not in warned:
                         warned.add(node_id)
                         logger.warning("Writing the Ray token to worker node %s (%s) failed, "
