@@ -2,7 +2,7 @@
 own: kept in a 0600 file beside the state file, in nothing the platform records or the command
 prints; Ray Client without it is refused, `RayDogTaskRunner(address=...)` with it (Ray reading
 `RAY_AUTH_MODE` and `RAY_AUTH_TOKEN_PATH`) runs a task on a worker node; `down` ends the
-cluster and deletes the file."""
+cluster and deletes the file. A worker that cannot get the token ends the cluster `up` built."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import stat
 import subprocess
 import sys
 import uuid
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -44,14 +45,17 @@ print("ran on", attached())
 """
 
 
-def _spec_file(tmp_path: Path) -> tuple[Path, Path]:
-    """A local-platform cluster of a head and two workers whose nodes accept a fresh key; the
-    spec file and the key."""
+def _spec_file(tmp_path: Path, workers: int = 2, workers_accept_the_key: bool = True,
+               **fields: object) -> tuple[Path, Path]:
+    """A local-platform cluster of a head and workers whose nodes accept a fresh key (or only
+    its head does); the spec file and the key."""
     key = tmp_path / "id_ed25519"
     (tmp_path / "userdata").write_text(authorizing_userdata(make_key(key)))
-    spec = ClusterSpec.for_local_platform(f"cli-locked-{uuid.uuid4().hex[:6]}", pool_sizes=(2,))
+    spec = ClusterSpec.for_local_platform(f"cli-locked-{uuid.uuid4().hex[:6]}",
+                                          pool_sizes=(workers,), **fields)
     spec = spec.model_copy(update={"head": authorizing(spec.head, key), "worker_pools": [
-        authorizing(pool, key) for pool in spec.worker_pools]})
+        authorizing(pool, key) if workers_accept_the_key else pool
+        for pool in spec.worker_pools]})
     path = tmp_path / "cluster.json"
     path.write_text(json.dumps(spec.model_dump(mode="json", exclude_none=True)))
     return path, key
@@ -100,6 +104,23 @@ def test_up_with_an_ssh_key_locks_the_cluster_it_leaves_and_down_deletes_its_tok
     places = {"up's output": up.output, "task records": json.dumps(tasks, default=str),
               "userdata": "\n".join(userdata), "task output": "\n".join(outputs)}
     assert [where for where, text in places.items() if token in text] == []
+
+
+def test_a_worker_that_cannot_get_the_token_ends_the_cluster_up_leaves(
+    platform: LocalPlatform, tmp_path: Path
+):
+    spec, key = _spec_file(tmp_path, workers=1, workers_accept_the_key=False,
+                           build_timeout=timedelta(seconds=60))
+    known_hosts = tmp_path / "known_hosts"
+    known_hosts.write_text(platform.ssh_known_hosts)
+    state = tmp_path / "state.json"
+    up = invoke(platform, "up", str(spec), "--state-file", str(state),
+                "--ssh-key", str(key), "--ssh-known-hosts", str(known_hosts))
+    assert up.exit_code == 1, up.output
+    assert "Error: Writing the Ray token to the worker nodes failed (1 of 1 worker nodes lack " \
+           "it: " in up.output
+    assert "was shut down" in up.output and "Ray token:" not in up.output
+    assert not (tmp_path / "state.json.ray-token").exists()
 
 
 def test_a_bad_ssh_key_or_host_key_file_is_one_line_before_anything_is_provisioned(
