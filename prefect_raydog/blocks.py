@@ -36,6 +36,7 @@ from prefect_raydog.spec import (
 if TYPE_CHECKING:
     from yellowdog_client import PlatformClient
 
+    from prefect_raydog.cluster import SSHLogin
     from prefect_raydog.host_keys import HostKeys
 
 DEFAULT_API_URL = "https://api.yellowdog.ai"
@@ -370,6 +371,15 @@ class RayDogClusterConfig(Block):
         from prefect_raydog.host_keys import HostKeys
 
         return HostKeys(self.ssh_known_hosts or "", trust_first_use=self.ssh_trust_first_use)
+
+    def ssh_login(self) -> SSHLogin | None:
+        """The login to the nodes of a cluster reached over SSH (`ssh_tunnel`), which locks it
+        with a Ray token delivered over SSH; None without the tunnel."""
+        from prefect_raydog.cluster import SSHLogin
+
+        if not self.ssh_tunnel or self.ssh_private_key is None:
+            return None
+        return SSHLogin(self.ssh_username, self.ssh_private_key, host_keys=self.host_keys())
 
     def cluster_name(self, run_id: uuid.UUID | None = None) -> str:
         """A cluster name for one flow run, unique among clusters made from this config."""

@@ -5,6 +5,8 @@ on its workers through Ray Client."""
 from __future__ import annotations
 
 import os
+import re
+import stat
 import subprocess
 import sys
 import time
@@ -56,6 +58,7 @@ class RayCluster:
         self.config = config
         self.path = directory / "cluster.yaml"
         self.path.write_text(yaml.safe_dump(config))
+        self.up_outputs: list[str] = []
 
     @property
     def environment(self) -> dict[str, str]:
@@ -77,13 +80,25 @@ class RayCluster:
         return result
 
     def up(self, **kwargs: Any) -> subprocess.CompletedProcess[str]:
-        return self.ray("up", "-y", "--no-config-cache", str(self.path), **kwargs)
+        result = self.ray("up", "-y", "--no-config-cache", str(self.path), **kwargs)
+        self.up_outputs.append(result.stdout + result.stderr)
+        return result
 
     def down(self) -> subprocess.CompletedProcess[str]:
         return self.ray("down", "-y", str(self.path))
 
     def exec(self, command: str) -> str:
         return self.ray("exec", str(self.path), command).stdout
+
+    def token(self) -> str:
+        """The cluster's Ray token, copied from the head's file as docs/autoscaler.md says;
+        the copy must be this user's alone."""
+        copy = self.directory / "cluster.token"
+        self.ray("rsync-down", str(self.path), "~/.ray/auth_token", str(copy))
+        assert stat.S_IMODE(copy.stat().st_mode) == 0o600
+        token = copy.read_text()
+        assert re.fullmatch("[0-9a-f]{64}", token), "one token in the file"
+        return token
 
 
 @ray.remote(num_cpus=0)
@@ -126,10 +141,17 @@ def hold_on_three_workers(gate: Any) -> list[Any]:
         group, placement_group_bundle_index=index)).remote(gate, index) for index in range(3)]
 
 
+def bearer(token: str) -> dict[str, Any]:
+    """What `ray.init("ray://...")` presents the cluster's token with, on its connection only."""
+    return {"_metadata": [("authorization", f"Bearer {token}")]}
+
+
 @contextmanager
-def ray_client(head_ip: str) -> Iterator[Any]:
-    """This process connected to the cluster's Ray Client server; a Gate pinned to the head."""
-    ray.init(f"ray://{head_ip}:10001", namespace="autoscaler-tests", log_to_driver=False)
+def ray_client(head_ip: str, token: str) -> Iterator[Any]:
+    """This process connected to the cluster's Ray Client server with the cluster's token; a
+    Gate pinned to the head."""
+    ray.init(f"ray://{head_ip}:10001", namespace="autoscaler-tests", log_to_driver=False,
+             **bearer(token))
     try:
         head = next(n["NodeID"] for n in ray.nodes()
                     if n["Alive"] and "node:__internal_head__" in n["Resources"])

@@ -1,8 +1,9 @@
 """The RayDog Autoscaler end to end on the local platform: `ray up` from the example YAML in
-`docs/examples`, Ray's own autoscaler on the head node using RayDogNodeProvider, `ray submit`,
-scale-up and idle scale-down, no secret in any YellowDog document, a flow's tasks on workers added
-for it, workers replaced when their machine fails to boot or is killed, and `ray down` leaving
-nothing. One cluster serves the tests of this module, in order."""
+`docs/examples`, Ray's own autoscaler on the head node using RayDogNodeProvider, the cluster
+locked with a Ray token of its own (refused without it; the head gives it to each worker it
+adds), `ray submit`, scale-up and idle scale-down, no secret in any YellowDog document, a flow's
+tasks on workers added for it, workers replaced when their machine fails to boot or is killed,
+and `ray down` leaving nothing. One cluster serves the tests of this module, in order."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import ray
-from autoscaler_helpers import RayCluster, hold_on_three_workers, ray_client
+from autoscaler_helpers import RayCluster, bearer, hold_on_three_workers, ray_client
 from conftest import assert_nothing_left, wait_for
 from prefect import flow, task
 from process_nodes import node_networking
@@ -25,6 +26,7 @@ from ray.autoscaler.tags import (
     TAG_RAY_NODE_KIND,
     TAG_RAY_NODE_STATUS,
 )
+from test_locked_head import ray_job
 from yellowdog_client.model import (
     InstanceSearch,
     NodeSearch,
@@ -48,6 +50,7 @@ from prefect_raydog.autoscaler import RayDogNodeProvider
 config = yaml.safe_load(open(os.path.expanduser("~/ray_bootstrap_config.yaml")))
 provider = RayDogNodeProvider(config["provider"], config["cluster_name"])
 print("VIEW", json.dumps({n: provider.node_tags(n) for n in provider.non_terminated_nodes({})}))
+print("KEY", config["provider"]["auth"]["ssh_private_key"])
 """
 
 NEEDS_THREE_CPUS = """
@@ -160,6 +163,19 @@ def test_ray_up_makes_one_work_requirement_whose_head_runs_rays_autoscaler(
     assert "prefect_raydog.autoscaler.RayDogNodeProvider" in monitor
 
 
+def test_the_cluster_is_locked_and_the_head_gives_its_token_to_the_workers_it_adds(
+        cluster: RayCluster) -> None:
+    head = _head_ip(cluster)
+    refused = ray_job(f"ray://{head}:10001", RAY_AUTH_MODE="disabled")
+    # The task needs a CPU, which only a worker the autoscaler adds for it has.
+    accepted = ray_job(f"ray://{head}:10001", RAY_AUTH_MODE="token",
+                       RAY_AUTH_TOKEN=cluster.token())
+    # Ray Client retries a refused handshake until it gives up: "ray client connection timeout".
+    assert refused.returncode != 0 and "answer" not in refused.stdout
+    assert accepted.stdout.split() == ["answer", "42"], accepted.stderr[-3000:]
+    assert _worker_tasks(cluster), "a worker node ran it"
+
+
 def test_a_job_needing_three_cpus_scales_workers_up_then_idle_ones_down(
         cluster: RayCluster, tmp_path: Path) -> None:
     script = tmp_path / "needs_three_cpus.py"
@@ -197,6 +213,10 @@ def test_no_secret_in_any_yellowdog_document(cluster: RayCluster) -> None:
     assert cluster.platform.key_id in cluster.exec("cat ~/.raydog/credentials.json")
     assert secret not in text
     assert "-rw-------" in cluster.exec("ls -l ~/.raydog/credentials.json")
+    token = cluster.token()
+    assert "RAYDOG_TOKEN_FILE" in text and token not in text
+    assert [output for output in cluster.up_outputs if token in output] == []
+    assert "-rw-------" in cluster.exec("ls -l ~/.ray/auth_token")
 
 
 def test_a_second_ray_up_reattaches_to_the_running_cluster(cluster: RayCluster) -> None:
@@ -213,6 +233,8 @@ def test_a_restarted_monitor_finds_the_same_nodes_and_tags(
     script.write_text(RESTARTED_MONITORS_VIEW)
     output = cluster.ray("submit", str(cluster.path), str(script)).stdout
     view = json.loads(output.split("VIEW ", 1)[1].splitlines()[0])
+    # The head's provider logs in to the workers with the key `ray up` copied to the head.
+    assert output.split("KEY ", 1)[1].splitlines()[0] == "~/ray_bootstrap_key.pem"
     work = cluster.platform.client.work_client
     (requirement,) = _live_requirements(cluster)
     live_tasks = [task for task in work.get_tasks(TaskSearch(
@@ -237,7 +259,8 @@ def test_a_flow_runs_its_tasks_on_workers_the_autoscaler_adds_for_it(
     # Workers an earlier test started are removed once idle; those the flow runs on are new.
     wait_for(lambda: _no_live_workers(cluster), 120, interval=1.0, what="no worker to be left")
     runner = RayDogTaskRunner(address=f"ray://{_head_ip(cluster)}:10001",
-                              api_relay_address=cluster.platform.host_address)
+                              api_relay_address=cluster.platform.host_address,
+                              init_kwargs=bearer(cluster.token()))
 
     @flow(task_runner=runner)
     def on_the_cluster() -> list[tuple[str, str]]:
@@ -269,7 +292,7 @@ def test_a_worker_whose_machine_fails_to_boot_still_joins_on_a_replacement(
     failed_before = _failed_boots(cluster)
     cluster.platform.fail_node_boot(1)
     try:
-        with ray_client(_head_ip(cluster)) as gate:
+        with ray_client(_head_ip(cluster), cluster.token()) as gate:
             refs = hold_on_three_workers(gate)
             started = wait_for(lambda: _held_on(gate, 3), 240, interval=1.0,
                                what="three worker nodes to run the held tasks")
@@ -286,7 +309,7 @@ def test_a_worker_whose_machine_fails_to_boot_still_joins_on_a_replacement(
 def test_a_killed_worker_is_reported_terminated_and_replaced_while_demand_remains(
         cluster: RayCluster, monkeypatch: pytest.MonkeyPatch) -> None:
     platform = cluster.platform
-    with ray_client(_head_ip(cluster)) as gate:
+    with ray_client(_head_ip(cluster), cluster.token()) as gate:
         refs = hold_on_three_workers(gate)
         victim = wait_for(lambda: _held_on(gate, 3), 240, interval=1.0,
                           what="three worker nodes to run the held tasks")[0]

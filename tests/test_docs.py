@@ -63,8 +63,11 @@ SHOWN_NOT_RUN = {
     "runs the rest of the recipe against the session's Prefect server instead",
     ("builder.md", "578f1d955070"): "needs SSH to a head node; tests/test_cluster_tunnels.py "
     "drives RayTunnels the same way against a real sshd",
-    ("builder.md", "5215778e7a6f"): "commands against a YellowDog account; "
-    "tests/test_cli_clusters.py runs up, status, down and sweep against the local platform",
+    ("builder.md", "6f72adabb6d1"): "commands against a YellowDog account; "
+    "tests/test_cli_clusters.py runs up, status, down and sweep against the local platform, "
+    "tests/test_cli_token.py up with --ssh-key and --ssh-known-hosts",
+    ("builder.md", "f7a391723eaf"): "the user's own flow; tests/test_cli_token.py runs a flow "
+    "with RayDogTaskRunner(address=...) and these two variables after up",
     ("local-platform.md", "8ccf286b5ae0"): "output of a server in the foreground; "
     "tests/test_local_cli.py checks that it prints the URL, the key and the templates",
     ("architecture.md", "843b06e2b62c"): "a diagram of which module imports which, not code",

@@ -46,7 +46,7 @@ def key(tmp_path_factory) -> Path:
     return key
 
 
-def _authorizing(group, key: Path):
+def authorizing(group, key: Path):
     """The node group with userdata that authorizes `key`."""
     return group.model_copy(update={"userdata": (key.parent / "userdata").read_text()})
 
@@ -59,8 +59,8 @@ def block(prefect_api, local_platform, key) -> str:
                                        ssh_known_hosts=local_platform.ssh_known_hosts)
     config.model_copy(update={
         "ssh_tunnel": True, "ssh_private_key": SecretStr(key.read_text()),
-        "head": _authorizing(config.head, key),
-        "worker_pools": [_authorizing(config.worker_pools[0], key)],
+        "head": authorizing(config.head, key),
+        "worker_pools": [authorizing(config.worker_pools[0], key)],
     }).save(BLOCK, overwrite=True)
     return BLOCK
 
@@ -92,7 +92,7 @@ def _probe_without_token(head: str) -> subprocess.CompletedProcess[str]:
     return ray_job(f"ray://{head}:10001", RAY_AUTH_MODE="disabled")
 
 
-def _records(platform) -> tuple[list[dict], list[str], list[str]]:
+def platform_records(platform) -> tuple[list[dict], list[str], list[str]]:
     """What the platform recorded, read over its API: every task (environment, task data), the
     userdata of every compute requirement, and every task's output."""
     client = create_client(platform.key_id, platform.key_secret, platform.url)
@@ -138,7 +138,7 @@ def test_a_cluster_reached_over_ssh_is_token_locked_and_the_token_leaks_nowhere(
 
     assert_nothing_left(platform)
     assert not ray.is_initialized() and not _ssh_transports()
-    tasks, userdata, outputs = _records(platform)
+    tasks, userdata, outputs = platform_records(platform)
     locked_tasks = [item for item in tasks
                     if (item.get("environment") or {}).get("RAYDOG_TOKEN_FILE") == RAY_TOKEN_FILE]
     assert len(locked_tasks) >= 2, "the head's and the worker's tasks name the token file"
@@ -161,8 +161,8 @@ def test_a_builder_given_an_ssh_login_locks_its_cluster_to_its_own_client_and_no
     key, platform
 ):
     spec = ClusterSpec.for_local_platform(f"locked-{uuid.uuid4().hex[:6]}", workers_to_join=1)
-    spec = spec.model_copy(update={"head": _authorizing(spec.head, key), "worker_pools": [
-        _authorizing(pool, key).model_copy(update={"max_count": 2}) for pool in spec.worker_pools]})
+    spec = spec.model_copy(update={"head": authorizing(spec.head, key), "worker_pools": [
+        authorizing(pool, key).model_copy(update={"max_count": 2}) for pool in spec.worker_pools]})
     client = create_client(platform.key_id, platform.key_secret, platform.url)
     try:
         # --8<-- [start:locked]
@@ -223,7 +223,7 @@ def test_a_head_with_another_host_key_than_the_pinned_one_fails_the_build_before
     key, platform, tmp_path
 ):
     spec = ClusterSpec.for_local_platform(f"hostkey-{uuid.uuid4().hex[:6]}")
-    spec = spec.model_copy(update={"head": _authorizing(spec.head, key)})
+    spec = spec.model_copy(update={"head": authorizing(spec.head, key)})
     pinned = HostKeys(make_key(tmp_path / "other"))  # not the nodes' host key
     client = create_client(platform.key_id, platform.key_secret, platform.url)
     try:

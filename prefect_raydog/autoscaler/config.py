@@ -20,6 +20,11 @@ DEFAULT_API_URL = "https://api.yellowdog.ai"
 RAYDOG_DIR = ".raydog"
 CREDENTIALS_FILE = f"{RAYDOG_DIR}/credentials.json"
 CLUSTER_FILE = f"{RAYDOG_DIR}/cluster.json"
+TOKEN_FILE = ".ray/auth_token"
+"""The cluster's Ray token on each node, relative to the agent's home: Ray's own default path,
+so that a driver on the head (`ray submit`, `ray exec`) finds it without being told."""
+HEAD_KEY_FILE = "~/ray_bootstrap_key.pem"
+"""Where `ray up` copies the YAML's `auth.ssh_private_key` on the head."""
 
 
 class AutoscalerConfigError(ValueError):

@@ -7,11 +7,13 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import secrets
 import subprocess
 import threading
 from pathlib import Path
 from typing import Any
 
+from pydantic import SecretStr
 from ray.autoscaler.node_provider import NodeProvider
 from ray.autoscaler.tags import (
     NODE_KIND_HEAD,
@@ -30,6 +32,7 @@ from prefect_raydog.autoscaler.yellowdog import (
     NodeType,
     YellowDogCluster,
 )
+from prefect_raydog.cluster.token_auth import SSHLogin, TokenAuth, write_token_command
 from prefect_raydog.spec import check_name
 
 logger = logging.getLogger("prefect_raydog.autoscaler")
@@ -41,6 +44,12 @@ HEAD_ENVIRONMENT = {"RAY_AUTOSCALING_CONFIG": "ray_bootstrap_config.yaml",
 """The head script's environment under `ray up`: Ray's autoscaler with the config `ray up`
 uploads to the head's home, looking at demand every 2 s (Ray's default: 5) so that a pending task
 waits less for its node, for one YellowDog task search per update."""
+LOCKED = {"RAYDOG_TOKEN_FILE": yaml_keys.TOKEN_FILE}
+"""Every node's task waits for the cluster's Ray token in this file and starts Ray with it."""
+LOCKED_SHELLS = ("grep -qsx 'export RAY_AUTH_MODE=token' ~/.bashrc || "
+                 "echo 'export RAY_AUTH_MODE=token' >> ~/.bashrc")
+"""The shells of `ray exec`, `ray submit` and `ray attach` on the head source ~/.bashrc: there
+Ray's CLI (`ray status`) and drivers then present the token from its default file."""
 ROLE_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
 
 
@@ -71,6 +80,7 @@ class RayDogNodeProvider(NodeProvider):
         self._tags: dict[str, dict[str, str]] = {}
         self._nodes: dict[str, LiveNode] = {}
         self._head_task_id: str | None = None
+        self._token_auth: TokenAuth | None = None
 
     # ---- the cluster and its tag store, found lazily -----------------------------------------
 
@@ -89,9 +99,30 @@ class RayDogNodeProvider(NodeProvider):
                         (self._home / yaml_keys.CLUSTER_FILE).read_text())
                     self._store = FileTags(self._home / TAGS_DIR)
                     self._cluster.watch_updates()
+                    self._follow_workers()
                 elif self._cluster.find() is not None:
                     self._attach()
             return self._cluster
+
+    def _follow_workers(self) -> None:
+        """On the head: write the head's Ray token on each worker node as it comes up, over
+        SSH with the key `ray up` copied to the head, checking host keys as `ray up` does."""
+        token = self._home / yaml_keys.TOKEN_FILE
+        auth = self.provider_config.get("auth") or {}
+        key = Path(auth.get("ssh_private_key", yaml_keys.HEAD_KEY_FILE)).expanduser()
+        try:
+            login = SSHLogin(auth.get("ssh_user", "yd-agent"), SecretStr(key.read_text()),
+                             host_keys=self.settings.host_keys())
+            self._token_auth = TokenAuth(login, SecretStr(token.read_text().strip()),
+                                         yaml_keys.TOKEN_FILE)
+        except (OSError, ValueError) as error:
+            logger.error("Worker nodes of cluster %s will not get its Ray token, and so not "
+                         "join: %s", self.cluster_name, error)
+            return
+        cluster = self._cluster
+        self._token_auth.follow(lambda: {node.task_id: node.private_ip
+                                         for node in cluster.live_nodes()
+                                         if not node.is_head and node.private_ip})
 
     def _attach(self) -> None:
         """From the user's machine, reach the running cluster's tag store on its head node."""
@@ -205,7 +236,7 @@ class RayDogNodeProvider(NodeProvider):
             return None
         node_type = self._node_type(settings, type_name, is_head=False)
         environment = {**self.settings.task_environment, **_worker_environment(
-            self._yellowdog().record.head_private_ip, resources)}
+            self._yellowdog().record.head_private_ip, resources), **LOCKED}
         for task_id in self._yellowdog().add_workers(node_type, count, environment):
             self.set_node_tags(task_id, tags)
         logger.info("Added %d %s node(s) to cluster %s", count, type_name, self.cluster_name)
@@ -242,12 +273,13 @@ class RayDogNodeProvider(NodeProvider):
     def _create_head(self, settings: yaml_keys.NodeConfig, type_name: str,
                      tags: dict[str, str]) -> None:
         """Start the cluster: head pool, work requirement, head task; once the head runs, give
-        it the application key and the cluster's identity over SSH, then its tags."""
+        it the application key, the cluster's identity and a Ray token of its own over SSH,
+        then its tags."""
         cluster = self._yellowdog()
         node_type = self._node_type(settings, type_name, is_head=True)
         workers = [name for name, info in self._node_types().items() if not info["is_head"]]
         task_id = cluster.create(node_type, workers,
-                                 {**HEAD_ENVIRONMENT, **self.settings.task_environment})
+                                 {**HEAD_ENVIRONMENT, **self.settings.task_environment, **LOCKED})
 
         def check_head() -> None:
             failure = cluster.head_failure(task_id)
@@ -263,6 +295,8 @@ class RayDogNodeProvider(NodeProvider):
             shell.run(f"umask 077 && mkdir -p ~/{yaml_keys.RAYDOG_DIR} && "
                       f"cat > ~/{yaml_keys.CREDENTIALS_FILE}", stdin=key.to_json())
             shell.run(f"cat > ~/{yaml_keys.CLUSTER_FILE}", stdin=cluster.record.to_json())
+            shell.run(f"{write_token_command(yaml_keys.TOKEN_FILE)} && {LOCKED_SHELLS}",
+                      stdin=secrets.token_hex(32))
             with self._lock:
                 self._store = RemoteTags(shell)
                 self._head_task_id = task_id
@@ -286,15 +320,21 @@ class RayDogNodeProvider(NodeProvider):
             from prefect_raydog.scripts import load
 
             script = load(DEFAULT_HEAD_SCRIPT if is_head else DEFAULT_WORKER_SCRIPT)
-        userdata = settings.full_userdata
-        if is_head:
-            userdata = _with_authorized_key(userdata, self.provider_config.get("auth") or {})
+        userdata = _with_authorized_key(settings.full_userdata,
+                                        self.provider_config.get("auth") or {})
         max_nodes = 1 if is_head else int(
             self._node_types().get(type_name, {}).get("max_workers") or 1)
         return NodeType(type_name, settings.compute_requirement_template, script,
                         max(max_nodes, 1), settings.images_id, userdata, settings.metrics_enabled)
 
     # ---- before anything is provisioned ------------------------------------------------------
+
+    def prepare_for_head_node(self, cluster_config: dict[str, Any]) -> dict[str, Any]:
+        """The head's copy of the config: its provider logs in to the workers with the key
+        `ray up` copies to the head, where the YAML's own path means nothing."""
+        config = copy.deepcopy(cluster_config)
+        config["provider"]["auth"] = dict(config.get("auth") or {})
+        return config
 
     @staticmethod
     def bootstrap_config(cluster_config: dict[str, Any]) -> dict[str, Any]:
@@ -344,7 +384,8 @@ def _worker_environment(head_ip: str, resources: dict[str, float]) -> dict[str, 
 
 def _with_authorized_key(userdata: str | None, auth: dict[str, Any]) -> str | None:
     """Userdata that also authorizes `ray up`'s key for the agent user (a public key, no
-    secret); on the local platform, the key line is what opens SSH into the node."""
+    secret): on the head for `ray up`, on the workers for the head's token delivery; on the
+    local platform, the key line is what opens SSH into the node."""
     key_file = auth.get("ssh_public_key") or (
         f"{auth['ssh_private_key']}.pub" if auth.get("ssh_private_key") else None)
     if key_file is None:

@@ -15,6 +15,7 @@ import typer
 from rich.table import Column, Table
 from typer.core import TyperGroup
 
+from prefect_raydog.cli import locking
 from prefect_raydog.cli.local import local
 from prefect_raydog.cli.output import console, error_line, fail
 
@@ -22,7 +23,7 @@ if TYPE_CHECKING:
     from yellowdog_client import PlatformClient
 
     from prefect_raydog.blocks import YellowDogCredentials
-    from prefect_raydog.cluster import ShutdownReport
+    from prefect_raydog.cluster import HeadNodeAddress, ShutdownReport, SSHLogin
     from prefect_raydog.spec import ClusterSpec
 
 
@@ -162,15 +163,16 @@ def _load_spec(path: Path) -> ClusterSpec:
         raise typer.Exit(2) from None
 
 
-def _from_block(name: str) -> tuple[ClusterSpec, YellowDogCredentials]:
-    """The spec of a new cluster from a saved RayDogClusterConfig, and its credentials."""
+def _from_block(name: str) -> tuple[ClusterSpec, YellowDogCredentials, SSHLogin | None]:
+    """The spec of a new cluster from a saved RayDogClusterConfig, its credentials, and the
+    SSH login that locks it when the block reaches its nodes over SSH."""
     from prefect_raydog.blocks import RayDogClusterConfig
 
     try:
         config = RayDogClusterConfig.load(name)
     except Exception as error:  # Prefect raises ValueError, httpx or validation errors alike
         raise fail(f"cannot load RayDogClusterConfig {name!r}: {error}", 2) from None
-    return config.to_spec(config.cluster_name()), config.credentials
+    return config.to_spec(config.cluster_name()), config.credentials, config.ssh_login()
 
 
 def _block_key(credentials: YellowDogCredentials, key_id: str | None) -> tuple[str, str, str]:
@@ -196,38 +198,71 @@ def up(
     state_file: Annotated[
         Path | None, typer.Option(help="Where to save the state `down` needs.")
     ] = None,
+    ssh_key: Annotated[
+        Path | None,
+        typer.Option(help="A private key that logs in to the nodes: the cluster is then locked "
+                          "with a Ray token of its own, written into each node over SSH."),
+    ] = None,
+    ssh_user: Annotated[str, typer.Option(help="The user --ssh-key logs in as.")] = "yd-agent",
+    ssh_known_hosts: Annotated[
+        Path | None,
+        typer.Option(help="The nodes' SSH host keys (known_hosts or .pub lines) for --ssh-key; "
+                          "by default ~/.ssh/known_hosts."),
+    ] = None,
 ) -> None:
     """Build a cluster and leave it running until `prefect-raydog down STATE_FILE`.
 
     The state file is written before the first pool is provisioned and kept up to date, so
-    `down` can end whatever was created even if this command is interrupted.
+    `down` can end whatever was created even if this command is interrupted. A cluster whose
+    nodes it logs in to (`--ssh-key`, or a block with `ssh_tunnel`) is locked with a Ray token,
+    kept beside the state file for this user alone.
     """
-    from prefect_raydog.cluster import RayDogCluster
-
     if (spec_file is None) == (config is None):
         raise fail("give either a spec file or --config BLOCK_NAME (one of them)", 2)
     if config is not None:
-        spec, credentials = _from_block(config)
+        if ssh_key is not None or ssh_known_hosts is not None:
+            raise fail("--ssh-key, --ssh-known-hosts: not with --config, whose block's ssh_* "
+                       "fields apply", 2)
+        spec, credentials, login = _from_block(config)
         key_id, secret, url = _block_key(credentials, key_id)
     else:
         spec = _load_spec(spec_file)
+        login = locking.login_from_options(ssh_key, ssh_user, ssh_known_hosts)
         key_id, secret = _key(key_id)
     state_file = state_file or Path(f"{spec.name}.raydog.json")
-    with _platform(key_id, secret, url) as client, _progress(f"Building {spec.name}") as step:
-        cluster = RayDogCluster(spec, client)
+    with _platform(key_id, secret, url) as client:
+        head = _build(spec, client, login, state_file)
+    ray_client = f"ray://{head.private_ip}:{RAY_CLIENT_PORT}"
+    console.print(f"Cluster [bold]{spec.name}[/bold] is up.", highlight=False)
+    console.print(f"  head private IP: {head.private_ip}", highlight=False)
+    console.print(f"  head public IP:  {head.public_ip or '-'}", highlight=False)
+    console.print(f"  Ray Client:      {ray_client}", highlight=False)
+    console.print(f"  Ray dashboard:   http://{head.private_ip}:{DASHBOARD_PORT}", highlight=False)
+    console.print(f"  state saved to:  {state_file}", highlight=False)
+    if login is not None:
+        locking.print_connection(locking.token_file(state_file), ray_client)
+
+
+def _build(spec: ClusterSpec, client: PlatformClient, login: SSHLogin | None,
+           state_file: Path) -> HeadNodeAddress:
+    """Build the cluster, saving its state at each step; a locked one waits for every worker
+    node, to hand each the token before this process ends."""
+    from prefect_raydog.cluster import RayDogCluster
+
+    with _progress(f"Building {spec.name}") as step:
+        cluster = RayDogCluster(spec, client, ssh=login)
 
         def on_step(description: str) -> None:
             state_file.write_text(cluster.save_state_to_json())
             if description != "built" and (spec.observability or "observ" not in description):
                 step(description)
 
-        head = cluster.build(on_step=on_step)
-    console.print(f"Cluster [bold]{spec.name}[/bold] is up.", highlight=False)
-    console.print(f"  head private IP: {head.private_ip}", highlight=False)
-    console.print(f"  head public IP:  {head.public_ip or '-'}", highlight=False)
-    console.print(f"  Ray Client:      ray://{head.private_ip}:{RAY_CLIENT_PORT}", highlight=False)
-    console.print(f"  Ray dashboard:   http://{head.private_ip}:{DASHBOARD_PORT}", highlight=False)
-    console.print(f"  state saved to:  {state_file}", highlight=False)
+        everyone = locking.all_workers(spec) if login is not None else None
+        head = cluster.build(on_step=on_step, workers_to_join=everyone)
+        if login is not None:
+            step("writing the Ray token to the worker nodes")
+            locking.hand_over(cluster, locking.token_file(state_file))
+    return head
 
 
 @app.command()
@@ -249,6 +284,10 @@ def down(
             report = proxy.shut_down()
     console.print(f"Shut down the cluster saved in {state_file}:", highlight=False)
     _print_report(report)
+    token = locking.token_file(state_file)
+    if token.exists():
+        token.unlink()
+        console.print(f"  deleted:      its Ray token {token}", highlight=False, soft_wrap=True)
 
 
 @app.command()

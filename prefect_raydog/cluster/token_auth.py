@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import secrets
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import paramiko
@@ -22,12 +24,15 @@ logger = logging.getLogger("prefect_raydog.cluster")
 
 RAY_TOKEN_FILE = ".raydog/ray-token"
 """Where the node scripts find the token: relative to the agent's home (`RAYDOG_TOKEN_FILE`)."""
-_WRITE_TOKEN = (
-    f"umask 077 && mkdir -p ~/.raydog && cat > ~/{RAY_TOKEN_FILE}.part && "
-    f"mv ~/{RAY_TOKEN_FILE}.part ~/{RAY_TOKEN_FILE}"
-)
 _SSH_TIMEOUT_S = 30.0
 _FOLLOW_INTERVAL_S = 1.0
+
+
+def write_token_command(token_file: str) -> str:
+    """A shell command that writes its stdin to `~/token_file`: umask 077, renamed into place,
+    so that a node script never reads half a token."""
+    return (f"umask 077 && mkdir -p \"$(dirname ~/{token_file})\" && "
+            f"cat > ~/{token_file}.part && mv ~/{token_file}.part ~/{token_file}")
 
 
 @dataclass(frozen=True)
@@ -60,15 +65,22 @@ class TokenAuth:
     token file's path), `deliver_to_head` writes the file on the head, `follow` writes it on
     each worker node as it comes up, `close` ends the SSH connection.
 
-    Ray Client presents the token with `ray_client_kwargs()`, on that connection alone.
+    Ray Client presents the token with `ray_client_kwargs()`, on that connection alone; or,
+    for a cluster that outlives this process, from the file `save()` writes. A `token` given
+    (the autoscaler's monitor on a head, reading the head's own) is delivered instead of a
+    fresh one, to `token_file` (relative to the agent's home) on each node.
     """
 
-    def __init__(self, login: SSHLogin) -> None:
+    def __init__(self, login: SSHLogin, token: SecretStr | None = None,
+                 token_file: str = RAY_TOKEN_FILE) -> None:
         self.login = login
+        self.token_file = token_file
         self._key = login.key()
-        self._token = SecretStr(secrets.token_hex(32))
+        self._token = token or SecretStr(secrets.token_hex(32))
         self._head: paramiko.SSHClient | None = None
         self._delivered: set[str] = set()
+        self._delivery = threading.Condition()
+        self._last_failure = ""
         self._closing = threading.Event()
         self._follower: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -79,12 +91,30 @@ class TokenAuth:
     @property
     def environment(self) -> dict[str, str]:
         """What each node task needs in its environment: the token file's path, not the token."""
-        return {"RAYDOG_TOKEN_FILE": RAY_TOKEN_FILE}
+        return {"RAYDOG_TOKEN_FILE": self.token_file}
 
     def ray_client_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for `ray.init("ray://...")`: Ray Client sends the token as gRPC
         metadata on this connection only (`RAY_AUTH_TOKEN` would be the whole process's)."""
         return {"_metadata": [("authorization", f"Bearer {self._token.get_secret_value()}")]}
+
+    def save(self, path: Path) -> None:
+        """Write the token to `path`, readable by this user alone (0600, renamed into place),
+        for Ray's `RAY_AUTH_TOKEN_PATH`."""
+        part = path.with_name(f"{path.name}.part")
+        part.unlink(missing_ok=True)
+        with os.fdopen(os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as file:
+            file.write(self._token.get_secret_value())
+        part.replace(path)
+
+    def wait_for_workers(self, count: int, timeout_s: float) -> str | None:
+        """Wait until `follow` has written the token on `count` worker nodes; None once it has,
+        else (after `timeout_s`) what is missing and the last failure."""
+        with self._delivery:
+            if self._delivery.wait_for(lambda: len(self._delivered) >= count, timeout_s):
+                return None
+            missing = f"{count - len(self._delivered)} of {count} worker nodes lack it"
+            return f"{missing}: {self._last_failure}" if self._last_failure else missing
 
     def deliver_to_head(self, address: str) -> None:
         """Log in to the head at `address` and write its token file; the connection stays open
@@ -99,11 +129,14 @@ class TokenAuth:
             ) from error
 
     def deliver_to_worker(self, private_ip: str) -> None:
-        """Write the token file on a worker node, logging in through the head."""
-        if self._head is None or (transport := self._head.get_transport()) is None:
-            raise ConnectionError("no SSH connection to the head node")
-        channel = transport.open_channel("direct-tcpip", (private_ip, self.login.port),
-                                         ("127.0.0.1", 0), timeout=_SSH_TIMEOUT_S)
+        """Write the token file on a worker node, logging in through the head once
+        `deliver_to_head` has connected to it, else directly (from the head itself)."""
+        channel = None
+        if self._head is not None:
+            if (transport := self._head.get_transport()) is None:
+                raise ConnectionError("the SSH connection to the head node has ended")
+            channel = transport.open_channel("direct-tcpip", (private_ip, self.login.port),
+                                             ("127.0.0.1", 0), timeout=_SSH_TIMEOUT_S)
         client = self._connect(private_ip, sock=channel)
         try:
             self._write(client, private_ip)
@@ -130,8 +163,11 @@ class TokenAuth:
                     continue
                 try:
                     self.deliver_to_worker(address)
-                    self._delivered.add(node_id)
+                    with self._delivery:
+                        self._delivered.add(node_id)
+                        self._delivery.notify_all()
                 except (OSError, paramiko.SSHException, HostKeyRefused) as error:
+                    self._last_failure = f"{address}: {type(error).__name__}: {error}"
                     if node_id not in warned:
                         warned.add(node_id)
                         logger.warning("Writing the Ray token to worker node %s (%s) failed, "
@@ -163,10 +199,11 @@ class TokenAuth:
 
     def _write(self, client: paramiko.SSHClient, address: str) -> None:
         """The token into the node's file from stdin (umask 077, renamed into place)."""
-        stdin, stdout, stderr = client.exec_command(_WRITE_TOKEN, timeout=_SSH_TIMEOUT_S)
+        stdin, stdout, stderr = client.exec_command(write_token_command(self.token_file),
+                                                    timeout=_SSH_TIMEOUT_S)
         stdin.write(self._token.get_secret_value())
         stdin.channel.shutdown_write()
         status = stdout.channel.recv_exit_status()
         if status != 0:
             error = stderr.read().decode(errors="replace").strip()[-500:]
-            raise OSError(f"writing ~/{RAY_TOKEN_FILE} on {address} exited {status}: {error}")
+            raise OSError(f"writing ~/{self.token_file} on {address} exited {status}: {error}")

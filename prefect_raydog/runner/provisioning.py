@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     import ray
 
     from prefect_raydog.blocks import RayDogClusterConfig
-    from prefect_raydog.cluster import RayDogCluster, SSHLogin
+    from prefect_raydog.cluster import RayDogCluster
 
 ray = lazy_import("ray")
 
@@ -64,7 +64,7 @@ class Provisioning:
             spec.name, spec.namespace, sum(p.start_count for p in spec.worker_pools),
         )
         cluster = self.cluster = RayDogCluster(spec, client=config.credentials.get_client(),
-                                               ssh=_ssh_login(config))
+                                               ssh=config.ssh_login())
         if self.settings.cluster is not None:  # the local preset's platform dies with this process
             self.guardian = self._stack.enter_context(Guardian(config.credentials))
             self.guardian.flow_run(flow_run_id)
@@ -146,15 +146,6 @@ class Provisioning:
         """The flow run ended while the cluster was starting: end what the build made."""
         if self.cluster is not None:
             self.cluster.shut_down()
-
-
-def _ssh_login(config: RayDogClusterConfig) -> SSHLogin | None:
-    """A cluster reached over SSH is locked with a Ray token, delivered over SSH."""
-    from prefect_raydog.cluster import SSHLogin
-
-    if not config.ssh_tunnel or config.ssh_private_key is None:
-        return None
-    return SSHLogin(config.ssh_username, config.ssh_private_key, host_keys=config.host_keys())
 
 
 def _shut_down(cluster: RayDogCluster, logger: Any) -> None:
