@@ -33,6 +33,9 @@ CHROMEDRIVER = "/usr/bin/chromedriver"
 pytestmark = pytest.mark.system_packages("chromium", "chromium-driver")
 IMAGES = Path(__file__).resolve().parent.parent / "docs" / "images"
 SECRET = "s3cr3t-typed-into-the-form"
+# How long a page of Prefect's UI may take to render: Chromium shares two cores with two other
+# test workers starting Ray clusters, and once took over two minutes for a block form.
+PAGE_S = 300
 # Everything that would reach beyond loopback from a fresh headless profile, switched off.
 CHROMIUM_FLAGS = [
     "--headless=new",
@@ -152,7 +155,7 @@ def _type(driver: WebDriver, label: str, text: str, index: int = 0) -> WebElemen
 
 def _open_form(driver: WebDriver, url: str, first_label: str) -> None:
     driver.get(url)
-    wait_for(lambda: _inputs(driver, first_label), timeout=120, interval=0.2, what=url)
+    wait_for(lambda: _inputs(driver, first_label), timeout=PAGE_S, interval=0.2, what=url)
 
 
 def _save(driver: WebDriver) -> None:
@@ -194,7 +197,7 @@ def test_blocks_created_in_the_ui_load_back_exactly(
     wait_for(
         lambda: {"YellowDog Credentials", "RayDog Cluster Config"}
         <= set(browser.find_element(By.TAG_NAME, "body").text.splitlines()),
-        timeout=120, interval=0.2, what="both blocks in the catalog",
+        timeout=PAGE_S, interval=0.2, what="both blocks in the catalog",
     )
 
     _open_form(browser, f"{ui}/catalog/yellowdog-credentials/create", "Application key ID")
