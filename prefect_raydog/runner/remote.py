@@ -9,6 +9,7 @@ with the Ray object references it holds beside it, and its outcome as pickled by
 
 from __future__ import annotations
 
+import functools
 import io
 import pickle
 from typing import Any
@@ -39,29 +40,25 @@ class _RefUnpickler(pickle.Unpickler):
         return self._refs[pid]
 
 
-_PICKLER: list[type] = []
-
-
+@functools.cache
 def _pickler_class() -> type:
     """A CloudPickler that takes Ray object references out (made on first use: Ray is imported
     only where it is needed)."""
-    if not _PICKLER:
-        import ray
-        from ray import cloudpickle
+    import ray
+    from ray import cloudpickle
 
-        class RefPickler(cloudpickle.CloudPickler):
-            def __init__(self, file: io.BytesIO, refs: list[Any]) -> None:
-                super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
-                self._refs = refs
+    class RefPickler(cloudpickle.CloudPickler):
+        def __init__(self, file: io.BytesIO, refs: list[Any]) -> None:
+            super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+            self._refs = refs
 
-            def persistent_id(self, obj: Any) -> int | None:
-                if isinstance(obj, ray.ObjectRef):
-                    self._refs.append(obj)
-                    return len(self._refs) - 1
-                return None
+        def persistent_id(self, obj: Any) -> int | None:
+            if isinstance(obj, ray.ObjectRef):
+                self._refs.append(obj)
+                return len(self._refs) - 1
+            return None
 
-        _PICKLER.append(RefPickler)
-    return _PICKLER[0]
+    return RefPickler
 
 
 def run_task_run(call: bytes, refs: list[Any], context_box: list[Any], task_box: list[Any],
