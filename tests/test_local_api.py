@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 import uuid
 from collections.abc import Iterator
 from datetime import timedelta
@@ -14,9 +15,10 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import wait_for
+from conftest import sdk_event_streams, wait_for
 from yellowdog_client import PlatformClient
 from yellowdog_client.common.json import Json
+from yellowdog_client.common.server_sent_events import SubscriptionEventListener
 from yellowdog_client.model import (
     ApiKey,
     AutoShutdown,
@@ -835,3 +837,27 @@ def test_sdk_helpers_follow_server_sent_updates(yd: Workspace) -> None:
         yd.client.worker_pool_client.shutdown_worker_pool_by_id(pool.id)
         assert child.stdout.readline().split() == ["CANCELLED", "TERMINATED"]
         assert child.wait(timeout=30) == 0
+
+
+def test_a_stream_whose_listener_left_ends_its_sdk_thread_when_the_platform_stops() -> None:
+    # yellowdog-sdk's reader sees that its listener left only when an event comes; a stream that
+    # just ended would leave it spinning at 100% CPU in the test process for good.
+    class Seen(SubscriptionEventListener[WorkRequirement]):
+        def __init__(self) -> None:
+            self.updates = threading.Event()
+
+        def updated(self, obj: WorkRequirement) -> None:
+            self.updates.set()
+
+    with LocalPlatform() as platform:
+        work = platform.client.work_client
+        requirement = work.add_work_requirement(
+            WorkRequirement(namespace="streams", name=unique("stream"))
+        )
+        before, listener = sdk_event_streams(), Seen()
+        work.add_work_requirement_listener_by_id(requirement.id, listener)
+        assert listener.updates.wait(10)
+        (reader,) = sdk_event_streams() - before
+        work.remove_work_requirement_listener(listener)
+    reader.join(10)
+    assert not reader.is_alive(), "the SDK's stream reader outlived the platform's stop"

@@ -144,7 +144,7 @@ class YellowDogCluster:
         only after something changed (for the monitor, which asks at every autoscaler update)."""
         with self._lock:
             if self._watch is None and self.record and self.record.work_requirement_id:
-                self._watch = RequirementWatch(self.client, self.record.work_requirement_id)
+                self._watch = RequirementWatch(self.client, self.record.work_requirement_id).open()
 
     def live_nodes(self) -> list[LiveNode]:
         """Every live task of the cluster (one search), with its node's addresses once known.

@@ -227,11 +227,8 @@ class RayDogCluster(WorkerPools):
             self.timings["pools_provisioned_s"] = time.monotonic() - started
             self._enter_step("submitting the work requirement", on_step)
             self._submit_work_requirement()
-            watch = RequirementWatch(self.yd_client, self.work_requirement_id)
-            try:
+            with RequirementWatch(self.yd_client, self.work_requirement_id) as watch:
                 self._start_nodes(watch, joined, deadline, started, on_step)
-            finally:
-                watch.close()
             with self._lock:
                 self._check_not_closing()
                 self._state = "built"

@@ -27,7 +27,7 @@ _ENDED = [status for status in TaskStatus if status.finished]
 
 
 class RequirementWatch(SubscriptionEventListener[WorkRequirement]):
-    """The latest state of a work requirement, kept by its update stream."""
+    """The latest state of a work requirement, kept by its update stream while entered."""
 
     def __init__(self, client: PlatformClient, work_requirement_id: str) -> None:
         self._client = client
@@ -39,7 +39,25 @@ class RequirementWatch(SubscriptionEventListener[WorkRequirement]):
         self._started = time.monotonic()
         self.version = 0
         """How many updates have come: a reader that saw this number has missed none since."""
-        client.work_client.add_work_requirement_listener_by_id(work_requirement_id, self)
+
+    def __enter__(self) -> RequirementWatch:
+        return self.open()
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def open(self) -> RequirementWatch:
+        """Start following the stream; `close` ends it."""
+        # Inside the guard, so that an interrupt landing as the stream opens still closes it.
+        try:
+            self._started = time.monotonic()
+            self._client.work_client.add_work_requirement_listener_by_id(
+                self.work_requirement_id, self
+            )
+        except BaseException:
+            self.close()
+            raise
+        return self
 
     @property
     def streaming(self) -> bool:

@@ -180,18 +180,20 @@ def _updates(
 ) -> StreamingResponse:
     """Server-sent `entity_updated` events carrying the entity each time it changes (the first
     one at once), as the SDK's listeners and helpers expect; a comment keeps quiet streams open.
-    The stream ends after the event of a `final` status, as YellowDog's CLI expects."""
+    The stream ends after the event of a `final` status, as YellowDog's CLI expects, or, when the
+    platform stops, after one more event: yellowdog-sdk's reader looks at its cancel flag only
+    when an event comes, and one that meets the stream's end without it spins at 100% CPU."""
     render()
 
     async def events() -> AsyncIterator[str]:
         last, quiet_since = "", time.monotonic()
-        while not state.stopped:
+        while True:
             entity = render()
             document = json.dumps(entity, separators=(",", ":"))
-            if document != last:
+            if document != last or state.stopped:
                 last, quiet_since = document, time.monotonic()
                 yield f"event: entity_updated\ndata: {document}\n\n"
-                if entity.get("status") in final:
+                if entity.get("status") in final or state.stopped:
                     return
             elif time.monotonic() - quiet_since > KEEP_ALIVE_S:
                 quiet_since = time.monotonic()
