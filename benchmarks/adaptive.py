@@ -29,7 +29,6 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 from prefect import flow, task  # noqa: E402
 from prefect.settings import PREFECT_LOGGING_TO_API_BATCH_INTERVAL, temporary_settings  # noqa: E402
-from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 from yellowdog_client.model import NodeSearch  # noqa: E402
 
 from prefect_raydog.blocks import RayDogClusterConfig  # noqa: E402
@@ -38,6 +37,7 @@ from prefect_raydog.runner import adaptive  # noqa: E402
 from prefect_raydog.spec import WorkerPoolSpec  # noqa: E402
 from prefect_raydog.task_runners import RayDogTaskRunner  # noqa: E402
 
+import api_server  # noqa: E402
 from stages import stage  # noqa: E402
 
 SLOW_BOOT = "bench/slow-boot"
@@ -140,7 +140,7 @@ def _wait_until_nothing_live(platform: LocalPlatform, timeout: float = 60.0) -> 
         time.sleep(0.2)
 
 
-def measure(size: dict[str, Any]) -> dict[str, float]:
+def measure(size: dict[str, Any], prefect_api_url: str | None = None) -> dict[str, float]:
     fixed = {"name": "workers", "count": size["workers"]}
     adaptive_pool = {"name": "workers", "min_count": 0, "max_count": size["workers"]}
     if "cooldown_s" in size:
@@ -150,7 +150,7 @@ def measure(size: dict[str, Any]) -> dict[str, float]:
         templates.write_text(
             f'[templates."{SLOW_BOOT}"]\nmode = "process"\nboot_delay_s = {size["boot_s"]}\n'
         )
-        with prefect_test_harness(server_startup_timeout=120), \
+        with api_server.prefect_server(prefect_api_url), \
                 LocalPlatform(templates=templates) as platform:
             stage("Prefect server and platform up")
             if size is not FULL:
@@ -193,11 +193,13 @@ def main() -> None:
     modes.add_argument("--smoke", action="store_true",
                        help="the short run's two flow runs at the smallest sizes: proves the "
                             "benchmark runs, its figures mean nothing")
+    api_server.add_argument(parser)
     args = parser.parse_args()
     # A smoke run's flows wait less for the nodes' last batch of logs when they end.
     batches = {PREFECT_LOGGING_TO_API_BATCH_INTERVAL: 0.2} if args.smoke else {}
     with temporary_settings(updates=batches):
-        figures = measure(SMOKE if args.smoke else QUICK if args.quick else FULL)
+        figures = measure(SMOKE if args.smoke else QUICK if args.quick else FULL,
+                          args.prefect_api_url)
     stage("Prefect server and platform down")
     if args.json:
         print(json.dumps(figures))

@@ -57,6 +57,7 @@ from prefect_raydog.runner.connection import connect  # noqa: E402
 from prefect_raydog.runner.relay import TcpRelay  # noqa: E402
 from prefect_raydog.task_runners import RayDogTaskRunner  # noqa: E402
 
+import api_server  # noqa: E402
 from stages import stage  # noqa: E402
 
 
@@ -493,16 +494,15 @@ def main() -> None:
                             "its figures mean nothing")
     parser.add_argument("--cold", nargs=3, metavar=("KIND", "ADDRESS", "TASKS"),
                         help="one cold run in this process (the benchmark starts these)")
+    api_server.add_argument(parser)
     args = parser.parse_args()
     if args.cold:
         kind, address, tasks = args.cold
         print(json.dumps(_cold_run(kind, address, int(tasks))))
         return
-    from prefect.testing.utilities import prefect_test_harness  # not in the cold processes
-
     # A smoke run's flows wait less for the nodes' last batch of logs when they end.
     batches = {PREFECT_LOGGING_TO_API_BATCH_INTERVAL: 0.2} if args.smoke else {}
-    with temporary_settings(updates=batches), prefect_test_harness(server_startup_timeout=120):
+    with temporary_settings(updates=batches), api_server.prefect_server(args.prefect_api_url):
         stage("Prefect server up")
         figures = run(SMOKE if args.smoke else QUICK if args.quick else FULL)
     stage("Prefect server down")

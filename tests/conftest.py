@@ -13,8 +13,7 @@ from contextlib import contextmanager
 import pytest
 import scheduling
 import system_packages
-from prefect.settings import PREFECT_API_URL
-from prefect.testing.utilities import prefect_test_harness
+from shared_prefect import SharedServer, prefect_server
 from yellowdog_client.common.server_sent_events.sse4python.event_source import EventSource
 
 from prefect_raydog.local import LocalPlatform
@@ -44,14 +43,25 @@ signal.signal(signal.SIGINT, signal.default_int_handler)
 # control sockets).
 _SPREAD_MODULES = {"test_benchmarks_smoke.py"}
 _RAY_UP_MODULES = {"test_autoscaler.py", "test_autoscaler_failures.py"}
+_SHARED_PREFECT = pytest.StashKey[SharedServer]()
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_sessionstart(session: pytest.Session) -> None:
-    """Install the Debian packages the tests drive, once, before pytest-xdist starts workers."""
-    if not hasattr(session.config, "workerinput"):
-        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    """Install the Debian packages the tests drive, once, before pytest-xdist starts workers;
+    start the workers' shared Prefect server on its way."""
+    config = session.config
+    if not hasattr(config, "workerinput"):
+        reporter = config.pluginmanager.get_plugin("terminalreporter")
         system_packages.install_for_workers(reporter.write_line if reporter else print)
+        if config.pluginmanager.has_plugin("dsession"):
+            config.stash[_SHARED_PREFECT] = SharedServer()
+            config.stash[_SHARED_PREFECT].start()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if (server := config.stash.get(_SHARED_PREFECT, None)) is not None:
+        server.stop()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -110,10 +120,10 @@ def wait_for(condition, timeout: float = 10.0, interval: float = 0.02, what: str
 
 @pytest.fixture(scope="session")
 def prefect_api() -> Iterator[str]:
-    """One temporary Prefect server for the whole run, started by the first test that needs it:
-    each start costs 10-40 s on a 2-core machine. Tests tell their runs apart by id or name."""
-    with prefect_test_harness(server_startup_timeout=120):
-        yield PREFECT_API_URL.value()
+    """One temporary Prefect server for the whole run (see shared_prefect.py): each start costs
+    10-40 s on a 2-core machine. Tests tell their runs apart by id or name."""
+    with prefect_server() as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,6 @@ from prefect import flow, task
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 from prefect.runtime import flow_run
-from prefect.testing.utilities import prefect_test_harness
 from yellowdog_client.model import NodeSearch, NodeStatus, WorkRequirementSearch
 
 from prefect_raydog.blocks import RayDogClusterConfig
@@ -33,12 +32,6 @@ pytestmark = pytest.mark.ray
 SLOW_BOOT = "test/process-slow-boot"
 # Time an eager runner would have used to start provisioning (it starts within milliseconds).
 LAZY_PREPARES_S = 3.0
-
-
-@pytest.fixture(scope="module")
-def prefect_api():
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
 
 
 @pytest.fixture(scope="module")
