@@ -36,13 +36,7 @@ signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # A test's time is part CPU (Ray and Prefect starting in a dozen processes a cluster) and part
 # waiting (nodes booting, timers ending): three pytest-xdist workers keep two cores busy where
-# two left a fifth of them idle. A module's tests share its module-scoped clusters, so a module
-# stays on one worker (Ray on the host's loopback, in test_local_ray_nodes.py, takes fixed
-# ports: its tests must not overlap); the benchmark smoke runs share nothing and spread. `ray up`
-# sessions run one at a time: Ray's CLI keeps state of its own under the host's /tmp (SSH
-# control sockets).
-_SPREAD_MODULES = {"test_benchmarks_smoke.py"}
-_RAY_UP_MODULES = {"test_autoscaler.py", "test_autoscaler_failures.py"}
+# two left a fifth of them idle. Which tests share a worker: scheduling.py.
 _SHARED_PREFECT = pytest.StashKey[SharedServer]()
 
 
@@ -74,21 +68,20 @@ def pytest_configure(config: pytest.Config) -> None:
         config.pluginmanager.register(scheduling.DurationRecorder(), "raydog-durations")
 
 
-def _group(item: pytest.Item) -> str:
-    if item.path.name in _RAY_UP_MODULES or item.nodeid.endswith("[autoscaler.py]"):
-        return "ray-up"
-    return item.nodeid if item.path.name in _SPREAD_MODULES else item.path.name
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    """`--dist loadscope` (pyproject.toml's default) with scheduling.py's groups as scopes."""
+    if config.getvalue("dist") != "loadscope":
+        return None
+    return scheduling.GroupScheduling(config, log)
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if item.path.name not in _SPREAD_MODULES or _group(item) == "ray-up":
-            item.add_marker(pytest.mark.xdist_group(_group(item)))
         needed = [name for mark in item.iter_markers("system_packages") for name in mark.args]
         if reasons := list(filter(None, map(system_packages.why_missing, needed))):
             item.add_marker(pytest.mark.skip(reason="; ".join(reasons)))
-    scheduling.longest_groups_first(items, _group)
+    scheduling.longest_groups_first(items)
 
 
 def assert_nothing_left(platform: LocalPlatform, timeout: float = 30.0) -> None:

@@ -1,31 +1,56 @@
-"""The order in which pytest-xdist hands out the tests' groups: longest first, so that the run does
-not end with one worker busy on a long module while the other waits (xdist's own order is by
-number of tests, which puts the README's one long test last). How long each test takes comes
-from earlier runs, kept in `durations.json`; `pytest --store-durations` updates it with this
-run's tests. A test the file does not know counts as a typical test of its kind."""
+"""Which tests pytest-xdist runs on one worker, and in what order it hands the groups out.
+
+A module's tests share its module-scoped clusters and saved blocks, so a module stays on one
+worker (Ray on the host's loopback, in test_local_ray_nodes.py, takes fixed ports: its tests must
+not overlap); the benchmark smoke runs share nothing and spread. `ray up` sessions run one at a
+time: Ray's CLI keeps state of its own under the host's /tmp (SSH control sockets). The groups
+come from the node ids (`GroupScheduling`): xdist's `--dist loadgroup` marks them by renaming
+items through `_nodeid`, which pytest 9 no longer reads, so its groups silently fell apart.
+
+Groups go out longest first, so that the run does not end with one worker busy on a long module
+while the others wait. How long each test takes comes from earlier runs, kept in
+`durations.json`; `pytest --store-durations` updates it with this run's tests. A test the file
+does not know counts as a typical test of its kind."""
 
 from __future__ import annotations
 
 import json
 from collections import defaultdict
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from xdist.scheduler import LoadScopeScheduling
 
 DURATIONS = Path(__file__).with_name("durations.json")
 _UNKNOWN_RAY_S = 25.0  # boots nodes and starts Ray on them
 _UNKNOWN_S = 1.0
+_SPREAD_MODULES = {"test_benchmarks_smoke.py"}
+_RAY_UP_MODULES = {"test_autoscaler.py", "test_autoscaler_failures.py"}
 
 
-def longest_groups_first(items: list[pytest.Item], group_of: Callable[[pytest.Item], str]) -> None:
+def group_of(nodeid: str) -> str:
+    """The group of the test `nodeid`: its module, `ray-up`, or (spread) the test itself."""
+    module = nodeid.split("::", 1)[0].rsplit("/", 1)[-1]
+    if module in _RAY_UP_MODULES or nodeid.endswith("[autoscaler.py]"):
+        return "ray-up"
+    return nodeid if module in _SPREAD_MODULES else module
+
+
+class GroupScheduling(LoadScopeScheduling):
+    """xdist's scheduling by scope, with `group_of` as the scope."""
+
+    def _split_scope(self, nodeid: str) -> str:
+        return group_of(nodeid)
+
+
+def longest_groups_first(items: list[pytest.Item]) -> None:
     """Sort `items` in place, groups with the most expected seconds first; a group keeps the
     order of its own tests."""
     known = json.loads(DURATIONS.read_text()) if DURATIONS.exists() else {}
     totals: dict[str, float] = defaultdict(float)
     for item in items:
-        totals[group_of(item)] += _expected_s(item, known)
-    items.sort(key=lambda item: -totals[group_of(item)])
+        totals[group_of(item.nodeid)] += _expected_s(item, known)
+    items.sort(key=lambda item: -totals[group_of(item.nodeid)])
 
 
 def _expected_s(item: pytest.Item, known: dict[str, float]) -> float:
