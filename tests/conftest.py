@@ -48,7 +48,7 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     if not hasattr(config, "workerinput"):
         reporter = config.pluginmanager.get_plugin("terminalreporter")
         system_packages.install_for_workers(reporter.write_line if reporter else print)
-        if config.pluginmanager.has_plugin("dsession"):
+        if config.pluginmanager.has_plugin("dsession") and SharedServer.wanted():
             config.stash[_SHARED_PREFECT] = SharedServer()
             config.stash[_SHARED_PREFECT].start()
 

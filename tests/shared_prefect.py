@@ -44,6 +44,12 @@ class SharedServer:
         self._thread.join()
         shutil.rmtree(self._home, ignore_errors=True)
 
+    @staticmethod
+    def wanted() -> bool:
+        """Whether this run needs a server of its own: not a run that a test started, which
+        uses its parent's."""
+        return ADDRESS_FILE not in os.environ
+
     def _serve(self) -> None:
         written = self._home / "api-url.new"
         try:
