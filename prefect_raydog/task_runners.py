@@ -51,6 +51,7 @@ from prefect_ray.task_runners import PrefectRayFuture, RayTaskRunner
 from typing_extensions import Self
 
 from prefect_raydog.runner import versions
+from prefect_raydog.runner.connection import nodes_reaching
 from prefect_raydog.runner.outcome import Outcome
 from prefect_raydog.runner.packing import Kept, keep, unpack
 from prefect_raydog.runner.parking import live_session, release_session, take_session
@@ -400,9 +401,11 @@ class RayDogTaskRunner(RayTaskRunner):
             return cached[1]
         context = serialize_context()
         context.pop("asset_context", None)
-        context["driver_versions"] = versions.own()  # for nodes that join later
         register_code_by_value(task, live[0])
-        rewrite_api_url(context, self._session.node_api_url if self._session else None)
+        api_url = rewrite_api_url(context, self._session.node_api_url if self._session else None)
+        # For nodes that join later, which check themselves.
+        context["driver_versions"] = versions.own()
+        context["api_reached_by"] = nodes_reaching(api_url)
         ref = ray.put(ray.cloudpickle.dumps(context))  # opened on the nodes alone
         self._contexts[key] = (live, ref)
         if len(self._contexts) > 16:

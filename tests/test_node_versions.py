@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import ray
 from cluster_helpers import NAMESPACE, unique_name
-from helpers import no_task_ran
+from helpers import free_port, no_task_ran
 from prefect import flow, task
 from typer.testing import CliRunner
 
@@ -31,7 +31,7 @@ from prefect_raydog.cluster import RayDogCluster
 from prefect_raydog.cluster.client import wait_for_ray_nodes
 from prefect_raydog.local.images import node_requirements
 from prefect_raydog.runner.placement import pool_resource
-from prefect_raydog.runner.versions import NodeEnvironmentError
+from prefect_raydog.runner.versions import NodeAPIUnreachableError, NodeEnvironmentError
 from prefect_raydog.spec import ClusterSpec
 from prefect_raydog.task_runners import RayDogTaskRunner, placement
 
@@ -149,18 +149,22 @@ def test_a_worker_pool_with_another_prefect_raydog_fails_before_any_task(
     assert not ray.is_initialized()
 
 
-def test_a_node_the_connect_check_did_not_see_refuses_task_runs_with_another_prefect_raydog(
+def test_a_node_the_connect_check_did_not_see_checks_its_versions_and_api_at_its_first_task(
     prefect_api, platform, node_venv
 ) -> None:
     """A node that joins a cluster after the driver checked it (here: the process was already
-    connected, so the runner checked no node) checks its own versions at its first task run."""
+    connected, so the runner checked no node) checks its own versions at its first task run,
+    and then that it reaches the Prefect API it was given."""
     spec = ClusterSpec.for_local_platform(unique_name("versions"), NAMESPACE, workers_to_join=1)
-    environment = {
-        **spec.worker_pools[0].environment,
-        "RAYDOG_VENV": str(node_venv("0.0.1")),
-        "RAY_RESOURCES": json.dumps({pool_resource("late"): 1000}),
-    }
-    late = spec.worker_pools[0].model_copy(update={"name": "late", "environment": environment})
+    first = spec.worker_pools[0]
+
+    def named(pool_name: str, **environment: str) -> dict[str, object]:
+        resources = json.dumps({pool_resource(pool_name): 1000})
+        return {"name": pool_name,
+                "environment": {**first.environment, "RAY_RESOURCES": resources, **environment}}
+
+    spec.worker_pools[0] = first.model_copy(update=named("first"))
+    late = first.model_copy(update=named("late", RAYDOG_VENV=str(node_venv("0.0.1"))))
     with RayDogCluster(spec, client=platform.make_client()) as cluster:
         address = f"ray://{cluster.head_node_private_ip}:10001"
         ray.init(address, namespace="prefect", log_to_driver=False)
@@ -176,8 +180,25 @@ def test_a_node_the_connect_check_did_not_see_refuses_task_runs_with_another_pre
 
             with pytest.raises(NodeEnvironmentError) as raised:
                 on_the_late_pool()
+
+            unserved = f"http://{platform.host_address}:{free_port(platform.host_address)}/api"
+
+            @flow(task_runner=RayDogTaskRunner(address=address, node_api_url=unserved))
+            def given_an_api_it_cannot_reach() -> tuple[str, str]:
+                with placement(worker_pool="first"):  # the driver's versions
+                    return where_it_runs.submit().result()
+
+            with pytest.raises(NodeAPIUnreachableError) as unreached:
+                given_an_api_it_cannot_reach()
         finally:
             ray.shutdown()
+    assert re.search(
+        r"A node that joined the Ray cluster after the driver checked it cannot reach the "
+        rf"Prefect API at {re.escape(unserved)} \(node [\d.]+: \[Errno 111\] Connection "
+        r"refused\), so it runs no task run\. Give the nodes a Prefect API URL that they reach "
+        r"with RayDogTaskRunner\(node_api_url=\.\.\.\), ",
+        str(unreached.value),
+    ), str(unreached.value)
     assert re.search(
         r"A node that joined the Ray cluster after the driver checked it does not run the "
         rf"driver's versions, so it runs no task run: prefect-raydog: the driver has "

@@ -31,18 +31,13 @@ ALREADY_CONNECTED = (
     "RayDogTaskRunner(address=...) to use the connected cluster."
 )
 HEAD_RESOURCE = "node:__internal_head__"
-# A node's GET of the Prefect API's health endpoint: an API it reaches answers in milliseconds.
-API_PROBE_TIMEOUT_S = 5.0
 API_UNREACHABLE = (
     "The cluster's nodes cannot reach the Prefect API at {url}, the URL the runner gives them "
-    "({why}), so no task was sent to them. Give the nodes a Prefect API URL that they reach "
-    "with RayDogTaskRunner(node_api_url=...), or, for a Prefect API served on this machine's "
-    "loopback, set api_relay_address (on the runner or the cluster block) to an address of "
-    "this machine that the nodes reach (see \"The cluster's nodes cannot reach the Prefect "
-    "API\" in docs/troubleshooting.md)."
+    "({why}), so no task was sent to them. " + versions.HOW_TO_REACH_THE_API
 )
-# The Ray nodes whose versions this process's connection has checked, by node id.
-_CHECKED: set[str] = set()
+# The Ray nodes this process's connection has checked, by node id: the Prefect API URL each
+# was found to reach (None: none was tried).
+_CHECKED: dict[str, str | None] = {}
 
 
 def connect(address: str, init_kwargs: dict[str, Any], logger: Any,
@@ -146,7 +141,12 @@ def check_node_versions(meanwhile: Callable[[], object] | None = None,
         raise versions.NodeAPIUnreachableError(API_UNREACHABLE.format(url=api_url, why=why))
     if failed is not None:
         raise failed
-    _CHECKED.update(found)
+    _CHECKED.update(dict.fromkeys(found, api_url))
+
+
+def nodes_reaching(api_url: str | None) -> list[str]:
+    """The ids of the nodes that this connection found reaching `api_url`."""
+    return [node for node, url in _CHECKED.items() if url is not None and url == api_url]
 
 
 def _probe(nodes: list[dict[str, Any]], api_url: str | None,
@@ -160,7 +160,7 @@ def _probe(nodes: list[dict[str, Any]], api_url: str | None,
     probe = ray.remote(num_cpus=0, max_retries=0)(versions.probe)
     refs = [probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"],
                                                                               soft=False))
-            .remote(api_url, API_PROBE_TIMEOUT_S)
+            .remote(api_url, versions.API_PROBE_TIMEOUT_S)
             for node in nodes]
     failed = None
     if meanwhile is not None:

@@ -29,7 +29,7 @@ from prefect.utilities.collections import visit_collection
 from prefect.utilities.importtools import lazy_import
 
 from prefect_raydog.runner.outcome import Outcome
-from prefect_raydog.runner.versions import check_this_node
+from prefect_raydog.runner.versions import check_this_node, check_this_nodes_api
 
 ray = lazy_import("ray")
 
@@ -49,13 +49,17 @@ class Hydrated:
     def __init__(self, context: dict[str, Any]) -> None:
         from prefect.logging.configuration import ensure_logging_setup
 
-        check_this_node(context.get("driver_versions"), f"node {ray.util.get_node_ip_address()}")
+        where = f"node {ray.util.get_node_ip_address()}"
+        check_this_node(context.get("driver_versions"), where)
         self.rebuild_models()
         ensure_logging_setup()
         quiet_node_console()
         self._stack = ExitStack()
         settings = context.get("settings_context")
         self.settings = SettingsContext(**settings) if settings else None
+        if self.settings is not None and "api_reached_by" in context:
+            checked = ray.get_runtime_context().get_node_id() in context["api_reached_by"]
+            check_this_nodes_api(self.settings.settings.api.url, checked, where)
         with self._bound(self.settings):
             client_ctx = SyncClientContext()
         self._stack.enter_context(client_ctx.client)

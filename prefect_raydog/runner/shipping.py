@@ -35,8 +35,9 @@ def register_code_by_value(task: Task, engine_ctx: Any) -> None:
         cloudpickle.register_pickle_by_value(module)
 
 
-def rewrite_api_url(context: dict[str, Any], node_api_url: str | None) -> None:
-    """Give nodes an API URL they reach; refuse a loopback URL that they cannot."""
+def rewrite_api_url(context: dict[str, Any], node_api_url: str | None) -> str | None:
+    """Give nodes an API URL they reach; refuse a loopback URL that they cannot. The URL the
+    nodes get."""
     settings = context.get("settings_context", {}).get("settings", {})
     api = settings.setdefault("api", {})
     url = api.get("url")
@@ -44,6 +45,7 @@ def rewrite_api_url(context: dict[str, Any], node_api_url: str | None) -> None:
         api["url"] = node_api_url
     elif url and _nodes_are_remote():
         refuse_loopback_api(url)
+    return api.get("url")
 
 
 def on_loopback(url: str) -> bool:

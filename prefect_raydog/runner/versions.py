@@ -30,6 +30,16 @@ class NodeAPIUnreachableError(NodeEnvironmentError):
     """A node cannot reach the Prefect API URL it was given; no task was sent."""
 
 
+API_PROBE_TIMEOUT_S = 5.0
+"""A node's GET of the Prefect API's health endpoint: an API it reaches answers in milliseconds."""
+HOW_TO_REACH_THE_API = (
+    "Give the nodes a Prefect API URL that they reach with RayDogTaskRunner(node_api_url=...), "
+    "or, for a Prefect API served on this machine's loopback, set api_relay_address (on the "
+    "runner or the cluster block) to an address of this machine that the nodes reach (see \"The "
+    "cluster's nodes cannot reach the Prefect API\" in docs/troubleshooting.md)."
+)
+
+
 def installed() -> dict[str, str | None]:
     """This process's Python minor version and executable, and the version of each of
     `PACKAGES` (None when it is not installed)."""
@@ -118,3 +128,14 @@ def check_this_node(driver: dict[str, str | None] | None, where: str) -> None:
     joined after the driver checked the cluster."""
     if driver and (lines := mismatches(driver, own(), where)):
         raise error(lines, CHECKED_ON_NODE)
+
+
+def check_this_nodes_api(api_url: str | None, checked: bool, where: str) -> None:
+    """Raise `NodeAPIUnreachableError` if this node, which the driver did not find reaching
+    `api_url` (`checked` false: it joined later), gets no answer there."""
+    if api_url and not checked and (why := unreachable(api_url, API_PROBE_TIMEOUT_S)):
+        raise NodeAPIUnreachableError(
+            f"A node that joined the Ray cluster after the driver checked it cannot reach the "
+            f"Prefect API at {api_url} ({where}: {why}), so it runs no task run. "
+            f"{HOW_TO_REACH_THE_API}"
+        )
