@@ -52,9 +52,9 @@ from prefect_ray import RayTaskRunner  # noqa: E402
 
 from prefect_raydog.blocks import RayDogClusterConfig  # noqa: E402
 from prefect_raydog.cluster import RayDogCluster, wait_for_ray_nodes  # noqa: E402
+from prefect_raydog.forwarding import TcpForwarder  # noqa: E402
 from prefect_raydog.local import LocalPlatform  # noqa: E402
 from prefect_raydog.runner.connection import connect  # noqa: E402
-from prefect_raydog.runner.relay import TcpRelay  # noqa: E402
 from prefect_raydog.task_runners import RayDogTaskRunner  # noqa: E402
 
 import api_server  # noqa: E402
@@ -279,7 +279,7 @@ def _api_for_nodes(host: str) -> Iterator[str]:
     and make that the API URL of this process and of every task run."""
     api_url = PREFECT_API_URL.value()
     parts = urlsplit(api_url)
-    with TcpRelay(host, (parts.hostname, parts.port or 80)) as relay:
+    with TcpForwarder(host, (parts.hostname, parts.port or 80)) as relay:
         relayed = urlunsplit(parts._replace(netloc=f"{host}:{relay.port}"))
         with temporary_settings(updates={PREFECT_API_URL: relayed}):
             try:

@@ -273,7 +273,8 @@ class RayDogClusterConfig(Block):
         title="Prefect API relay address",
         description=(
             "An address of the flow's machine that the nodes reach: the runner relays a "
-            "loopback Prefect API there for the flow run. Empty: the nodes use the flow's URL."
+            "loopback Prefect API there for the flow run. Empty: the nodes use the flow's URL, "
+            "or with an SSH tunnel, a loopback API through the SSH connection."
         ),
     )
     ssh_tunnel: bool = Field(
@@ -281,7 +282,9 @@ class RayDogClusterConfig(Block):
         title="Connect through an SSH tunnel",
         description=(
             "Reach the head node's Ray Client port through SSH to its public IP; the cluster "
-            "is then locked with a Ray token, written into each node over SSH with this key."
+            "is then locked with a Ray token, written into each node over SSH with this key. "
+            "A Prefect API on the flow's loopback reaches the nodes through the same SSH "
+            "connection (a reverse forward the head opens to the workers)."
         ),
     )
     ssh_username: str = Field(

@@ -1,5 +1,6 @@
 """SSH tunnels from this machine to a RayDog head node's public IP, so that Ray Client (10001) and
-the Ray dashboard (8265) can be reached where only SSH is open."""
+the Ray dashboard (8265) can be reached where only SSH is open; and forwards the other way, from
+the head's loopback to this machine, over the same connection."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import paramiko
 from pydantic import SecretStr
 from sshtunnel import BaseSSHTunnelForwarderError, SSHTunnelForwarder
 
+from prefect_raydog.forwarding import join, no_delay
 from prefect_raydog.host_keys import HostKeys, host_name
 
 logger = logging.getLogger("prefect_raydog.tunnels")
@@ -22,12 +24,6 @@ RAY_CLIENT_PORT = 10001
 DASHBOARD_PORT = 8265
 _QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
 _SSH_TIMEOUT_S = 30.0
-
-
-def _no_delay(sock: object) -> None:
-    # Ray Client's gRPC messages are small: without it each reply waits for a delayed ACK.
-    if isinstance(sock, socket.socket):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 class _NoDelayForwarder(SSHTunnelForwarder):
@@ -60,6 +56,23 @@ class _NoDelayForwarder(SSHTunnelForwarder):
             raise
         self._stop_transport()
 
+    def forward_from_remote(self, target: tuple[str, int]) -> int:
+        """Have the SSH server listen on a free port of its loopback and send each connection
+        made there to `target` on this machine (`ssh -R`); return that port."""
+
+        def accept(channel: paramiko.Channel, *_addresses: Any) -> None:
+            try:
+                upstream = socket.create_connection(target, timeout=_SSH_TIMEOUT_S)
+            except OSError as error:
+                logger.warning("A forwarded connection to %s failed: %s", target, error)
+                channel.close()
+                return
+            upstream.settimeout(None)
+            join(channel, no_delay(upstream), "raydog-ssh-reverse")
+
+        port = self._transport.request_port_forward("127.0.0.1", 0, handler=accept)
+        return int(port)
+
     def _make_ssh_forward_server_class(self, remote_address: Any) -> type:
         server: type[socketserver.TCPServer] = super()._make_ssh_forward_server_class(
             remote_address
@@ -68,8 +81,7 @@ class _NoDelayForwarder(SSHTunnelForwarder):
         class NoDelayServer(server):  # type: ignore[misc, valid-type]
             def get_request(self) -> tuple[socket.socket, Any]:
                 request, address = super().get_request()
-                _no_delay(request)
-                return request, address
+                return no_delay(request), address
 
         return NoDelayServer
 
@@ -77,8 +89,7 @@ class _NoDelayForwarder(SSHTunnelForwarder):
         # sshtunnel connects a socket given as its proxy: this one, so paramiko writes with
         # TCP_NODELAY and acknowledges at once (see _QuickAckSocket).
         family = socket.AF_INET6 if ":" in self.ssh_host else socket.AF_INET
-        self.ssh_proxy = _QuickAckSocket(family, socket.SOCK_STREAM)
-        _no_delay(self.ssh_proxy)
+        self.ssh_proxy = no_delay(_QuickAckSocket(family, socket.SOCK_STREAM))
         try:
             return super()._get_transport()
         finally:
@@ -173,6 +184,12 @@ class RayTunnels:
 
     def __exit__(self, *exc_info: Any) -> None:
         self.stop_tunnels()
+
+    def forward_from_head(self, target: tuple[str, int]) -> int:
+        """Forward a free port on the head's loopback to `target` on this machine, over the
+        same SSH connection (`ssh -R 127.0.0.1:0:HOST:PORT`): connections that the head makes
+        there reach `target` without any listener here. Returns the head's port."""
+        return self._forwarder.forward_from_remote(target)
 
     @property
     def local_ports(self) -> dict[int, int]:

@@ -13,10 +13,12 @@ from pathlib import Path
 from typing import NamedTuple
 
 import pytest
+from conftest import wait_for
 from helpers import free_port
 from round_trips import QUARTILE_BOUND_MS, split_reply_ms, split_reply_server
 
 from prefect_raydog import HostKeyRefused, HostKeys
+from prefect_raydog.forwarding import HeadDoor
 from prefect_raydog.tunnels import RayTunnels
 
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
@@ -87,6 +89,11 @@ def sshd(tmp_path: Path):
         process.wait(timeout=10)
 
 
+def _listening(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
 def _ask(port: int, message: bytes) -> bytes:
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
         sock.sendall(message)
@@ -115,6 +122,23 @@ def test_a_tunnel_forwards_a_split_reply_without_waiting_for_a_delayed_ack(sshd)
     ):
         quick = split_reply_ms(tunnels.local_ports[remote_port])
     assert quick < QUARTILE_BOUND_MS, f"the fastest quarter through the tunnel took {quick:.1f} ms"
+
+
+def test_a_reverse_forward_and_the_head_door_carry_a_split_reply_and_end_with_the_tunnels(sshd):
+    """The nodes' way to a Prefect API on this machine: the head's door (`HeadDoor`, here on the
+    SSH server's machine) to the port that the SSH server forwards back over the connection."""
+    with split_reply_server() as address:
+        tunnels = RayTunnels("127.0.0.1", "root", private_key_file=sshd.key, ssh_port=sshd.port,
+                             remote_ports=(address[1],), host_keys=sshd.host_keys)
+        with tunnels:
+            head_port = tunnels.forward_from_head(address)
+            door = HeadDoor("127.0.0.1", head_port)
+            try:
+                quick = split_reply_ms(door.port())
+            finally:
+                door.close()
+        wait_for(lambda: not _listening(head_port), what="the SSH server to end the forward")
+    assert quick < QUARTILE_BOUND_MS, f"the fastest quarter through the door took {quick:.1f} ms"
 
 
 def test_default_tunnels_are_ray_client_and_dashboard(sshd):

@@ -70,7 +70,7 @@ SHOWN_NOT_RUN = {
     "with RayDogTaskRunner(address=...) and these two variables after up",
     ("local-platform.md", "8ccf286b5ae0"): "output of a server in the foreground; "
     "tests/test_local_cli.py checks that it prints the URL, the key and the templates",
-    ("architecture.md", "843b06e2b62c"): "a diagram of which module imports which, not code",
+    ("architecture.md", "21785ffefde2"): "a diagram of which module imports which, not code",
     ("autoscaler.md", "bad710aceeb3"): "the provider keys of docs/examples/autoscaler-local.yaml, "
     "which tests/test_autoscaler.py runs with ray up and ray down",
     ("autoscaler.md", "4264ba99185b"): "a shell session with a platform in the background; "

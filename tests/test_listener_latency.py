@@ -8,8 +8,8 @@ import uuid
 from round_trips import QUARTILE_BOUND_MS, lower_quartile_ms, split_reply_ms, split_reply_server
 from yellowdog_client.model import WorkRequirement
 
+from prefect_raydog.forwarding import TcpForwarder
 from prefect_raydog.local import LocalPlatform
-from prefect_raydog.runner.relay import TcpRelay
 
 
 def test_a_platform_request_is_answered_without_waiting_for_a_delayed_ack(
@@ -27,6 +27,6 @@ def test_a_platform_request_is_answered_without_waiting_for_a_delayed_ack(
 
 
 def test_the_api_relay_forwards_a_split_reply_without_waiting_for_a_delayed_ack() -> None:
-    with split_reply_server() as address, TcpRelay("127.0.0.1", address) as relay:
+    with split_reply_server() as address, TcpForwarder("127.0.0.1", address) as relay:
         quick = split_reply_ms(relay.port)
     assert quick < QUARTILE_BOUND_MS, f"the fastest quarter relayed took {quick:.1f} ms"

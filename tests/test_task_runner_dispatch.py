@@ -33,9 +33,9 @@ from prefect_ray.context import remote_options
 
 from prefect_raydog.blocks import RayDogClusterConfig
 from prefect_raydog.cluster import RayDogCluster
+from prefect_raydog.forwarding import TcpForwarder
 from prefect_raydog.runner.connection import connect
 from prefect_raydog.runner.recorded import wait_for_final_states
-from prefect_raydog.runner.relay import TcpRelay
 from prefect_raydog.task_runners import RayDogTaskRunner
 
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("prefect_api")]
@@ -49,7 +49,7 @@ def address(prefect_api, local_platform):
     )
     api = urlsplit(PREFECT_API_URL.value())
     host = local_platform.host_address
-    with TcpRelay(host, (api.hostname, api.port)) as relay, temporary_settings(
+    with TcpForwarder(host, (api.hostname, api.port)) as relay, temporary_settings(
         updates={PREFECT_API_URL: urlunsplit(api._replace(netloc=f"{host}:{relay.port}"))}
     ), RayDogCluster(config.to_spec(config.cluster_name()),
                      client=config.credentials.get_client()) as cluster:

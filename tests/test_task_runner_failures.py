@@ -13,6 +13,7 @@ import subprocess
 import threading
 from datetime import timedelta
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import paramiko
 import pytest
@@ -208,20 +209,41 @@ def test_an_eager_attach_to_an_unreachable_address_gives_up_when_the_flow_run_en
     assert not ray.is_initialized()
 
 
+@task
+def node_ip_and_api_url(x: int) -> tuple[int, str, str]:
+    from prefect.settings import PREFECT_API_URL
+
+    return x + 1, ray.util.get_node_ip_address(), PREFECT_API_URL.value()
+
+
+def _listeners() -> set[str]:
+    """The addresses that this process listens on for TCP (`ss`)."""
+    lines = subprocess.run(["ss", "-Hltnp"], capture_output=True, text=True, check=True).stdout
+    return {line.split()[3] for line in lines.splitlines() if f"pid={os.getpid()}," in line}
+
+
 @pytest.mark.system_packages("openssh-server")
 def test_a_runner_reaching_the_head_through_an_ssh_tunnel_runs_tasks_on_worker_nodes(
-    saved_config, platform
+    saved_config, platform, prefect_api
 ):
-    runner = RayDogTaskRunner(cluster=TUNNEL_BLOCK, api_relay_address=platform.host_address)
+    """The flow's Prefect API is on this machine's loopback, and no relay is asked for: the
+    nodes reach it through the SSH connection (a reverse forward and the head's door), and
+    nothing new listens here beyond loopback."""
+    before = _listeners()
 
-    @flow(task_runner=runner)
+    @flow(task_runner=RayDogTaskRunner(cluster=TUNNEL_BLOCK))
     def tunnelled():
-        return node_ip.map(range(4)).result(), head_ips(), _ssh_peers(), _ssh_processes()
+        results = node_ip_and_api_url.map(range(4)).result()
+        return results, head_ips(), _ssh_peers(), _ssh_processes(), _listeners() - before
 
-    results, heads, peers, ssh_processes = tunnelled()
-    assert [value for value, _ in results] == [1, 2, 3, 4]
-    ips = {ip for _, ip in results}
+    results, heads, peers, ssh_processes, opened = tunnelled()
+    assert [value for value, _, _ in results] == [1, 2, 3, 4]
+    ips = {ip for _, ip, _ in results}
     assert len(ips) == 1 and not ips & heads
+    api_hosts = {urlsplit(url).hostname for _, _, url in results}
+    assert api_hosts == heads, f"the nodes used {api_hosts}, not the head's door"
+    assert {urlsplit(url).path for _, _, url in results} == {urlsplit(prefect_api).path}
+    assert opened and all(address.startswith("127.0.0.1:") for address in opened), opened
     assert set(peers) == heads
     assert ssh_processes
     assert_nothing_left(platform)

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
     from prefect_raydog.blocks import RayDogClusterConfig
     from prefect_raydog.cluster import RayDogCluster
+    from prefect_raydog.tunnels import RayTunnels
 
 ray = lazy_import("ray")
 RAY_CLIENT_PORT = 10001
@@ -58,13 +59,16 @@ def refuse_second_connection() -> None:
 
 def attach_to_head(cluster: RayDogCluster, config: RayDogClusterConfig,
                    init_kwargs: Mapping[str, Any], stack: ExitStack, logger: Any,
-                   stop: threading.Event) -> None:
-    """Connect to the head of a cluster this session built, until `stack` closes: through an
-    SSH tunnel when `config` asks for one, else at its private address; with the cluster's
-    Ray token when it has one. The session checks the nodes once its workers joined."""
+                   stop: threading.Event) -> RayTunnels | None:
+    """Connect to the head of a cluster this session built, until `stack` closes: through SSH
+    tunnels when `config` asks for them (returned), else at its private address; with the
+    cluster's Ray token when it has one. The session checks the nodes once its workers
+    joined."""
     head = cluster.head_address
+    tunnels = None
     if config.ssh_tunnel:
-        address = _tunnel(cluster, config, head.public_ip or head.private_ip, stack)
+        tunnels = _tunnels(cluster, config, head.public_ip or head.private_ip, stack)
+        address = tunnels.ray_client_address
     else:
         address = f"ray://{head.private_ip}:{RAY_CLIENT_PORT}"
     check_not_stopped(stop)
@@ -73,6 +77,7 @@ def attach_to_head(cluster: RayDogCluster, config: RayDogClusterConfig,
     connect(address, {**init_kwargs, **token, "runtime_env": runtime_env}, logger, stop,
             head_ended=lambda: head_task_end(cluster))
     stack.callback(disconnect)
+    return tunnels
 
 
 def head_task_end(cluster: RayDogCluster) -> str | None:
@@ -87,22 +92,20 @@ def head_task_end(cluster: RayDogCluster) -> str | None:
     return describe_task_end(task) if task.status is not None and task.status.finished else None
 
 
-def _tunnel(cluster: RayDogCluster, config: RayDogClusterConfig, head_ip: str,
-            stack: ExitStack) -> str:
+def _tunnels(cluster: RayDogCluster, config: RayDogClusterConfig, head_ip: str,
+             stack: ExitStack) -> RayTunnels:
     """Open SSH tunnels to the head (closed with `stack`), checking its host key with the
-    cluster's own policy (the token's delivery used it first); return their Ray Client
-    address."""
+    cluster's own policy (the token's delivery used it first)."""
     from prefect_raydog.tunnels import RayTunnels
 
     key_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="raydog-ssh-"))
     key_file = os.path.join(key_dir, "id")
     with os.fdopen(os.open(key_file, os.O_WRONLY | os.O_CREAT, 0o600), "w") as handle:
         handle.write(config.ssh_private_key.get_secret_value())
-    tunnels = stack.enter_context(
+    return stack.enter_context(
         RayTunnels(head_ip, config.ssh_username, private_key_file=key_file,
                    host_keys=cluster.token_auth.login.host_keys)
     )
-    return tunnels.ray_client_address
 
 
 def _runtime_env(init_kwargs: Mapping[str, Any], auth_mode: str) -> dict[str, Any]:

@@ -9,7 +9,7 @@ import signal
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlsplit
@@ -50,8 +50,15 @@ def connect(address: str, init_kwargs: dict[str, Any], logger: Any,
     kwargs = {"namespace": "prefect", "log_to_driver": False, **init_kwargs}
     if address == "local":
         kwargs.setdefault("include_dashboard", False)
+    with _logs_dropped(_TUNNEL_RETRY_NOISE):
+        _connect(address, kwargs, stop, _Throttled(head_ended or (lambda: None)))
+    alive = [node for node in ray.nodes() if node.get("Alive")]
+    logger.info("Connected to the Ray cluster at %s: %d node(s).", address, len(alive))
+
+
+def _connect(address: str, kwargs: dict[str, Any], stop: threading.Event | None,
+             ended: _Throttled) -> None:
     deadline, attempt = time.monotonic() + CLIENT_CONNECT_TIMEOUT_S, 0
-    ended = _Throttled(head_ended or (lambda: None))
     if address.startswith("ray://"):  # connect as soon as a starting head's port is open
         from prefect_raydog.cluster.client import wait_until_listening
 
@@ -76,8 +83,6 @@ def connect(address: str, init_kwargs: dict[str, Any], logger: Any,
                     f"attempts in {CLIENT_CONNECT_TIMEOUT_S:g} s: {exc}"
                 ) from exc
             time.sleep(min(0.2 * attempt, 2.0))
-    alive = [node for node in ray.nodes() if node.get("Alive")]
-    logger.info("Connected to the Ray cluster at %s: %d node(s).", address, len(alive))
 
 
 class _Throttled:
@@ -247,15 +252,31 @@ def _signal_handlers_kept() -> Iterator[None]:
 def _connection_noise_hidden() -> Iterator[None]:
     """Hide Ray's warnings about an attempt that `connect` retries (it raises its own error
     when attempts run out) and about signal handlers that are kept on purpose."""
-    ray_worker_log = logging.getLogger("ray._private.worker")
+    with (_logs_dropped({"ray._private.worker": ("SIGTERM handler is not set",)}),
+          warnings.catch_warnings()):
+        warnings.filterwarnings("ignore", message="Ray Client connection timed out")
+        yield
 
-    def not_about_handlers(record: logging.LogRecord) -> bool:
-        return "SIGTERM handler is not set" not in record.getMessage()
 
-    ray_worker_log.addFilter(not_about_handlers)
+# What an SSH tunnel logs for each attempt made before the head's Ray Client port opens.
+_TUNNEL_RETRY_NOISE = {
+    "paramiko.transport": ("open FAILED",),
+    "sshtunnel.SSHTunnelForwarder": ("Could not establish connection from local",),
+}
+
+
+@contextmanager
+def _logs_dropped(noise: Mapping[str, tuple[str, ...]]) -> Iterator[None]:
+    """Drop the records of each named logger that contain one of its texts."""
+
+    def dropping(texts: tuple[str, ...]) -> Callable[[logging.LogRecord], bool]:
+        return lambda record: not any(text in record.getMessage() for text in texts)
+
+    installed = [(logging.getLogger(name), dropping(texts)) for name, texts in noise.items()]
+    for logger, drop in installed:
+        logger.addFilter(drop)
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Ray Client connection timed out")
-            yield
+        yield
     finally:
-        ray_worker_log.removeFilter(not_about_handlers)
+        for logger, drop in installed:
+            logger.removeFilter(drop)

@@ -1,5 +1,6 @@
-"""`Provisioning`: the cluster a session builds for its flow run: its config block, the API
-relay its nodes use, its guardian, the build, the wait for its workers, and its shut-down."""
+"""`Provisioning`: the cluster a session builds for its flow run: its config block, the way its
+nodes reach the Prefect API (a relay, or the head's door over SSH), its guardian, the build, the
+wait for its workers, and its shut-down."""
 
 from __future__ import annotations
 
@@ -12,10 +13,11 @@ from typing import TYPE_CHECKING, Any
 from prefect.utilities.importtools import lazy_import
 
 from prefect_raydog.runner.adaptive import AdaptivePools
+from prefect_raydog.runner.api_door import ApiDoor
 from prefect_raydog.runner.connection import CLIENT_CONNECT_TIMEOUT_S, check_not_stopped
 from prefect_raydog.runner.guardian import Guardian, with_driver_watch
 from prefect_raydog.runner.placement import with_pool_resources
-from prefect_raydog.runner.relay import relay_api
+from prefect_raydog.runner.relay import forwardable_api_url, relay_api
 from prefect_raydog.runner.settings import SessionSettings, unsaved_config
 from prefect_raydog.runner.shipping import refuse_loopback_api
 from prefect_raydog.runner.stats import ClusterStats
@@ -25,6 +27,7 @@ if TYPE_CHECKING:
 
     from prefect_raydog.blocks import RayDogClusterConfig
     from prefect_raydog.cluster import RayDogCluster
+    from prefect_raydog.tunnels import RayTunnels
 
 ray = lazy_import("ray")
 
@@ -32,7 +35,8 @@ ray = lazy_import("ray")
 class Provisioning:
     """One cluster built from a runner's settings; what it makes is ended by the session's
     `stack`, and `stop` (the flow run ended) interrupts the build. The nodes use
-    `node_api_url` when given, else the Prefect API relayed where they reach it."""
+    `node_api_url` when given, else the Prefect API relayed where they reach it, or (a head
+    reached over SSH) through the head's door to it."""
 
     def __init__(self, settings: SessionSettings, stack: ExitStack, stats: ClusterStats,
                  stop: threading.Event, node_api_url: str | None) -> None:
@@ -47,6 +51,8 @@ class Provisioning:
         self._workers_to_join = 0
         self._build_timeout_s = 0.0
         self._build_deadline = 0.0
+        self._api_over_ssh: str | None = None
+        self._door: ApiDoor | None = None
 
     def build(self, flow_run_id: uuid.UUID | None, logger: Any) -> RayDogClusterConfig:
         """Build the cluster (`self.cluster`), named for `flow_run_id`; return its config."""
@@ -88,7 +94,9 @@ class Provisioning:
         config, relay_host = self._config_and_relay_host()
         if relay_host and not self.node_api_url:
             self.node_api_url = relay_api(relay_host, logger, self._stack)
-        if not self.node_api_url:
+        elif config.ssh_tunnel and not self.node_api_url:
+            self._api_over_ssh = forwardable_api_url(logger, "the head's door over SSH")
+        if not self.node_api_url and not self._api_over_ssh:
             from prefect.settings import PREFECT_API_URL
 
             refuse_loopback_api(PREFECT_API_URL.value())  # before anything is provisioned
@@ -114,6 +122,17 @@ class Provisioning:
         else:
             config = RayDogClusterConfig.load(settings.cluster, _sync=True)
         return config, settings.api_relay_address or config.api_relay_address
+
+    def open_api_door(self, tunnels: RayTunnels | None) -> None:
+        """Once connected through `tunnels`: start opening the head's door to a loopback API
+        (`node_api_url` names it once `wait_for_api_door` returns)."""
+        if tunnels is not None and self._api_over_ssh and self.cluster is not None:
+            self._door = ApiDoor(tunnels, self.cluster.head_address.private_ip,
+                                 self._api_over_ssh)
+
+    def wait_for_api_door(self, logger: Any) -> None:
+        if self._door is not None:
+            self.node_api_url = self._door.url(logger)
 
     def wait_for_workers(self, logger: Any) -> None:
         """Dispatch only once the configured number of Ray worker nodes has joined."""

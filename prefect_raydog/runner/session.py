@@ -131,9 +131,12 @@ class Session:
         )
         config = provisioning.build(self.runs.flow_run_id, logger)
         self.node_api_url = provisioning.node_api_url
-        attach_to_head(provisioning.cluster, config, settings.init_kwargs, self._stack, logger,
-                       self._closing)
+        tunnels = attach_to_head(provisioning.cluster, config, settings.init_kwargs,
+                                 self._stack, logger, self._closing)
+        provisioning.open_api_door(tunnels)
         provisioning.wait_for_workers(logger)
+        provisioning.wait_for_api_door(logger)
+        self.node_api_url = provisioning.node_api_url
         # Every node at once, the head's too: the probe's worker process on the head then
         # starts while the warm-up imports Prefect on the workers.
         check_node_versions(meanwhile=warm_workers, api_url=api_url_for_nodes(self.node_api_url))

@@ -71,8 +71,9 @@ def refuse_loopback_api(url: str | None) -> None:
                   "host name checks): serve it on an address the nodes reach, or pass "
                   "RayDogTaskRunner(node_api_url=...).")
     else:
-        advice = ("Serve the API on an address the nodes reach, or pass RayDogTaskRunner("
-                  "node_api_url=...) or RayDogTaskRunner(api_relay_address=...).")
+        advice = ("Serve the API on an address the nodes reach, turn on the cluster block's "
+                  "ssh_tunnel (the nodes then reach it through the SSH connection), or pass "
+                  "RayDogTaskRunner(node_api_url=...) or RayDogTaskRunner(api_relay_address=...).")
     raise RuntimeError(
         f"The Prefect API URL {url or '(a temporary local server)'} is on loopback, which "
         f"the cluster's nodes cannot reach. {advice}"

@@ -1,0 +1,118 @@
+"""TCP forwarding with the standard library alone: a listener that joins each connection it
+accepts to one target, and the join itself, for sockets and SSH channels alike. The relay on
+this machine, the SSH reverse forward and the head's API door (`HeadDoor`, shipped to the head
+by value) are made of it."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+from collections.abc import Callable
+from typing import Any, Protocol
+
+
+class Stream(Protocol):
+    """A socket, or anything that reads and writes like one (a paramiko `Channel`)."""
+
+    def recv(self, size: int) -> bytes: ...
+    def sendall(self, data: bytes) -> Any: ...
+    def shutdown(self, how: int) -> None: ...
+    def close(self) -> None: ...
+
+
+def no_delay(sock: socket.socket) -> socket.socket:
+    """`sock` with TCP_NODELAY: requests and replies are small, and without it each waits for a
+    delayed ACK (40 ms)."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def join(a: Stream, b: Stream, name: str = "raydog-forward",
+         closed: Callable[[], None] = lambda: None) -> None:
+    """Copy `a` to `b` and `b` to `a`, each way in a daemon thread, until either end closes;
+    then close both and call `closed`."""
+    for src, dst in ((a, b), (b, a)):
+        threading.Thread(target=_copy, args=(src, dst, (a, b), closed), name=name,
+                         daemon=True).start()
+
+
+def _copy(src: Stream, dst: Stream, ends: tuple[Stream, Stream],
+          closed: Callable[[], None]) -> None:
+    try:
+        while data := src.recv(65536):
+            dst.sendall(data)
+    except OSError:
+        pass
+    finally:
+        for end in ends:
+            _close(end)
+        closed()
+
+
+def _close(end: Stream) -> None:
+    # shutdown() first: it ends a recv() that another thread is in, which close() may not.
+    with contextlib.suppress(OSError):
+        end.shutdown(socket.SHUT_RDWR)
+    with contextlib.suppress(OSError):
+        end.close()
+
+
+class TcpForwarder:
+    """Forwards each TCP connection accepted on `host` (at a free port, `port`) to `target`,
+    until closed (which closes the connections it joined too)."""
+
+    def __init__(self, host: str, target: tuple[str, int], name: str = "raydog-forward") -> None:
+        self._target = target
+        self._name = name
+        self._server = socket.create_server((host, 0))
+        self.port: int = self._server.getsockname()[1]
+        self._open: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, name=name, daemon=True).start()
+
+    def __enter__(self) -> TcpForwarder:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        _close(self._server)
+        with self._lock:
+            for sock in list(self._open):
+                _close(sock)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._server.accept()
+                upstream = socket.create_connection(self._target)
+            except OSError:
+                if self._server.fileno() == -1:
+                    return
+                continue
+            with self._lock:
+                self._open.update((client, upstream))
+            join(no_delay(client), no_delay(upstream), self._name,
+                 closed=lambda pair=(client, upstream): self._forget(pair))
+
+    def _forget(self, pair: tuple[socket.socket, socket.socket]) -> None:
+        with self._lock:
+            self._open.difference_update(pair)
+
+
+class HeadDoor:
+    """A Ray actor on the head: opens the port that the head's SSH server forwards from its
+    loopback to the driver's Prefect API (`target_port`) to the workers, on the head's private
+    address `host`. It lives as long as the driver's Ray job."""
+
+    def __init__(self, host: str, target_port: int) -> None:
+        self._forwarder = TcpForwarder(host, ("127.0.0.1", target_port), "raydog-api-door")
+
+    def port(self) -> int:
+        """The port the workers connect to."""
+        return self._forwarder.port
+
+    def close(self) -> None:
+        self._forwarder.close()
