@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -251,6 +252,55 @@ def test_concurrent_bridges_get_distinct_subnets_and_leave_nothing() -> None:
         second.close()
     for network in (first, second):
         assert node_networking(network.bridge) == [] and not link_exists(network.bridge)
+
+
+NODE_LISTENS = """{python} -c '
+import socket
+servers = [socket.create_server(("0.0.0.0", port)) for port in ({open_port}, {closed_port})]
+print("listening", flush=True)
+while True:
+    servers[0].accept()[0].close()
+'"""
+"""Listens on a port the host may reach and on one it may not."""
+
+CONNECTS = """for target in {targets}; do
+    if (exec 3<>"/dev/tcp/${{target/:/\\/}}") 2>/dev/null; then echo "$target open"
+    else echo "$target closed"; fi
+done"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="bridges need root")
+def test_behind_the_firewall_nodes_reach_the_host_on_its_open_ports_alone_and_it_theirs(
+        tmp_path: Path) -> None:
+    node_open, node_closed = 2222, 7000
+    agent = ProcessAgent.create(tmp_path, "bridge")
+    host = agent.host_address
+    try:
+        with socket.create_server((host, 0)) as open_, socket.create_server((host, 0)) as closed:
+            host_open, host_closed = open_.getsockname()[1], closed.getsockname()[1]
+            agent.close_host((host_open,), (node_open,))
+            listener = agent.boot_node("ydid:node:000000:n1", "yd-n1").private_ip
+            agent.boot_node("ydid:node:000000:n2", "yd-n2")
+            exits = Exits()
+            listens = launch(NODE_LISTENS.format(python=sys.executable, open_port=node_open,
+                                                 closed_port=node_closed))
+            agent.run_task("ydid:node:000000:n1", listens, exits.callback(listens.task_id))
+            wait_for(lambda: "listening" in agent.task_output(listens.task_id), 30,
+                     what="the node's listeners")
+            targets = [f"{host}:{host_open}", f"{host}:{host_closed}",
+                       f"{listener}:{node_closed}"]
+            connects = launch(CONNECTS.format(targets=" ".join(targets)))
+            agent.run_task("ydid:node:000000:n2", connects, exits.callback(connects.task_id))
+            assert exits.wait(connects.task_id) == 0
+            assert agent.task_output(connects.task_id).split("\n")[:3] == [
+                f"{host}:{host_open} open", f"{host}:{host_closed} closed",
+                f"{listener}:{node_closed} open"]  # the nodes' own network is open
+            socket.create_connection((listener, node_open), timeout=10).close()
+            with pytest.raises(TimeoutError):  # a security group drops it: no answer at all
+                socket.create_connection((listener, node_closed), timeout=2)
+    finally:
+        agent.close()
+    assert agent.processes() == []
 
 
 CRASHING_PLATFORM = """

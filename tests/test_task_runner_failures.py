@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import socket
 import subprocess
 import threading
 from datetime import timedelta
@@ -18,13 +19,14 @@ from urllib.parse import urlsplit
 import paramiko
 import pytest
 import ray
-from conftest import assert_nothing_left, wait_for
+from conftest import assert_nothing_left, checked_use, wait_for
 from helpers import authorizing_userdata, head_ips, what_is_live
 from prefect import flow, task
 from pydantic import SecretStr
 
 from prefect_raydog.blocks import RayDogClusterConfig
 from prefect_raydog.errors import ClusterBuildError, NodeTaskFailed
+from prefect_raydog.local import LocalPlatform
 from prefect_raydog.runner import parking
 from prefect_raydog.task_runners import RayDogTaskRunner
 
@@ -50,7 +52,6 @@ def _config(platform, **update) -> RayDogClusterConfig:
 def saved_config(prefect_api, local_platform, tmp_path_factory):
     key = tmp_path_factory.mktemp("ssh") / "id_ed25519"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
-    public = Path(f"{key}.pub").read_text().strip()
     config = _config(local_platform)
     config.save(BLOCK, overwrite=True)
     _config(local_platform, build_timeout=timedelta(seconds=20), worker_pools=[
@@ -59,12 +60,23 @@ def saved_config(prefect_api, local_platform, tmp_path_factory):
     _config(local_platform, workers_to_join=0,
             head=config.head.model_copy(update={"script": HEAD_DIES})).save(HEAD_DIES_BLOCK,
                                                                             overwrite=True)
-    authorize = {"userdata": authorizing_userdata(public)}  # the workers too: the token goes there
-    _config(local_platform, ssh_tunnel=True, ssh_private_key=SecretStr(key.read_text()),
-            ssh_known_hosts=local_platform.ssh_known_hosts,
-            head=config.head.model_copy(update=authorize),
-            worker_pools=[config.worker_pools[0].model_copy(update=authorize)],
-            ).save(TUNNEL_BLOCK, overwrite=True)
+    return key
+
+
+@pytest.fixture(scope="module")
+def firewalled(saved_config, tmp_path_factory):
+    """A platform whose nodes sit behind a cloud's firewall (they reach this machine at the API
+    alone, and it reaches them at SSH alone), and a block that reaches its heads over SSH."""
+    key = saved_config
+    authorize = {"userdata": authorizing_userdata(Path(f"{key}.pub").read_text().strip())}
+    with LocalPlatform(firewall=True) as platform:
+        config = _config(platform)
+        _config(platform, ssh_tunnel=True, ssh_private_key=SecretStr(key.read_text()),
+                ssh_known_hosts=platform.ssh_known_hosts,
+                head=config.head.model_copy(update=authorize),  # the workers too: the token
+                worker_pools=[config.worker_pools[0].model_copy(update=authorize)],
+                ).save(TUNNEL_BLOCK, overwrite=True)
+        yield platform
 
 
 @task
@@ -224,19 +236,24 @@ def _listeners() -> set[str]:
 
 @pytest.mark.system_packages("openssh-server")
 def test_a_runner_reaching_the_head_through_an_ssh_tunnel_runs_tasks_on_worker_nodes(
-    saved_config, platform, prefect_api
+    firewalled, prefect_api
 ):
-    """The flow's Prefect API is on this machine's loopback, and no relay is asked for: the
-    nodes reach it through the SSH connection (a reverse forward and the head's door), and
-    nothing new listens here beyond loopback."""
+    """The nodes sit behind a firewall, and the flow's Prefect API is on this machine's
+    loopback with no relay asked for: the runner reaches the head over SSH, the nodes reach the
+    API through the same SSH connection (a reverse forward and the head's door), and nothing
+    new listens here beyond loopback."""
     before = _listeners()
 
     @flow(task_runner=RayDogTaskRunner(cluster=TUNNEL_BLOCK))
     def tunnelled():
         results = node_ip_and_api_url.map(range(4)).result()
+        head = next(iter(head_ips()))
+        with pytest.raises(TimeoutError):  # Ray Client's own port: the firewall drops it
+            socket.create_connection((head, 10001), timeout=2)
         return results, head_ips(), _ssh_peers(), _ssh_processes(), _listeners() - before
 
-    results, heads, peers, ssh_processes, opened = tunnelled()
+    with checked_use(firewalled) as platform:
+        results, heads, peers, ssh_processes, opened = tunnelled()
     assert [value for value, _, _ in results] == [1, 2, 3, 4]
     ips = {ip for _, ip, _ in results}
     assert len(ips) == 1 and not ips & heads

@@ -138,6 +138,9 @@ class ProcessAgent:
         cannot isolate nodes."""
         return cls(Path(data_dir), open_network(network, bridge_index), abort_grace_s)
 
+    def close_host(self, host_ports: tuple[int, ...], node_ports: tuple[int, ...]) -> None:
+        self.network.close_host(host_ports, node_ports)
+
     def boot_node(self, node_id: str, hostname: str, user_data: str | None = None,
                   image: NodeImage | None = None) -> NodeAddress:
         with self._lock:

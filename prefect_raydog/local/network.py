@@ -59,6 +59,8 @@ class NodeNetwork(Protocol):
     mode: str
     host_address: str
 
+    def close_host(self, host_ports: tuple[int, ...], node_ports: tuple[int, ...]) -> None: ...
+
     def add_node(self, hostname: str) -> NodeSandbox: ...
 
     def remove_node(self, sandbox: NodeSandbox) -> None: ...
@@ -118,6 +120,10 @@ class LoopbackNetwork:
                 f"process nodes need their own PID and mount namespaces "
                 f"(`{' '.join(self._enter[:-1])}`), which this machine refuses: {reason}")
 
+    def close_host(self, host_ports: tuple[int, ...], node_ports: tuple[int, ...]) -> None:
+        raise IsolationUnavailable("a firewall between the nodes and this machine needs the "
+                                   "bridge network (root): loopback nodes share its network")
+
     def add_node(self, hostname: str) -> NodeSandbox:
         return NodeSandbox(name=hostname, address=LOOPBACK, hostname=hostname, enter=self._enter,
                            hosts_file_in_netns=False)
@@ -152,6 +158,7 @@ class BridgeNetwork:
         self.host_address = str(self.subnet.network_address + 1)
         self._free = list(range(2, self.subnet.num_addresses - 1))
         self._used: dict[str, int] = {}
+        self._host_rules = ""
         try:
             _run("ip", "-batch", "-", stdin=(
                 f"link add {self.bridge} type bridge\n"
@@ -160,6 +167,18 @@ class BridgeNetwork:
         except NodeBootError as error:
             self.close()
             raise IsolationUnavailable(f"cannot create bridge {self.bridge}: {error}") from error
+
+    def close_host(self, host_ports: tuple[int, ...], node_ports: tuple[int, ...]) -> None:
+        """From now on, each new node reaches this machine's address on `host_ports` alone, and
+        answers it from `node_ports` alone (a cloud's firewall and security group: a connection
+        this machine opens to any other port of a node gets no answer). Policy routing in the
+        node's namespace, since nodes have no other route: what it refuses fails at once with
+        EACCES, where a cloud would drop it."""
+        to_host = f"rule add to {self.host_address}/32"
+        self._host_rules = "".join(
+            [f"{to_host} ipproto tcp dport {port} lookup main pref 100\n" for port in host_ports]
+            + [f"{to_host} ipproto tcp sport {port} lookup main pref 110\n" for port in node_ports]
+            + [f"{to_host} prohibit pref 120\n"])
 
     def add_node(self, hostname: str) -> NodeSandbox:
         with self._lock:
@@ -194,7 +213,7 @@ class BridgeNetwork:
             f"link set {veth} master {self.bridge} up\n"))
         _run("ip", "-n", name, "-batch", "-", stdin=(
             f"addr add {address}/{self.subnet.prefixlen} dev eth0\n"
-            "link set eth0 up\nlink set lo up\n"))
+            "link set eth0 up\nlink set lo up\n" + self._host_rules))
 
     def remove_node(self, sandbox: NodeSandbox) -> None:
         delete_namespace(sandbox.name)

@@ -46,6 +46,11 @@ class NodeRunner(Protocol):
     host_address: str
     """The address on which node processes reach services running on the platform's host."""
 
+    def close_host(self, host_ports: tuple[int, ...], node_ports: tuple[int, ...]) -> None:
+        """Nodes booted from now on reach the host only on `host_ports` and answer it only from
+        `node_ports` (a firewall); raises when the nodes share the host's network."""
+        ...
+
     def boot_node(self, node_id: str, hostname: str, user_data: str | None = None,
                   image: NodeImage | None = None) -> NodeAddress:
         """Give the node its isolation (namespaces, address) and return where it is reachable;

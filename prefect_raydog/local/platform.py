@@ -45,8 +45,11 @@ class LocalPlatform:
         key_secret: str | None = None,
         base_path: str = "",
         bridge_index: int | None = None,
+        firewall: bool = False,
+        public_host_ports: tuple[int, ...] = (),
     ) -> None:
         self.host, self.port, self.network = host, port, network
+        self.firewall, self.public_host_ports = firewall, public_host_ports
         self.bridge_index = bridge_index
         self.templates = TemplateCatalogue(templates)
         self.data_dir = data_dir
@@ -86,10 +89,21 @@ class LocalPlatform:
         self.state.start()
         try:
             self._start_server()
+            if self.firewall:
+                self._close_host(reason)
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _close_host(self, no_runner_because: str) -> None:
+        """Nodes reach this machine only at the API and `public_host_ports`, as cloud machines
+        reach YellowDog and the internet; this machine reaches nodes only at SSH."""
+        from prefect_raydog.local.ssh import SSH_PORT
+
+        if self.runner is None:
+            raise RuntimeError(f"firewall=True needs process nodes: {no_runner_because}")
+        self.runner.close_host((self.port, *self.public_host_ports), (SSH_PORT,))
 
     def _create_runner(self) -> str:
         """Create the process node runner; return why process nodes are unavailable if not."""
