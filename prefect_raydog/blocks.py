@@ -295,7 +295,10 @@ class RayDogClusterConfig(Block):
     ssh_private_key: SecretStr | None = Field(
         default=None,
         title="SSH private key",
-        description="The private key (PEM text) for the SSH tunnel.",
+        description=(
+            "The private key (PEM or OpenSSH text) for the SSH tunnel. Empty: a key is made for "
+            "each cluster and authorized in its nodes' userdata."
+        ),
     )
     ssh_known_hosts: str | None = Field(
         default=None,
@@ -359,7 +362,9 @@ class RayDogClusterConfig(Block):
     def _valid_as_a_cluster(self) -> RayDogClusterConfig:
         self.to_spec(f"{self.cluster_name_prefix}-{'0' * (_RUN_SUFFIX_LENGTH - 1)}")
         if self.ssh_tunnel and self.ssh_private_key is None:
-            raise ValueError("ssh_private_key: required when ssh_tunnel is on")
+            from prefect_raydog.cluster.token_auth import check_groups_take_a_key
+
+            check_groups_take_a_key(self.head, self.worker_pools, self.observability)
         if self.ssh_tunnel and not self.ssh_known_hosts and not self.ssh_trust_first_use:
             raise ValueError(
                 "ssh_known_hosts: required when ssh_tunnel is on: the nodes' SSH host public "
@@ -377,11 +382,14 @@ class RayDogClusterConfig(Block):
 
     def ssh_login(self) -> SSHLogin | None:
         """The login to the nodes of a cluster reached over SSH (`ssh_tunnel`), which locks it
-        with a Ray token delivered over SSH; None without the tunnel."""
+        with a Ray token delivered over SSH: with `ssh_private_key`, or else a key made now for
+        one cluster and authorized in its nodes' userdata; None without the tunnel."""
         from prefect_raydog.cluster import SSHLogin
 
-        if not self.ssh_tunnel or self.ssh_private_key is None:
+        if not self.ssh_tunnel:
             return None
+        if self.ssh_private_key is None:
+            return SSHLogin.generated(self.ssh_username, self.host_keys())
         return SSHLogin(self.ssh_username, self.ssh_private_key, host_keys=self.host_keys())
 
     def cluster_name(self, run_id: uuid.UUID | None = None) -> str:

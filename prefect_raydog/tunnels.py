@@ -135,9 +135,10 @@ class RayTunnels:
         local_ports: tuple[int, ...] | None = None,
         remote_host: str = "127.0.0.1",
         host_keys: HostKeys | None = None,
+        key: paramiko.PKey | None = None,
     ) -> None:
-        if private_key_file is None and password is None:
-            raise ValueError("RayTunnels needs private_key_file or password to log in")
+        if private_key_file is None and password is None and key is None:
+            raise ValueError("RayTunnels needs private_key_file, key or password to log in")
         if private_key_file is not None:
             private_key_file = Path(private_key_file).expanduser()
         if private_key_file is not None and not Path(private_key_file).is_file():
@@ -149,7 +150,7 @@ class RayTunnels:
         self._forwarder = _NoDelayForwarder(
             (head_ip, ssh_port),
             ssh_username=ssh_user,
-            ssh_pkey=str(private_key_file) if private_key_file else None,
+            ssh_pkey=key or (str(private_key_file) if private_key_file else None),
             ssh_private_key_password=_secret(private_key_password),
             ssh_password=_secret(password),
             remote_bind_addresses=[(remote_host, port) for port in remote_ports],

@@ -157,7 +157,10 @@ def test_cluster_names_are_unique_per_run_and_valid():
         ({"cluster_name_prefix": "x" * 60}, "cluster_name_prefix"),
         ({"workers_to_join": 5}, "workers_to_join"),
         ({"cluster_lifetime": timedelta(0)}, "cluster_lifetime"),
-        ({"ssh_tunnel": True}, "ssh_private_key"),
+        ({"ssh_tunnel": True}, "ssh_known_hosts: required when ssh_tunnel is on"),
+        ({"ssh_tunnel": True, "ssh_trust_first_use": True, "worker_pools": [WorkerPoolSpec(
+            template_id="yd-demo/rayworker", userdata="#cloud-config\npackages: [git]\n")]},
+         r"worker_pools\[0\].userdata: not a shell script \(no #! line\), so the SSH key made"),
         ({"ssh_tunnel": True, "ssh_private_key": "KEY"},
          "ssh_known_hosts: required when ssh_tunnel is on"),
         ({"ssh_known_hosts": "10.0.0.* ssh-ed25519 not-base64"},
@@ -178,6 +181,21 @@ def test_a_tunnel_checks_the_pinned_host_keys_or_trusts_first_use_when_asked(tmp
     assert (pinned.trust_first_use, pinned.source) == (False, "ssh_known_hosts")
     pinned.check("10.1.2.3", base64.b64decode(public.split()[1]))  # a .pub line: any address
     assert _config(**tunnel, ssh_trust_first_use=True).host_keys().trust_first_use
+
+
+def test_a_tunnel_without_a_key_gets_one_per_cluster_authorized_first_in_each_userdata():
+    config = _config(ssh_tunnel=True, ssh_trust_first_use=True, worker_pools=[WorkerPoolSpec(
+        template_id="yd-demo/rayworker", userdata="#!/bin/bash\nset -e\necho mine\n")])
+    first, second = config.ssh_login(), config.ssh_login()
+    assert first.private_key.get_secret_value() != second.private_key.get_secret_value()
+    key = first.key()
+    public = f"{key.get_name()} {key.get_base64()} raydog"
+    for userdata in (first.authorizing(None), first.authorizing("#!/bin/bash\nset -e\n")):
+        assert userdata.startswith("#!/bin/bash\n# RayDog: the SSH key made for this cluster")
+        assert public in userdata.splitlines()
+    assert first.authorizing("#!/bin/bash\nset -e\n").endswith("\nset -e\n")
+    keyed = _config(ssh_tunnel=True, ssh_trust_first_use=True, ssh_private_key="KEY")
+    assert keyed.ssh_login().authorizing("#!/bin/bash\n") == "#!/bin/bash\n"
 
 
 @pytest.mark.parametrize("overrides", [{"cluster_lifetime": timedelta(0)}, {"ssh_tunnel": True}])

@@ -237,10 +237,15 @@ def test_up_from_a_saved_block(
     config.save("cli-block", overwrite=True)
     state = tmp_path / "state.json"
     env = {"YD_API_KEY_ID": "", "YD_API_KEY_SECRET": "", "YD_API_URL": ""}
+    config.model_copy(update={"ssh_tunnel": True, "ssh_trust_first_use": True}).save(
+        "cli-keyless-block", overwrite=True)
     missing = runner.invoke(app, ["up", "--config", "no-such-block"], env=env)
+    keyless = runner.invoke(app, ["up", "--config", "cli-keyless-block"], env=env)
     up = runner.invoke(app, ["up", "--config", "cli-block", "--state-file", str(state)],
                        env=env)
     assert_one_line_error(missing, "cannot load RayDogClusterConfig 'no-such-block'")
+    assert_one_line_error(keyless, "cli-keyless-block: ssh_private_key: up needs the block's own")
+    assert platform.api_calls().get("POST /work/requirements", 0) == 1  # the keyed one's alone
     assert up.exit_code == 0, up.output
     assert "Cluster local-" in up.output and "ray://" in up.output
     assert platform.key_secret not in up.output

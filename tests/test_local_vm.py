@@ -22,8 +22,9 @@ from test_local_ssh import make_key, ssh
 from typer.testing import CliRunner
 from yellowdog_client.model import InstanceSearch, NodeSearch, TaskStatus
 
-from prefect_raydog import scripts
+from prefect_raydog import HostKeys, scripts
 from prefect_raydog.cli import app
+from prefect_raydog.cluster import SSHLogin
 from prefect_raydog.local import LocalPlatform
 from prefect_raydog.local.images import Image, ensure_image, node_requirements
 from prefect_raydog.local.machine import PROJECT
@@ -128,10 +129,21 @@ def test_a_node_whose_userdata_fails_never_registers(
     )
 
 
-def test_an_ssh_login_runs_as_yd_agent_from_the_image(pools: Pools, tmp_path: Path) -> None:
+def _cluster_key(key: Path) -> str:
+    """Userdata that authorizes a key made for a cluster (the Builder's, with no key given),
+    and that key's private half in `key`."""
+    login = SSHLogin.generated("yd-agent", HostKeys(""))
+    key.write_text(login.private_key.get_secret_value())
+    key.chmod(0o600)
+    return login.authorizing("#!/bin/bash\nset -euo pipefail\n")
+
+
+@pytest.mark.parametrize("key_from", ["given", "made for the cluster"])
+def test_an_ssh_login_runs_as_yd_agent_from_the_image(
+        pools: Pools, tmp_path: Path, key_from: str) -> None:
     key = tmp_path / "id_ed25519"
-    public = make_key(key)
-    user_data = authorizing_userdata(public)
+    user_data = (authorizing_userdata(make_key(key)) if key_from == "given"
+                 else _cluster_key(key))
     pool_id = pools.provision(1, "login", VM, user_data)
     pools.wait_idle(pool_id, timeout=60)
     (node,) = pools.client.worker_pool_client.get_nodes(NodeSearch(workerPoolId=pool_id)).iterate()

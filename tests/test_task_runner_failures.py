@@ -13,16 +13,14 @@ import socket
 import subprocess
 import threading
 from datetime import timedelta
-from pathlib import Path
 from urllib.parse import urlsplit
 
 import paramiko
 import pytest
 import ray
 from conftest import assert_nothing_left, checked_use, wait_for
-from helpers import authorizing_userdata, head_ips, what_is_live
+from helpers import head_ips, what_is_live
 from prefect import flow, task
-from pydantic import SecretStr
 
 from prefect_raydog.blocks import RayDogClusterConfig
 from prefect_raydog.errors import ClusterBuildError, NodeTaskFailed
@@ -49,9 +47,7 @@ def _config(platform, **update) -> RayDogClusterConfig:
 
 
 @pytest.fixture(scope="module")
-def saved_config(prefect_api, local_platform, tmp_path_factory):
-    key = tmp_path_factory.mktemp("ssh") / "id_ed25519"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+def saved_config(prefect_api, local_platform):
     config = _config(local_platform)
     config.save(BLOCK, overwrite=True)
     _config(local_platform, build_timeout=timedelta(seconds=20), worker_pools=[
@@ -60,21 +56,15 @@ def saved_config(prefect_api, local_platform, tmp_path_factory):
     _config(local_platform, workers_to_join=0,
             head=config.head.model_copy(update={"script": HEAD_DIES})).save(HEAD_DIES_BLOCK,
                                                                             overwrite=True)
-    return key
 
 
 @pytest.fixture(scope="module")
-def firewalled(saved_config, tmp_path_factory):
+def firewalled(prefect_api):
     """A platform whose nodes sit behind a cloud's firewall (they reach this machine at the API
-    alone, and it reaches them at SSH alone), and a block that reaches its heads over SSH."""
-    key = saved_config
-    authorize = {"userdata": authorizing_userdata(Path(f"{key}.pub").read_text().strip())}
+    alone, and it reaches them at SSH alone), and a block that reaches its heads over SSH with
+    a key made for each cluster (no key given: the nodes' userdata authorizes it)."""
     with LocalPlatform(firewall=True) as platform:
-        config = _config(platform)
-        _config(platform, ssh_tunnel=True, ssh_private_key=SecretStr(key.read_text()),
-                ssh_known_hosts=platform.ssh_known_hosts,
-                head=config.head.model_copy(update=authorize),  # the workers too: the token
-                worker_pools=[config.worker_pools[0].model_copy(update=authorize)],
+        _config(platform, ssh_tunnel=True, ssh_known_hosts=platform.ssh_known_hosts,
                 ).save(TUNNEL_BLOCK, overwrite=True)
         yield platform
 

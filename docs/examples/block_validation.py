@@ -25,8 +25,9 @@ BAD_CONFIGS = [
     ({"head": HEAD, "worker_pools": [CPU], "workers_to_join": 3}, [
         "Value error, Invalid RayDog cluster config: cluster: workers_to_join (3) exceeds the 1 worker nodes of the worker pools",  # noqa: E501
     ]),
-    ({"head": HEAD, "ssh_tunnel": True}, [
-        "Value error, ssh_private_key: required when ssh_tunnel is on",
+    ({"head": {**HEAD, "userdata": "#cloud-config"}, "ssh_tunnel": True,
+      "ssh_trust_first_use": True}, [
+        "Value error, head.userdata: not a shell script (no #! line), so the SSH key made for the cluster cannot be authorized in it: give ssh_private_key (a key the image or userdata authorizes), or start the userdata with #!/bin/bash",  # noqa: E501
     ]),
     ({"head": HEAD, "ssh_tunnel": True, "ssh_private_key": "KEY"}, [
         "Value error, ssh_known_hosts: required when ssh_tunnel is on: the nodes' SSH host public key (the image's /etc/ssh/ssh_host_ed25519_key.pub line) or known_hosts lines; or turn on ssh_trust_first_use to accept each node's first key",  # noqa: E501

@@ -172,6 +172,10 @@ def _from_block(name: str) -> tuple[ClusterSpec, YellowDogCredentials, SSHLogin 
         config = RayDogClusterConfig.load(name)
     except Exception as error:  # Prefect raises ValueError, httpx or validation errors alike
         raise fail(f"cannot load RayDogClusterConfig {name!r}: {error}", 2) from None
+    if config.ssh_tunnel and config.ssh_private_key is None:
+        raise fail(f"{name}: ssh_private_key: up needs the block's own key with ssh_tunnel on: a "
+                   "key made for the cluster would be gone when up returns, and with it the "
+                   "way in", 2)
     return config.to_spec(config.cluster_name()), config.credentials, config.ssh_login()
 
 

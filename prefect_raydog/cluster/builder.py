@@ -38,7 +38,7 @@ from prefect_raydog.cluster.nodes import (
 from prefect_raydog.cluster.pools import WorkerPools
 from prefect_raydog.cluster.saved import saved_state_json
 from prefect_raydog.cluster.teardown import ShutdownReport, Teardown, end_work_requirement_named
-from prefect_raydog.cluster.token_auth import SSHLogin, TokenAuth
+from prefect_raydog.cluster.token_auth import SSHLogin, TokenAuth, check_groups_take_a_key
 from prefect_raydog.cluster.waits import (
     RequirementWatch,
     check_head_still_running,
@@ -89,6 +89,8 @@ class RayDogCluster(WorkerPools):
         url: str = DEFAULT_API_URL,
         ssh: SSHLogin | None = None,
     ) -> None:
+        if ssh is not None and ssh.authorize_in_userdata:
+            check_groups_take_a_key(spec.head, spec.worker_pools, spec.observability)
         self.token_auth = TokenAuth(ssh) if ssh is not None else None
         self._owns_client = client is None
         self.spec = spec
@@ -325,7 +327,8 @@ class RayDogCluster(WorkerPools):
 
     def _provision_group(self, group: NodeGroup) -> None:
         self._check_not_closing()
-        provision_pool(self.yd_client, group, self.spec)
+        provision_pool(self.yd_client, group, self.spec,
+                       self.token_auth.login if self.token_auth is not None else None)
 
     def _submit_work_requirement(self) -> None:
         self._check_not_closing()

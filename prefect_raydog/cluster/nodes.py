@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from requests import HTTPError
 from yellowdog_client import PlatformClient
@@ -23,6 +23,9 @@ from yellowdog_client.model.exceptions import InvalidRequestException
 from prefect_raydog.cluster import node_requests
 from prefect_raydog.errors import ClusterBuildError
 from prefect_raydog.spec import ClusterSpec, NodeGroupSpec, WorkerPoolSpec
+
+if TYPE_CHECKING:
+    from prefect_raydog.cluster.token_auth import SSHLogin
 
 logger = logging.getLogger("prefect_raydog.cluster")
 
@@ -108,8 +111,10 @@ def _new_group(
     )
 
 
-def provision_pool(client: PlatformClient, group: NodeGroup, cluster: ClusterSpec) -> None:
-    """Provision the group's worker pool and record its pool and compute requirement IDs."""
+def provision_pool(client: PlatformClient, group: NodeGroup, cluster: ClusterSpec,
+                   login: SSHLogin | None = None) -> None:
+    """Provision the group's worker pool and record its pool and compute requirement IDs; its
+    userdata authorizes `login`'s key when the key is the cluster's own."""
     spec = group.spec
     request = node_requests.PoolRequest(
         template_id=spec.template_id,
@@ -122,7 +127,7 @@ def provision_pool(client: PlatformClient, group: NodeGroup, cluster: ClusterSpe
         idle_node_shutdown=cluster.idle_node_shutdown,
         idle_pool_shutdown=cluster.idle_pool_shutdown,
         images_id=spec.images_id,
-        userdata=spec.userdata,
+        userdata=login.authorizing(spec.userdata) if login is not None else spec.userdata,
         instance_tags=spec.instance_tags,
         metrics_enabled=spec.metrics_enabled,
     )

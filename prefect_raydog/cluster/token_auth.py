@@ -9,7 +9,7 @@ import logging
 import os
 import secrets
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,10 +35,21 @@ def write_token_command(token_file: str) -> str:
             f"cat > ~/{token_file}.part && mv ~/{token_file}.part ~/{token_file}")
 
 
+_AUTHORIZE_KEY = """# RayDog: the SSH key made for this cluster, for its tunnel and token delivery
+install -d -m 700 -o {user} ~{user}/.ssh
+cat >> ~{user}/.ssh/authorized_keys <<'END_OF_RAYDOG_KEY'
+{key}
+END_OF_RAYDOG_KEY
+chown {user}: ~{user}/.ssh/authorized_keys && chmod 600 ~{user}/.ssh/authorized_keys
+"""
+
+
 @dataclass(frozen=True)
 class SSHLogin:
     """How to log in to a cluster's nodes over SSH: the head on its public address (else its
-    private one), the workers through the head; each node's host key checked by `host_keys`."""
+    private one), the workers through the head; each node's host key checked by `host_keys`.
+    `generated()` makes a key for one cluster, which the Builder authorizes in each node's
+    userdata."""
 
     username: str
     private_key: SecretStr
@@ -46,6 +57,34 @@ class SSHLogin:
     port: int = 22
     host_keys: HostKeys = field(default_factory=HostKeys.user_known_hosts)
     """The host keys the nodes may present; by default, as OpenSSH, ~/.ssh/known_hosts."""
+    authorize_in_userdata: bool = False
+    """True: the Builder puts the public key into each node's userdata (`authorizing`)."""
+
+    @classmethod
+    def generated(cls, username: str, host_keys: HostKeys) -> SSHLogin:
+        """A login with a new Ed25519 key, authorized for `username` by the nodes' userdata."""
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+        text = Ed25519PrivateKey.generate().private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+            serialization.NoEncryption()).decode()
+        return cls(username, SecretStr(text), host_keys=host_keys, authorize_in_userdata=True)
+
+    def authorizing(self, userdata: str | None) -> str | None:
+        """`userdata` that also authorizes this login's key (first, after its `#!` line), when
+        the key is the cluster's own; raises `ValueError` for userdata that is not a shell
+        script (see `check_userdata`)."""
+        if not self.authorize_in_userdata:
+            return userdata
+        check_userdata(userdata)
+        key = self.key()
+        snippet = _AUTHORIZE_KEY.format(user=self.username,
+                                        key=f"{key.get_name()} {key.get_base64()} raydog")
+        if userdata is None:
+            return f"#!/bin/bash\n{snippet}"
+        shebang, _, rest = userdata.partition("\n")
+        return f"{shebang}\n{snippet}{rest}"
 
     def key(self) -> paramiko.PKey:
         text = self.private_key.get_secret_value()
@@ -58,6 +97,25 @@ class SSHLogin:
             "ssh_private_key: not a private key paramiko can read (OpenSSH or PEM text of an "
             "Ed25519, ECDSA or RSA key without a passphrase)"
         )
+
+
+def check_userdata(userdata: str | None, where: str = "userdata") -> None:
+    """Raise `ValueError` naming `where` unless a shell snippet can go into `userdata` (none,
+    or a script with a `#!` line), as a key made for the cluster needs."""
+    if userdata is not None and not userdata.startswith("#!"):
+        raise ValueError(
+            f"{where}: not a shell script (no #! line), so the SSH key made for the cluster "
+            "cannot be authorized in it: give ssh_private_key (a key the image or userdata "
+            "authorizes), or start the userdata with #!/bin/bash")
+
+
+def check_groups_take_a_key(head: Any, worker_pools: Sequence[Any], observability: Any) -> None:
+    """`check_userdata` for each node group of a cluster (specs, or a block's templates)."""
+    groups = [("head", head), ("observability", observability),
+              *((f"worker_pools[{i}]", pool) for i, pool in enumerate(worker_pools))]
+    for where, group in groups:
+        if group is not None:
+            check_userdata(group.userdata, f"{where}.userdata")
 
 
 class TokenAuth:

@@ -4,8 +4,6 @@ cluster at a given address, a head it built directly, or that head through an SS
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 import threading
 from collections.abc import Mapping
 from contextlib import ExitStack
@@ -67,7 +65,7 @@ def attach_to_head(cluster: RayDogCluster, config: RayDogClusterConfig,
     head = cluster.head_address
     tunnels = None
     if config.ssh_tunnel:
-        tunnels = _tunnels(cluster, config, head.public_ip or head.private_ip, stack)
+        tunnels = _tunnels(cluster, head.public_ip or head.private_ip, stack)
         address = tunnels.ray_client_address
     else:
         address = f"ray://{head.private_ip}:{RAY_CLIENT_PORT}"
@@ -92,19 +90,14 @@ def head_task_end(cluster: RayDogCluster) -> str | None:
     return describe_task_end(task) if task.status is not None and task.status.finished else None
 
 
-def _tunnels(cluster: RayDogCluster, config: RayDogClusterConfig, head_ip: str,
-             stack: ExitStack) -> RayTunnels:
-    """Open SSH tunnels to the head (closed with `stack`), checking its host key with the
-    cluster's own policy (the token's delivery used it first)."""
+def _tunnels(cluster: RayDogCluster, head_ip: str, stack: ExitStack) -> RayTunnels:
+    """Open SSH tunnels to the head (closed with `stack`) with the login the Builder used to
+    deliver the token, checking the head's host key with the cluster's own policy."""
     from prefect_raydog.tunnels import RayTunnels
 
-    key_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="raydog-ssh-"))
-    key_file = os.path.join(key_dir, "id")
-    with os.fdopen(os.open(key_file, os.O_WRONLY | os.O_CREAT, 0o600), "w") as handle:
-        handle.write(config.ssh_private_key.get_secret_value())
+    login = cluster.token_auth.login
     return stack.enter_context(
-        RayTunnels(head_ip, config.ssh_username, private_key_file=key_file,
-                   host_keys=cluster.token_auth.login.host_keys)
+        RayTunnels(head_ip, login.username, key=login.key(), host_keys=login.host_keys)
     )
 
 
