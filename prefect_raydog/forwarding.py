@@ -6,10 +6,13 @@ by value) are made of it."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import socket
 import threading
 from collections.abc import Callable
 from typing import Any, Protocol
+
+logger = logging.getLogger("prefect_raydog.forwarding")
 
 
 class Stream(Protocol):
@@ -42,7 +45,7 @@ def _copy(src: Stream, dst: Stream, ends: tuple[Stream, Stream],
     try:
         while data := src.recv(65536):
             dst.sendall(data)
-    except OSError:
+    except (OSError, EOFError):
         pass
     finally:
         for end in ends:
@@ -51,23 +54,30 @@ def _copy(src: Stream, dst: Stream, ends: tuple[Stream, Stream],
 
 
 def _close(end: Stream) -> None:
-    # shutdown() first: it ends a recv() that another thread is in, which close() may not.
-    with contextlib.suppress(OSError):
+    # shutdown() first: it ends a recv() that another thread is in, which close() may not. A
+    # channel whose SSH connection has gone raises EOFError or paramiko's errors, not OSError.
+    with contextlib.suppress(Exception):
         end.shutdown(socket.SHUT_RDWR)
-    with contextlib.suppress(OSError):
+    with contextlib.suppress(Exception):
         end.close()
 
 
-class TcpForwarder:
-    """Forwards each TCP connection accepted on `host` (at a free port, `port`) to `target`,
-    until closed (which closes the connections it joined too)."""
+def _connect(address: tuple[str, int]) -> socket.socket:
+    return no_delay(socket.create_connection(address))
 
-    def __init__(self, host: str, target: tuple[str, int], name: str = "raydog-forward") -> None:
-        self._target = target
+
+class TcpForwarder:
+    """Forwards each TCP connection accepted on `host` (at `port`, by default a free one) to
+    `target`: an address, or a function that opens a stream (an SSH channel); until closed,
+    which closes the connections it joined too."""
+
+    def __init__(self, host: str, target: tuple[str, int] | Callable[[], Stream],
+                 name: str = "raydog-forward", port: int = 0) -> None:
+        self._open_upstream = target if callable(target) else lambda: _connect(target)
         self._name = name
-        self._server = socket.create_server((host, 0))
+        self._server = socket.create_server((host, port))
         self.port: int = self._server.getsockname()[1]
-        self._open: set[socket.socket] = set()
+        self._open: set[Stream] = set()
         self._lock = threading.Lock()
         threading.Thread(target=self._accept, name=name, daemon=True).start()
 
@@ -87,17 +97,22 @@ class TcpForwarder:
         while True:
             try:
                 client, _ = self._server.accept()
-                upstream = socket.create_connection(self._target)
             except OSError:
                 if self._server.fileno() == -1:
                     return
                 continue
+            try:
+                upstream = self._open_upstream()
+            except Exception as error:  # noqa: BLE001 - an SSH channel refused, a target down
+                logger.debug("%s: no way to its target: %s", self._name, error)
+                _close(client)
+                continue
             with self._lock:
                 self._open.update((client, upstream))
-            join(no_delay(client), no_delay(upstream), self._name,
+            join(no_delay(client), upstream, self._name,
                  closed=lambda pair=(client, upstream): self._forget(pair))
 
-    def _forget(self, pair: tuple[socket.socket, socket.socket]) -> None:
+    def _forget(self, pair: tuple[Stream, Stream]) -> None:
         with self._lock:
             self._open.difference_update(pair)
 

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
+import paramiko
 import pytest
 from conftest import wait_for
 from helpers import free_port
@@ -19,7 +20,7 @@ from round_trips import QUARTILE_BOUND_MS, split_reply_ms, split_reply_server
 
 from prefect_raydog import HostKeyRefused, HostKeys
 from prefect_raydog.forwarding import HeadDoor
-from prefect_raydog.tunnels import RayTunnels
+from prefect_raydog.tunnels import RayTunnels, ssh_socket
 
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 pytestmark = [
@@ -141,6 +142,24 @@ def test_a_reverse_forward_and_the_head_door_carry_a_split_reply_and_end_with_th
     assert quick < QUARTILE_BOUND_MS, f"the fastest quarter through the door took {quick:.1f} ms"
 
 
+def test_tunnels_over_an_open_connection_carry_a_split_reply_and_leave_it_open(sshd):
+    """As the runner's: tunnels over the SSH connection that delivered the cluster's token."""
+    client = paramiko.SSHClient()
+    client.set_missing_host_key_policy(sshd.host_keys)
+    client.connect("127.0.0.1", sshd.port, "root", key_filename=str(sshd.key),
+                   sock=ssh_socket("127.0.0.1", sshd.port), allow_agent=False,
+                   look_for_keys=False)
+    try:
+        with split_reply_server() as (_, remote_port):
+            transport = client.get_transport()
+            with RayTunnels.over(transport, "127.0.0.1", remote_ports=(remote_port,)) as tunnels:
+                quick = split_reply_ms(tunnels.local_ports[remote_port])
+            assert transport.is_active(), "the given connection was closed with the tunnels"
+    finally:
+        client.close()
+    assert quick < QUARTILE_BOUND_MS, f"the fastest quarter through the tunnel took {quick:.1f} ms"
+
+
 def test_default_tunnels_are_ray_client_and_dashboard(sshd):
     tunnels = RayTunnels("127.0.0.1", "root", private_key_file=sshd.key, ssh_port=sshd.port,
                          host_keys=sshd.host_keys)
@@ -184,7 +203,7 @@ def test_a_head_with_another_host_key_than_the_pinned_one_is_refused_before_logi
     assert str(refused.value).startswith(
         f"The SSH host key of [127.0.0.1]:{sshd.port} is ssh-ed25519 {seen}, not a key that "
         f"ssh_known_hosts gives for it (ssh-ed25519 {_fingerprint(tmp_path / 'pin.pub')})")
-    assert not tunnels._forwarder.is_active
+    assert not tunnels.is_open
     _wait_for_log(sshd.log, "Connection closed by")
     assert "publickey" not in sshd.log.read_text(), "no login was tried: no key was offered"
 
@@ -225,5 +244,4 @@ def test_a_key_file_under_home_is_found_through_tilde(tmp_path, monkeypatch):
     subprocess.run(
         ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "k")], check=True
     )
-    tunnels = RayTunnels("127.0.0.1", "root", private_key_file="~/k")
-    assert tunnels._forwarder.ssh_pkeys
+    RayTunnels("127.0.0.1", "root", private_key_file="~/k")  # no "is not a readable file"

@@ -135,7 +135,7 @@ def test_a_cluster_reached_over_ssh_is_token_locked_and_the_token_leaks_nowhere(
     # Ray Client retries a refused handshake until it gives up: "ray client connection timeout".
     assert refused.returncode != 0 and "answer" not in refused.stdout
     assert accepted.stdout.split() == ["answer", "42"], accepted.stderr[-3000:]
-    assert transports >= 2, "the tunnel's and the token's SSH connections to the head"
+    assert transports == 1, "one SSH connection carries the token's delivery and the tunnel"
 
     assert_nothing_left(platform)
     assert not ray.is_initialized() and not _ssh_transports()

@@ -100,6 +100,7 @@ class RayDogCluster(WorkerPools):
         self._lock = threading.RLock()
         self._requirement_lock = threading.Lock()
         self._state: Literal["new", "building", "built", "shut_down"] = "new"
+        self._watch: RequirementWatch | None = None
         self._closing = threading.Event()
         self._task_counter = 0
         self._next_pool_number = 1
@@ -230,6 +231,7 @@ class RayDogCluster(WorkerPools):
             self._enter_step("submitting the work requirement", on_step)
             self._submit_work_requirement()
             with RequirementWatch(self.yd_client, self.work_requirement_id) as watch:
+                self._watch = watch
                 self._start_nodes(watch, joined, deadline, started, on_step)
             with self._lock:
                 self._check_not_closing()
@@ -462,6 +464,8 @@ class RayDogCluster(WorkerPools):
                 return self._shutdown_report
             self._closing.set()
             self._state = "shut_down"
+        if self._watch is not None:  # before the requirement's final event: see RequirementWatch
+            self._watch.close()
         started = time.monotonic()
         report = self._end_everything()
         if not report.failed:

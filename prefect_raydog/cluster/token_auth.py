@@ -19,6 +19,7 @@ from pydantic import SecretStr
 
 from prefect_raydog.errors import ClusterBuildError, HostKeyRefused
 from prefect_raydog.host_keys import HostKeys
+from prefect_raydog.tunnels import KEEPALIVE_S, ssh_socket
 
 logger = logging.getLogger("prefect_raydog.cluster")
 
@@ -243,13 +244,24 @@ class TokenAuth:
                 self._head.close()
                 self._head = None
 
+    @property
+    def head_transport(self) -> paramiko.Transport | None:
+        """The open SSH connection to the head (`deliver_to_head`), for tunnels over it."""
+        with self._lock:
+            return self._head.get_transport() if self._head is not None else None
+
     def _connect(self, address: str, sock: Any = None) -> paramiko.SSHClient:
+        """A login to `address`: through `sock` (a channel through the head), else on a
+        connection of its own that sends forwarded replies at once (`ssh_socket`)."""
         client = paramiko.SSHClient()
         client.set_missing_host_key_policy(self.login.host_keys)
         try:
             client.connect(address, self.login.port, self.login.username, pkey=self._key,
-                           sock=sock, timeout=_SSH_TIMEOUT_S, banner_timeout=_SSH_TIMEOUT_S,
+                           sock=sock or ssh_socket(address, self.login.port, _SSH_TIMEOUT_S),
+                           timeout=_SSH_TIMEOUT_S, banner_timeout=_SSH_TIMEOUT_S,
                            auth_timeout=_SSH_TIMEOUT_S, allow_agent=False, look_for_keys=False)
+            if (transport := client.get_transport()) is not None:
+                transport.set_keepalive(KEEPALIVE_S)
         except BaseException:
             client.close()
             raise

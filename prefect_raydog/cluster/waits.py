@@ -27,7 +27,11 @@ _ENDED = [status for status in TaskStatus if status.finished]
 
 
 class RequirementWatch(SubscriptionEventListener[WorkRequirement]):
-    """The latest state of a work requirement, kept by its update stream while entered."""
+    """The latest state of a work requirement, kept by its update stream while entered.
+
+    Close it before the requirement can reach a final status: the stream ends after that
+    status's event, and yellowdog-sdk's reader, which looks at its cancel flag only when an
+    event comes, spins at 100% CPU from that end on unless it was cancelled before."""
 
     def __init__(self, client: PlatformClient, work_requirement_id: str) -> None:
         self._client = client

@@ -91,14 +91,15 @@ def head_task_end(cluster: RayDogCluster) -> str | None:
 
 
 def _tunnels(cluster: RayDogCluster, head_ip: str, stack: ExitStack) -> RayTunnels:
-    """Open SSH tunnels to the head (closed with `stack`) with the login the Builder used to
-    deliver the token, checking the head's host key with the cluster's own policy."""
+    """Open SSH tunnels to the head (closed with `stack`) over the SSH connection that
+    delivered the cluster's token: one connection carries the token, Ray Client, the
+    dashboard and the nodes' way to this machine's Prefect API."""
     from prefect_raydog.tunnels import RayTunnels
 
-    login = cluster.token_auth.login
-    return stack.enter_context(
-        RayTunnels(head_ip, login.username, key=login.key(), host_keys=login.host_keys)
-    )
+    transport = cluster.token_auth.head_transport
+    if transport is None or not transport.is_active():
+        raise ConnectionError(f"The SSH connection to the head node {head_ip} has ended")
+    return stack.enter_context(RayTunnels.over(transport, head_ip))
 
 
 def _runtime_env(init_kwargs: Mapping[str, Any], auth_mode: str) -> dict[str, Any]:

@@ -258,11 +258,9 @@ def _connection_noise_hidden() -> Iterator[None]:
         yield
 
 
-# What an SSH tunnel logs for each attempt made before the head's Ray Client port opens.
-_TUNNEL_RETRY_NOISE = {
-    "paramiko.transport": ("open FAILED",),
-    "sshtunnel.SSHTunnelForwarder": ("Could not establish connection from local",),
-}
+# What paramiko logs for each attempt through an SSH tunnel before the head's Ray Client port
+# opens.
+_TUNNEL_RETRY_NOISE = {"paramiko.transport": ("open FAILED",)}
 
 
 @contextmanager
