@@ -20,7 +20,6 @@ class Stream(Protocol):
 
     def recv(self, size: int) -> bytes: ...
     def sendall(self, data: bytes) -> Any: ...
-    def shutdown(self, how: int) -> None: ...
     def close(self) -> None: ...
 
 
@@ -54,10 +53,13 @@ def _copy(src: Stream, dst: Stream, ends: tuple[Stream, Stream],
 
 
 def _close(end: Stream) -> None:
-    # shutdown() first: it ends a recv() that another thread is in, which close() may not. A
-    # channel whose SSH connection has gone raises EOFError or paramiko's errors, not OSError.
-    with contextlib.suppress(Exception):
-        end.shutdown(socket.SHUT_RDWR)
+    # A socket's shutdown() ends a recv() that another thread is in, which close() may not. An
+    # SSH channel's close() does, and its shutdown() would send an EOF even for a channel the
+    # server has freed, which OpenSSH answers by ending the whole connection. A channel whose
+    # connection has gone raises EOFError or paramiko's errors, not OSError.
+    if isinstance(end, socket.socket):
+        with contextlib.suppress(OSError):
+            end.shutdown(socket.SHUT_RDWR)
     with contextlib.suppress(Exception):
         end.close()
 

@@ -96,9 +96,13 @@ def _listening(port: int) -> bool:
 
 
 def _ask(port: int, message: bytes) -> bytes:
+    """The whole answer, to its end (a tunnel may pass it on in parts)."""
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
         sock.sendall(message)
-        return sock.recv(1024)
+        answer = b""
+        while chunk := sock.recv(1024):
+            answer += chunk
+        return answer
 
 
 def test_tunnels_forward_each_remote_port_through_ssh_with_a_private_key(sshd, echo_ports):
@@ -109,8 +113,12 @@ def test_tunnels_forward_each_remote_port_through_ssh_with_a_private_key(sshd, e
         local = tunnels.local_ports
         assert set(local) == set(echo_ports)
         assert all(local_port not in echo_ports for local_port in local.values())
+        # Many short connections, each closed by the server first: a channel closed twice
+        # once sent an EOF for a channel the server had freed, and sshd ended the connection.
         for remote_port, local_port in local.items():
-            assert _ask(local_port, b"hi") == b"echo:hi", remote_port
+            answers = [_ask(local_port, b"hi%d" % i) for i in range(100)]
+            assert answers == [b"echo:hi%d" % i for i in range(100)], remote_port
+        assert tunnels.is_open
 
 
 def test_a_tunnel_forwards_a_split_reply_without_waiting_for_a_delayed_ack(sshd):
