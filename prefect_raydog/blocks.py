@@ -364,7 +364,7 @@ class RayDogClusterConfig(Block):
         if self.ssh_tunnel and self.ssh_private_key is None:
             from prefect_raydog.cluster.token_auth import check_groups_take_a_key
 
-            check_groups_take_a_key(self.head, self.worker_pools, self.observability)
+            check_groups_take_a_key(self)
         if self.ssh_tunnel and not self.ssh_known_hosts and not self.ssh_trust_first_use:
             raise ValueError(
                 "ssh_known_hosts: required when ssh_tunnel is on: the nodes' SSH host public "

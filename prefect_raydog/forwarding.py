@@ -64,8 +64,11 @@ def _close(end: Stream) -> None:
         end.close()
 
 
-def _connect(address: tuple[str, int]) -> socket.socket:
-    return no_delay(socket.create_connection(address))
+def connect(address: tuple[str, int], timeout: float | None = None) -> socket.socket:
+    """A connection to `address` (given up after `timeout`), blocking and with TCP_NODELAY."""
+    sock = socket.create_connection(address, timeout=timeout)
+    sock.settimeout(None)
+    return no_delay(sock)
 
 
 class TcpForwarder:
@@ -75,7 +78,7 @@ class TcpForwarder:
 
     def __init__(self, host: str, target: tuple[str, int] | Callable[[], Stream],
                  name: str = "raydog-forward", port: int = 0) -> None:
-        self._open_upstream = target if callable(target) else lambda: _connect(target)
+        self._open_upstream = target if callable(target) else lambda: connect(target)
         self._name = name
         self._server = socket.create_server((host, port))
         self.port: int = self._server.getsockname()[1]

@@ -12,7 +12,7 @@ from typing import Any
 import paramiko
 from pydantic import SecretStr
 
-from prefect_raydog.forwarding import TcpForwarder, join, no_delay
+from prefect_raydog.forwarding import TcpForwarder, connect, join, no_delay
 from prefect_raydog.host_keys import HostKeys, host_name
 
 logger = logging.getLogger("prefect_raydog.tunnels")
@@ -170,12 +170,11 @@ class RayTunnels:
 
         def accept(channel: paramiko.Channel, *_addresses: Any) -> None:
             try:
-                upstream = no_delay(socket.create_connection(target, timeout=SSH_TIMEOUT_S))
+                upstream = connect(target, SSH_TIMEOUT_S)
             except OSError as error:
                 logger.warning("A forwarded connection to %s failed: %s", target, error)
                 channel.close()
                 return
-            upstream.settimeout(None)
             join(channel, upstream, "raydog-ssh-reverse")
 
         port = int(self._transport.request_port_forward("127.0.0.1", 0, handler=accept))

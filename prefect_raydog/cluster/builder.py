@@ -10,7 +10,6 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta
-from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 from pydantic import SecretStr
@@ -36,7 +35,7 @@ from prefect_raydog.cluster.nodes import (
     worker_group,
 )
 from prefect_raydog.cluster.pools import WorkerPools
-from prefect_raydog.cluster.saved import saved_state_json
+from prefect_raydog.cluster.saved import SavedState
 from prefect_raydog.cluster.teardown import ShutdownReport, Teardown, end_work_requirement_named
 from prefect_raydog.cluster.token_auth import SSHLogin, TokenAuth, check_groups_take_a_key
 from prefect_raydog.cluster.waits import (
@@ -67,7 +66,7 @@ class HeadNodeAddress(NamedTuple):
     public_ip: str | None
 
 
-class RayDogCluster(WorkerPools):
+class RayDogCluster(WorkerPools, SavedState):
     """A Ray cluster on YellowDog: a head node, worker pools and an optional observability node.
 
     Everything RayDog's Builder does, from a validated `ClusterSpec`: `build()` provisions every
@@ -90,7 +89,7 @@ class RayDogCluster(WorkerPools):
         ssh: SSHLogin | None = None,
     ) -> None:
         if ssh is not None and ssh.authorize_in_userdata:
-            check_groups_take_a_key(spec.head, spec.worker_pools, spec.observability)
+            check_groups_take_a_key(spec)
         self.token_auth = TokenAuth(ssh) if ssh is not None else None
         self._owns_client = client is None
         self.spec = spec
@@ -433,6 +432,8 @@ class RayDogCluster(WorkerPools):
     def _end_everything(self) -> ShutdownReport:
         if self.token_auth is not None:
             self.token_auth.close()
+        if self._watch is not None:  # before the requirement's final event: see RequirementWatch
+            self._watch.close()
         with self._lock:
             groups = list(self._all_groups())
             requirement = self._work_requirement_to_end()
@@ -464,8 +465,6 @@ class RayDogCluster(WorkerPools):
                 return self._shutdown_report
             self._closing.set()
             self._state = "shut_down"
-        if self._watch is not None:  # before the requirement's final event: see RequirementWatch
-            self._watch.close()
         started = time.monotonic()
         report = self._end_everything()
         if not report.failed:
@@ -489,24 +488,3 @@ class RayDogCluster(WorkerPools):
             if exc is None:
                 raise
             logger.exception("Shutting down cluster %s after an error also failed", self.spec.name)
-
-    # ----- saved state ------------------------------------------------------------------------
-
-    def save_state_to_json(self) -> str:
-        """The state needed to shut the cluster down later, with RayDog's keys. Saved before
-        `build()`, it names what the build will make, so that a build that dies half-way can
-        still be ended from it (`RayDogClusterProxy` finds the entities by name)."""
-        if self._state == "shut_down":
-            raise ClusterStateError(f"Cluster {self.spec.name!r} is shut down; nothing to save")
-        groups = [g for g in [*self._workers, self._head, self._observability] if g is not None]
-        built = self._state == "built"
-        return saved_state_json(
-            self.spec,
-            self.build_name,
-            self.work_requirement_id if built else None,
-            [group.pool_id for group in groups] if built else [],
-            [group.requirement_name for group in groups],
-        )
-
-    def save_state_to_json_file(self, path: str | Path) -> None:
-        Path(path).write_text(self.save_state_to_json())

@@ -1,5 +1,6 @@
-"""Ending a cluster from outside the process that built it: its saved state (the JSON a built
-cluster writes and `RayDogClusterProxy` reads back), and `sweep`, which finds clusters by tag."""
+"""Ending a cluster from outside the process that built it: its saved state (the JSON that
+`RayDogCluster` writes through `SavedState` and `RayDogClusterProxy` reads back), and `sweep`,
+which finds clusters by tag."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import logging
 import re
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import SecretStr
 from yellowdog_client import PlatformClient
@@ -40,27 +41,40 @@ SWEEP_GRACE = timedelta(minutes=10)
 _RAYDOG_POOL_NAME = re.compile(r"^(?P<cluster>.+)-(\d{2,}-head|\d{2,}-wrkrs|observability)$")
 
 
-def saved_state_json(
-    spec: ClusterSpec,
-    build_name: str,
-    work_requirement_id: str | None,
-    pool_ids: list[str | None],
-    pool_names: list[str],
-) -> str:
-    """The state needed to shut the cluster down later: RayDog's keys, plus the build's names for
-    state saved before the build made anything (then the IDs are null and empty)."""
-    return json.dumps(
-        {
-            "cluster_name": spec.name,
-            "cluster_namespace": spec.namespace,
-            "cluster_tag": spec.tag,
-            "work_requirement_id": work_requirement_id,
-            "worker_pool_ids": pool_ids,
-            "build_name": build_name,
-            "worker_pool_names": pool_names,
-        },
-        indent=2,
-    )
+class SavedState:
+    """The saved state of a `RayDogCluster`, which provides the attributes declared here."""
+
+    spec: ClusterSpec
+    build_name: str
+    work_requirement_id: str | None
+    _state: Literal["new", "building", "built", "shut_down"]
+    _workers: list[NodeGroup]
+    _head: NodeGroup
+    _observability: NodeGroup | None
+
+    def save_state_to_json(self) -> str:
+        """The state needed to shut the cluster down later, with RayDog's keys. Saved before
+        `build()`, it names what the build will make, so that a build that dies half-way can
+        still be ended from it (`RayDogClusterProxy` finds the entities by name)."""
+        if self._state == "shut_down":
+            raise ClusterStateError(f"Cluster {self.spec.name!r} is shut down; nothing to save")
+        groups = [g for g in [*self._workers, self._head, self._observability] if g is not None]
+        built = self._state == "built"
+        return json.dumps(
+            {
+                "cluster_name": self.spec.name,
+                "cluster_namespace": self.spec.namespace,
+                "cluster_tag": self.spec.tag,
+                "work_requirement_id": self.work_requirement_id if built else None,
+                "worker_pool_ids": [group.pool_id for group in groups] if built else [],
+                "build_name": self.build_name,
+                "worker_pool_names": [group.requirement_name for group in groups],
+            },
+            indent=2,
+        )
+
+    def save_state_to_json_file(self, path: str | Path) -> None:
+        Path(path).write_text(self.save_state_to_json())
 
 
 class RayDogClusterProxy:

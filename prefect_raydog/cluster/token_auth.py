@@ -9,7 +9,7 @@ import logging
 import os
 import secrets
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -110,10 +110,11 @@ def check_userdata(userdata: str | None, where: str = "userdata") -> None:
             "authorizes), or start the userdata with #!/bin/bash")
 
 
-def check_groups_take_a_key(head: Any, worker_pools: Sequence[Any], observability: Any) -> None:
-    """`check_userdata` for each node group of a cluster (specs, or a block's templates)."""
-    groups = [("head", head), ("observability", observability),
-              *((f"worker_pools[{i}]", pool) for i, pool in enumerate(worker_pools))]
+def check_groups_take_a_key(cluster: Any) -> None:
+    """`check_userdata` for each node group of `cluster` (a `ClusterSpec`, or a block with the
+    same `head`, `worker_pools` and `observability`)."""
+    groups = [("head", cluster.head), ("observability", cluster.observability),
+              *((f"worker_pools[{i}]", pool) for i, pool in enumerate(cluster.worker_pools))]
     for where, group in groups:
         if group is not None:
             check_userdata(group.userdata, f"{where}.userdata")
