@@ -182,7 +182,8 @@ def _save(driver: WebDriver) -> None:
     wait_for(lambda: "/blocks/block/" in driver.current_url, timeout=30, what="the block page")
     wait_for(lambda: not driver.find_elements(By.NAME, "blockName"), timeout=30, what="no form")
     driver.refresh()
-    wait_for(lambda: "Blocks" in driver.find_element(By.TAG_NAME, "body").text, timeout=30)
+    _until_rendered(driver, lambda: "Blocks" in driver.find_element(By.TAG_NAME, "body").text,
+                    "the saved block's page after a reload")
 
 
 def _assert_form_renders(driver: WebDriver) -> None:
