@@ -159,11 +159,14 @@ def test_abort_runs_the_exit_trap_and_ends_the_whole_tree(agent: ProcessAgent) -
 def test_a_second_abort_or_node_stop_does_not_cut_the_exit_trap_short(
         agent: ProcessAgent) -> None:
     # The trap's 0.5 s must end well within the grace even on 2 loaded cores, or the SIGKILL
-    # after the grace (not a second SIGTERM) would cut it short.
+    # after the grace (not a second SIGTERM) would cut it short. The task traps TERM, as the
+    # node scripts do, and its sleep runs before "started": a SIGTERM between the echo and a
+    # foreground sleep's start would be left pending for the sleep's 300 s.
     agent.abort_grace_s = 30
     agent.boot_node("ydid:node:000000:n1", "yd-n1")
     exits = Exits()
-    task = launch('trap "sleep 0.5; echo trap finished" EXIT; echo started; sleep 300')
+    task = launch('trap "sleep 0.5; echo trap finished" EXIT; trap "exit 143" TERM; '
+                  'sleep 300 & echo started; wait')
     agent.run_task("ydid:node:000000:n1", task, exits.callback(task.task_id))
     wait_for(lambda: "started" in agent.task_output(task.task_id), what="the task to start")
     agent.abort_task(task.task_id)
