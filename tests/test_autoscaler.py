@@ -3,20 +3,25 @@
 locked with a Ray token of its own (refused without it; the head gives it to each worker it
 adds), `ray submit`, scale-up and idle scale-down, no secret in any YellowDog document, a flow's
 tasks on workers added for it, workers replaced when their machine fails to boot or is killed,
-and `ray down` leaving nothing. One cluster serves the tests of this module, in order."""
+`ray dashboard` reaching the head's loopback dashboard through SSH, and `ray down` leaving
+nothing. One cluster serves the tests of this module, in order."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import ray
-from autoscaler_helpers import RayCluster, bearer, hold_on_three_workers, ray_client
+import requests
+from autoscaler_helpers import RAY, RayCluster, bearer, hold_on_three_workers, ray_client
 from conftest import assert_nothing_left, wait_for
+from helpers import free_port
 from prefect import flow, task
 from process_nodes import node_networking
 from ray.autoscaler.tags import (
@@ -74,7 +79,9 @@ def cluster(local_platform: LocalPlatform, tmp_path_factory: pytest.TempPathFact
     if local_platform.runner is None or local_platform.runner.network.mode != "bridge":
         pytest.fail("the autoscaler tests need process nodes on a bridge (root)")
     bridge = local_platform.runner.network.bridge
-    ray_cluster = RayCluster(local_platform, tmp_path_factory.mktemp("autoscaler"))
+    # The head.sh default (the example turns it off to spare a small machine).
+    ray_cluster = RayCluster(local_platform, tmp_path_factory.mktemp("autoscaler"),
+                             provider__task_environment__RAY_INCLUDE_DASHBOARD="true")
     try:
         ray_cluster.up()
         # `ray up` returns once the head node runs; its task starts Ray a few seconds later.
@@ -225,6 +232,36 @@ def test_a_second_ray_up_reattaches_to_the_running_cluster(cluster: RayCluster) 
     assert "No head node found" not in result.stdout + result.stderr
     (after,) = _live_requirements(cluster)
     assert after.id == before.id
+
+
+def test_ray_dashboard_reaches_the_heads_loopback_dashboard_which_wants_the_token(
+        cluster: RayCluster) -> None:
+    head = _head_ip(cluster)
+    with pytest.raises(requests.ConnectionError):  # on the head's loopback only
+        requests.get(f"http://{head}:8265/api/jobs/", timeout=5)
+    port = free_port()
+    tunnel = subprocess.Popen([RAY, "dashboard", "--port", str(port), str(cluster.path)],
+                              env=cluster.environment, cwd=cluster.directory,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              start_new_session=True)
+    jobs = f"http://127.0.0.1:{port}/api/jobs/"
+    try:
+        wait_for(lambda: _answers(jobs), 60, interval=0.5, what="ray dashboard's tunnel")
+        assert requests.get(jobs, timeout=30).status_code == 401
+        with_token = requests.get(
+            jobs, headers={"Authorization": f"Bearer {cluster.token()}"}, timeout=30)
+        assert with_token.status_code == 200 and isinstance(with_token.json(), list)
+    finally:
+        os.killpg(tunnel.pid, signal.SIGTERM)
+        tunnel.wait(30)
+
+
+def _answers(url: str) -> bool:
+    try:
+        requests.get(url, timeout=5)
+    except requests.ConnectionError:
+        return False
+    return True
 
 
 def test_a_restarted_monitor_finds_the_same_nodes_and_tags(
