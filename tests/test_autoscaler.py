@@ -242,7 +242,7 @@ def test_ray_dashboard_reaches_the_heads_loopback_dashboard_which_wants_the_toke
     port = free_port()
     tunnel = subprocess.Popen([RAY, "dashboard", "--port", str(port), str(cluster.path)],
                               env=cluster.environment, cwd=cluster.directory,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True)
     jobs = f"http://127.0.0.1:{port}/api/jobs/"
     try:
