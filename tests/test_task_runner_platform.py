@@ -271,18 +271,33 @@ def _pool_ips() -> dict[str, str]:
             for resource in node["Resources"] if resource.startswith(POOL_RESOURCE_PREFIX)}
 
 
+@task
+def job_worker_logs() -> list[str]:
+    """The log files of every worker process that the flow's Ray job started on this node."""
+    import glob
+
+    logs = ray._private.worker.global_worker.node.get_logs_dir_path()
+    job = ray.get_runtime_context().get_job_id()
+    return sorted(glob.glob(f"{logs}/worker-*-{job}-*.out"))
+
+
 def test_placement_sends_tasks_to_the_named_pool(two_pool_runner):
+    """Each pool's tasks run on its node, in the one worker process of the flow's job there:
+    the connect's version probe and warm-up share it rather than start one each."""
     @flow(task_runner=two_pool_runner)
     def placed():
-        futures = {}
+        futures, logs = {}, {}
         for pool in ("a", "b"):
             with placement(worker_pool=pool):
                 futures[pool] = [node_ip.submit(x) for x in range(4)]
-        return {pool: {f.result()[1] for f in fs} for pool, fs in futures.items()}, _pool_ips()
+                logs[pool] = job_worker_logs.submit(wait_for=futures[pool])
+        return ({pool: {f.result()[1] for f in fs} for pool, fs in futures.items()}, _pool_ips(),
+                {pool: future.result() for pool, future in logs.items()})
 
-    ran, pool_ips = placed()
+    ran, pool_ips, logs = placed()
     assert pool_ips["a"] != pool_ips["b"]
     assert ran == {"a": {pool_ips["a"]}, "b": {pool_ips["b"]}}
+    assert [len(files) for files in logs.values()] == [1, 1], logs
 
 
 def _worker_node_ids(platform, cluster_name: str) -> list[str]:

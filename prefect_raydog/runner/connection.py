@@ -127,13 +127,13 @@ def check_node_versions(meanwhile: Callable[[], object] | None = None,
     runs on the head too), and raise one `NodeEnvironmentError` naming every version that is
     not the driver's, before any task is sent; the same probe tries `api_url` (the Prefect API
     URL the nodes are given) and raises one `NodeAPIUnreachableError` when a node gets no
-    answer there. `meanwhile` runs once the probes are sent: work queued behind them on a node
-    reuses the worker process a probe started. Its error is raised after the probes' (a head
-    without prefect-raydog cannot take the warm-up, and the probes say why)."""
+    answer there. `meanwhile` runs once every probe has answered and passed: work sent sooner
+    would start a second worker process on each node while the probe's still starts; sent now,
+    it takes the probe's, idle by then."""
     nodes = sorted((node for node in ray.nodes()
                     if node.get("Alive") and node["NodeID"] not in _CHECKED),
                    key=lambda node: (_place(node) != "the head", _place(node)))
-    found, failed = _probe(nodes, api_url, meanwhile, timeout_s)
+    found = _probe(nodes, api_url, timeout_s)
     driver = versions.own()
     mismatched = _grouped(nodes, lambda node: versions.mismatches(driver, found[node["NodeID"]],
                                                                    "\0"))
@@ -144,8 +144,8 @@ def check_node_versions(meanwhile: Callable[[], object] | None = None,
     if unreached:
         why = "; ".join(f"{_where(places)}: {reason}" for reason, places in unreached.items())
         raise versions.NodeAPIUnreachableError(API_UNREACHABLE.format(url=api_url, why=why))
-    if failed is not None:
-        raise failed
+    if meanwhile is not None:
+        meanwhile()
     _CHECKED.update(dict.fromkeys(found, api_url))
 
 
@@ -154,11 +154,9 @@ def nodes_reaching(api_url: str | None) -> list[str]:
     return [node for node, url in _CHECKED.items() if url is not None and url == api_url]
 
 
-def _probe(nodes: list[dict[str, Any]], api_url: str | None,
-           meanwhile: Callable[[], object] | None, timeout_s: float
-           ) -> tuple[dict[str, dict], Exception | None]:
-    """What `versions.probe` found on each of `nodes`, by node id, and how `meanwhile`
-    failed, if it did."""
+def _probe(nodes: list[dict[str, Any]], api_url: str | None, timeout_s: float
+           ) -> dict[str, dict]:
+    """What `versions.probe` found on each of `nodes`, by node id."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     ray.cloudpickle.register_pickle_by_value(versions)  # runs where prefect-raydog is missing
@@ -167,12 +165,6 @@ def _probe(nodes: list[dict[str, Any]], api_url: str | None,
                                                                               soft=False))
             .remote(api_url, versions.API_PROBE_TIMEOUT_S)
             for node in nodes]
-    failed = None
-    if meanwhile is not None:
-        try:
-            meanwhile()
-        except Exception as exc:  # noqa: BLE001 - the probes' answer says why first
-            failed = exc
     deadline, found = time.monotonic() + timeout_s, {}
     for node, ref in zip(nodes, refs, strict=True):
         try:
@@ -182,7 +174,7 @@ def _probe(nodes: list[dict[str, Any]], api_url: str | None,
                 f"Could not read the versions of {_place(node)} ({node['NodeManagerAddress']}): "
                 f"{exc}"
             ) from exc
-    return found, failed
+    return found
 
 
 def _grouped(nodes: list[dict[str, Any]], lines_of: Callable[[dict[str, Any]], Iterable[str]]
