@@ -31,7 +31,7 @@ from ray.autoscaler.tags import (
     TAG_RAY_NODE_KIND,
     TAG_RAY_NODE_STATUS,
 )
-from test_locked_head import ray_job
+from test_locked_head import ray_job, refused_job
 from yellowdog_client.model import (
     InstanceSearch,
     NodeSearch,
@@ -173,11 +173,10 @@ def test_ray_up_makes_one_work_requirement_whose_head_runs_rays_autoscaler(
 def test_the_cluster_is_locked_and_the_head_gives_its_token_to_the_workers_it_adds(
         cluster: RayCluster) -> None:
     head = _head_ip(cluster)
-    refused = ray_job(f"ray://{head}:10001", RAY_AUTH_MODE="disabled")
+    refused = refused_job(f"ray://{head}:10001")
     # The task needs a CPU, which only a worker the autoscaler adds for it has.
     accepted = ray_job(f"ray://{head}:10001", RAY_AUTH_MODE="token",
                        RAY_AUTH_TOKEN=cluster.token())
-    # Ray Client retries a refused handshake until it gives up: "ray client connection timeout".
     assert refused.returncode != 0 and "answer" not in refused.stdout
     assert accepted.stdout.split() == ["answer", "42"], accepted.stderr[-3000:]
     assert _worker_tasks(cluster), "a worker node ran it"

@@ -19,7 +19,7 @@ import pytest
 from helpers import authorizing_userdata
 from test_cli_clusters import assert_one_line_error, invoke
 from test_local_ssh import make_key
-from test_locked_head import ray_job
+from test_locked_head import refused_job
 from test_token_auth import authorizing, platform_records
 
 from prefect_raydog import ClusterSpec
@@ -88,7 +88,7 @@ def test_up_with_an_ssh_key_locks_the_cluster_it_leaves_and_down_deletes_its_tok
         assert up.exit_code == 0, up.output
         token, mode = token_file.read_text(), stat.S_IMODE(token_file.stat().st_mode)
         head = up.output.split("head private IP: ")[1].split()[0]
-        refused = ray_job(f"ray://{head}:10001", RAY_AUTH_MODE="disabled")
+        refused = refused_job(f"ray://{head}:10001")
         ran_on = _attached_flow(head, platform.host_address, token_file, prefect_api)
     finally:
         down = invoke(platform, "down", str(state))

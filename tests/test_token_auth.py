@@ -88,9 +88,9 @@ def _probe(key: Path, head: str) -> tuple[str, object, object]:
 
 
 def _probe_without_token(head: str) -> subprocess.CompletedProcess[str]:
-    from test_locked_head import ray_job
+    from test_locked_head import refused_job
 
-    return ray_job(f"ray://{head}:10001", RAY_AUTH_MODE="disabled")
+    return refused_job(f"ray://{head}:10001")
 
 
 def platform_records(platform) -> tuple[list[dict], list[str], list[str]]:

@@ -35,10 +35,11 @@ IMAGES = Path(__file__).resolve().parent.parent / "docs" / "images"
 SECRET = "s3cr3t-typed-into-the-form"
 # How long a page of Prefect's UI may take to render: Chromium shares two cores with two other
 # test workers starting Ray clusters. Now and then the UI never renders a page it was sent to
-# (a block form: once after two minutes, once not in 300 s on an idle machine), so a page not
-# rendered after RELOAD_S is reloaded.
+# (a block form: once after two minutes, once not in 300 s on an idle machine; in dry runs, one
+# run in two lost a minute or two to it), so a page not rendered after RELOAD_S is reloaded,
+# and again after twice as long each time: a page that renders slowly still gets its time.
 PAGE_S = 300
-RELOAD_S = 60
+RELOAD_S = 15
 # Everything that would reach beyond loopback from a fresh headless profile, switched off.
 CHROMIUM_FLAGS = [
     "--headless=new",
@@ -162,16 +163,19 @@ def _open_form(driver: WebDriver, url: str, first_label: str) -> None:
 
 
 def _until_rendered(driver: WebDriver, rendered: Callable[[], object], what: str) -> None:
-    """Wait up to PAGE_S for `rendered()`, reloading the page every RELOAD_S without it."""
+    """Wait up to PAGE_S for `rendered()`, reloading the page after RELOAD_S without it, then
+    after twice as long each time."""
     deadline = time.monotonic() + PAGE_S
-    reload_at = time.monotonic() + RELOAD_S
+    wait = RELOAD_S
+    reload_at = time.monotonic() + wait
     while not rendered():
         now = time.monotonic()
         if now > deadline:
             pytest.fail(f"Timed out after {PAGE_S} s waiting for {what}")
         if now > reload_at:
             driver.refresh()
-            reload_at = now + RELOAD_S
+            wait *= 2
+            reload_at = now + wait
         time.sleep(0.2)
 
 
