@@ -105,11 +105,8 @@ class Footprint:
         table = _process_table()
         left = [f"{name} (pid {pid})" for pid, (started, name) in self.processes.items()
                 if pid in table and table[pid][1] == started]
-        holders = _bridge_holders()
         for bridge, holder in self.bridges.items():
-            if holders.get(bridge, holder) == holder:
-                left += node_networking(bridge) + ([bridge] if link_exists(bridge) else [])
-                left += [str(path) for path in Path("/etc/netns").glob(f"{bridge}-*")]
+            left += bridge_leftovers(bridge, holder)
         return left
 
     def wait_gone(self, since: float, timeout: float = 60.0) -> float:
@@ -120,6 +117,15 @@ class Footprint:
                 pytest.fail(f"Left {timeout:g} s after the platform's process was ended: {left}")
             time.sleep(0.05)
         return time.monotonic() - since
+
+
+def bridge_leftovers(bridge: str, holder: str) -> list[str]:
+    """What is left on this machine of `bridge`, which the process `holder` (a pid) claimed: its
+    link, node namespaces, veths and hosts files; nothing once another platform has claimed the
+    name since (it writes its lock file before it makes anything, so it is read last)."""
+    left = node_networking(bridge) + ([bridge] if link_exists(bridge) else [])
+    left += [str(path) for path in Path("/etc/netns").glob(f"{bridge}-*")]
+    return left if _bridge_holders().get(bridge, holder) == holder else []
 
 
 def _bridge_holders() -> dict[str, str]:

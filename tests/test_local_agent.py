@@ -21,6 +21,7 @@ from process_nodes import (
     ABORT_GRACE_S,
     Footprint,
     Pools,
+    bridge_leftovers,
     link_exists,
     node_networking,
     process_pools,
@@ -80,9 +81,7 @@ def agent(request: pytest.FixtureRequest, tmp_path: Path,
         agent.close()
     assert agent.processes() == []
     if bridge is not None:
-        assert node_networking(bridge) == []
-        assert not link_exists(bridge)
-        assert not list(Path("/etc/netns").glob(f"{bridge}-*"))
+        assert bridge_leftovers(bridge, str(os.getpid())) == []
 
 
 # ---- the agent on its own ----
@@ -254,7 +253,7 @@ def test_concurrent_bridges_get_distinct_subnets_and_leave_nothing() -> None:
         first.close()
         second.close()
     for network in (first, second):
-        assert node_networking(network.bridge) == [] and not link_exists(network.bridge)
+        assert bridge_leftovers(network.bridge, str(os.getpid())) == []
 
 
 NODE_LISTENS = """{python} -c '
@@ -344,10 +343,9 @@ def test_a_platform_killed_with_sigkill_leaves_nothing_once_its_reaper_is_done()
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="bridges need root")
 def test_leftovers_of_a_platform_that_died_with_its_reaper_are_removed_by_the_next_one() -> None:
-    bridge = _crash_a_platform(kill_its_reaper=True).bridge
+    crashed = _crash_a_platform(kill_its_reaper=True)
     BridgeNetwork().close()
-    assert not link_exists(bridge) and node_networking(bridge) == []
-    assert not list(Path("/etc/netns").glob(f"{bridge}-*"))
+    assert bridge_leftovers(crashed.bridge, crashed.bridges[crashed.bridge]) == []
 
 
 # ---- process nodes through the platform and the SDK ----
