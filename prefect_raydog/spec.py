@@ -19,17 +19,12 @@ LOCAL_NODE_ENVIRONMENT = {
     "RAY_METRICS_EXPORT_PORT": "",
     "RAY_NUM_CPUS": "1",
     "RAY_gcs_rpc_server_reconnect_timeout_s": "5",
-    "RAY_memory_monitor_refresh_ms": "0",
-    "REPORTER_UPDATE_INTERVAL_MS": "60000",
 }
 """What the package's head and worker scripts are told on the local platform's nodes, many to a
 small machine: no dashboard (about 190 MiB and 2-3 s of start on two cores) and no log monitor (a
 Python process per node; task output reaches Prefect through its API), a small object store,
-metrics on a port Ray picks (nodes on loopback share ports), one CPU per worker, a worker
-that gives up 5 s after its head is gone instead of 60, no memory monitor (each raylet would read
-the whole machine's memory four times a second, and kill its workers for the other nodes' use),
-and node stats gathered each minute, not every 5 s (without the dashboard nothing reads them):
-the last two are a third of an idle cluster's CPU."""
+metrics on a port Ray picks (nodes on loopback share ports), one CPU per worker, and a worker
+that gives up 5 s after its head is gone instead of 60."""
 NAME_MAX_LENGTH = 60
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 NAME_RULE = "lower-case letters, digits, '-' and '_', starting with a letter or digit"

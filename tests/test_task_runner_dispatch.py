@@ -11,7 +11,6 @@ import socket
 import threading
 import time
 from collections import Counter
-from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
@@ -487,19 +486,6 @@ def test_a_runner_that_connects_warms_its_job_workers_for_the_first_tasks(addres
     finally:
         connect(address, {}, logging.getLogger(__name__))
     assert all(at is not None for at in warmed), warmed
-
-
-def test_local_nodes_leave_the_memory_they_share_to_the_machine(address):
-    """The local platform's nodes share one machine's memory: a raylet's memory monitor would
-    take all of it for its own node's, and kill that node's workers for the others' use."""
-
-    @ray.remote(num_cpus=1)
-    def raylet_log() -> str:
-        logs = ray._private.worker.global_worker.node.get_logs_dir_path()
-        return (Path(logs) / "raylet.out").read_text()
-
-    assert "`RAY_memory_monitor_refresh_ms` > 0 to enable the monitor" in ray.get(
-        raylet_log.remote())
 
 
 OPENS_WITHOUT_PREFECT = """
