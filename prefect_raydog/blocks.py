@@ -26,7 +26,10 @@ from pydantic import (
 
 from prefect_raydog.spec import (
     CLUSTER_NAME_MAX_LENGTH,
+    LOCAL_IMAGE_VENV,
     LOCAL_NODE_ENVIRONMENT,
+    LOCAL_PROCESS_TEMPLATE,
+    LOCAL_SEALED_TEMPLATE,
     ClusterSpec,
     NodeGroupSpec,
     WorkerPoolSpec,
@@ -41,7 +44,6 @@ if TYPE_CHECKING:
 
 DEFAULT_API_URL = "https://api.yellowdog.ai"
 DOCUMENTATION_URL = "https://github.com/yellowdog/prefect-raydog#readme"
-LOCAL_TEMPLATE_ID = "local/process"
 _DURATION = TypeAdapter(timedelta)
 # "-" plus 8 hex digits identify one flow run's cluster among others from the same block.
 _RUN_SUFFIX_LENGTH = 9
@@ -411,12 +413,22 @@ class RayDogClusterConfig(Block):
     def local(
         cls, api_url: str, api_key_id: str, api_key_secret: str, worker_nodes: int = 2,
         environment: dict[str, str] | None = None, ssh_known_hosts: str | None = None,
+        sealed: bool = False,
     ) -> RayDogClusterConfig:
         """The `local` preset: a head and one pool of `worker_nodes` on a local platform, its
-        nodes' SSH host key pinned when given (`LocalPlatform.ssh_known_hosts`)."""
-        env = {**LOCAL_NODE_ENVIRONMENT, "RAYDOG_VENV": sys.prefix, **(environment or {})}
-        head = NodeGroupSpec(template_id=LOCAL_TEMPLATE_ID, environment=env)
-        workers = WorkerPoolSpec(template_id=LOCAL_TEMPLATE_ID, name="workers",
+        nodes' SSH host key pinned when given (`LocalPlatform.ssh_known_hosts`).
+
+        `sealed` nodes are as a cloud's (`local/vm`: only their image, tasks as `yd-agent`,
+        behind the platform's firewall), reached over SSH with the pinned host key, and their
+        cluster locked with a Ray token; else process nodes that share this machine's Python."""
+        if sealed and not ssh_known_hosts:
+            raise ValueError("ssh_known_hosts: required for sealed nodes, which are reached "
+                             "over SSH (LocalPlatform.ssh_known_hosts)")
+        template = LOCAL_SEALED_TEMPLATE if sealed else LOCAL_PROCESS_TEMPLATE
+        venv = LOCAL_IMAGE_VENV if sealed else sys.prefix
+        env = {**LOCAL_NODE_ENVIRONMENT, "RAYDOG_VENV": venv, **(environment or {})}
+        head = NodeGroupSpec(template_id=template, environment=env)
+        workers = WorkerPoolSpec(template_id=template, name="workers",
                                  count=worker_nodes, environment=env)
         return cls(
             credentials=YellowDogCredentials(
@@ -430,6 +442,7 @@ class RayDogClusterConfig(Block):
             cluster_lifetime=timedelta(hours=1),
             build_timeout=timedelta(minutes=3),
             workers_to_join=worker_nodes,
+            ssh_tunnel=sealed,
             ssh_known_hosts=ssh_known_hosts,
         )
 

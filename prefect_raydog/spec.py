@@ -12,6 +12,9 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 LOCAL_PROCESS_TEMPLATE = "local/process"
+LOCAL_SEALED_TEMPLATE = "local/vm"
+LOCAL_IMAGE_VENV = "/opt/yellowdog/image/venv"
+"""Where a sealed local node (`local/vm`) finds the venv of its image."""
 LOCAL_NODE_ENVIRONMENT = {
     "RAY_INCLUDE_DASHBOARD": "false",
     "RAY_INCLUDE_LOG_MONITOR": "false",

@@ -181,6 +181,17 @@ class RayTunnels:
         self._reverse_ports.append(port)
         return port
 
+    def head_listening(self, port: int = RAY_CLIENT_PORT) -> bool:
+        """Whether the head accepts connections at `port` (a channel to it opens): this end of
+        the tunnel accepts them from the start."""
+        if self._transport is None or not self._transport.is_active():
+            return False
+        try:
+            self._channel_to(self._transport, port).close()
+        except (paramiko.SSHException, EOFError, OSError):
+            return False
+        return True
+
     @property
     def local_ports(self) -> dict[int, int]:
         """The local port forwarding to each remote port."""

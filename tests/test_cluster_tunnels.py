@@ -121,6 +121,20 @@ def test_tunnels_forward_each_remote_port_through_ssh_with_a_private_key(sshd, e
         assert tunnels.is_open
 
 
+def test_the_head_is_listening_only_once_its_own_port_accepts(sshd):
+    """This end of a tunnel accepts from the start; `head_listening` asks the head's port, so
+    the runner's connect waits for a starting head there rather than in Ray Client's backoff."""
+    port = free_port("127.0.0.1")
+    with RayTunnels("127.0.0.1", "root", private_key_file=sshd.key, ssh_port=sshd.port,
+                    remote_ports=(port,), host_keys=sshd.host_keys) as tunnels:
+        socket.create_connection(("127.0.0.1", tunnels.local_ports[port]), timeout=5).close()
+        assert not tunnels.head_listening(port)
+        with socket.create_server(("127.0.0.1", port)):
+            assert tunnels.head_listening(port)
+        assert not tunnels.head_listening(port)
+    assert not tunnels.head_listening(port)
+
+
 def test_a_tunnel_forwards_a_split_reply_without_waiting_for_a_delayed_ack(sshd):
     with (
         split_reply_server() as (_, remote_port),

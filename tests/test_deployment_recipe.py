@@ -22,7 +22,12 @@ from pathlib import Path
 import pytest
 from conftest import wait_for
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    LogFilter,
+    LogFilterFlowRunId,
+)
 from process_nodes import Footprint
 from yellowdog_client import PlatformClient
 from yellowdog_client.model import (
@@ -144,6 +149,16 @@ def test_the_deployment_recipe_runs_a_flow_on_local_platform_nodes(prefect_api, 
         per_node = [int(n) for n in re.findall(r"^\| [\d.]+ \| (\d+) \|$", summary, re.M)]
         # Both workers ran tasks, unless one finished them all before the other took any.
         assert 1 <= len(per_node) <= 2 and sum(per_node) == 100, summary
+        # The platform's nodes sit behind its firewall: the run reached them over SSH alone.
+        logs = _flow_run_log(flow_run_id)
+        assert re.search(r"Connected to the Ray cluster at ray://127\.0\.0\.1:", logs), logs
+        assert "the head's door" in logs and "through the SSH connection" in logs, logs
+
+
+def _flow_run_log(flow_run_id: uuid.UUID) -> str:
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+    return "\n".join(log.message for log in logs)
 
 
 def _cluster_artifact(flow_run_id: uuid.UUID) -> str | None:

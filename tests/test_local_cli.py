@@ -111,3 +111,13 @@ def test_local_start_refuses_a_bad_templates_file(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "must be 'namespace/name'" in result.stdout
+
+
+def test_local_start_refuses_a_firewall_where_nodes_get_no_bridge(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [*START, "--network", "loopback", "--firewall", "--state-dir", str(tmp_path)],
+        capture_output=True, text=True, env=ENVIRONMENT, timeout=60,
+    )
+    assert result.returncode == 1
+    assert "needs the bridge network" in result.stdout
+    assert "pass --no-firewall" in result.stdout

@@ -83,6 +83,10 @@ def test_readme_main_command_works_first_time_and_ends_clean(tmp_path: Path) -> 
     # other has run all 300 quick tasks gets none, as Ray schedules.
     assert head and head[1] not in ran, output[-3000:]
     assert 1 <= len(ran) <= 2 and sum(ran.values()) == 300, output[-3000:]
+    # The nodes are sealed behind the platform's firewall (the tests run as root): the flow
+    # reached them over SSH alone, and they reached its Prefect API through that connection.
+    assert re.search(r"Connected to the Ray cluster at ray://127\.0\.0\.1:", output), output
+    assert "the head's door" in output and "through the SSH connection" in output, output
 
     deadline = time.monotonic() + 30
     while (left := processes_mentioning(str(checkout))) and time.monotonic() < deadline:

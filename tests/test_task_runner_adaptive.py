@@ -1,5 +1,5 @@
 """Adaptive worker pools and eager provisioning of RayDogTaskRunner, on the local platform with
-process nodes, real Ray on them and a real Prefect API."""
+sealed nodes behind its firewall (reached over SSH), real Ray on them and a real Prefect API."""
 
 from __future__ import annotations
 
@@ -37,8 +37,9 @@ LAZY_PREPARES_S = 3.0
 @pytest.fixture(scope="module")
 def slow_platform(tmp_path_factory):
     templates = tmp_path_factory.mktemp("templates") / "templates.toml"
-    templates.write_text(f'[templates."{SLOW_BOOT}"]\nmode = "process"\nboot_delay_s = 3.0\n')
-    with LocalPlatform(templates=templates) as platform:
+    templates.write_text(f'[templates."{SLOW_BOOT}"]\nmode = "process"\nboot_delay_s = 3.0\n'
+                         'image = "driver"\n')
+    with LocalPlatform(templates=templates, firewall=True) as platform:
         yield platform
 
 
@@ -54,7 +55,8 @@ def quick_cooldown(monkeypatch):
 
 
 def _config(platform: LocalPlatform, pools: list[dict], **fields) -> RayDogClusterConfig:
-    config = RayDogClusterConfig.local(platform.url, platform.key_id, platform.key_secret)
+    config = RayDogClusterConfig.local(platform.url, platform.key_id, platform.key_secret,
+                                       ssh_known_hosts=platform.ssh_known_hosts, sealed=True)
     template = config.worker_pools[0]
     worker_pools = [WorkerPoolSpec(**{**template.model_dump(exclude={"name", "count"}), **pool})
                     for pool in pools]
@@ -64,7 +66,7 @@ def _config(platform: LocalPlatform, pools: list[dict], **fields) -> RayDogClust
 
 
 def _runner(platform: LocalPlatform, config: RayDogClusterConfig, **options) -> RayDogTaskRunner:
-    return RayDogTaskRunner(cluster=config, api_relay_address=platform.host_address, **options)
+    return RayDogTaskRunner(cluster=config, **options)
 
 
 def _pool_nodes(platform: LocalPlatform, pool_suffix: str) -> int:

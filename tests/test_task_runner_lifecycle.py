@@ -1,6 +1,7 @@
 """How a RayDogTaskRunner's cluster ends outside the happy path: its guardian, or the platform's
 own backstop, after the flow process is SIGKILLed, and deployment runs by a process worker,
-completed or cancelled."""
+completed or cancelled; on the `local` preset's sealed nodes behind the platform's firewall,
+reached over SSH."""
 
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from prefect.workers.process import ProcessWorker
 from process_nodes import Footprint
 
 from prefect_raydog.blocks import RayDogClusterConfig
+from prefect_raydog.local import LocalPlatform
 
 pytestmark = pytest.mark.ray
 BLOCK = "local-lifecycle-cluster"
@@ -42,9 +44,16 @@ POOL = "lifecycle-process-pool"
 
 
 @pytest.fixture(scope="module")
+def local_platform():
+    with LocalPlatform(firewall=True) as platform:
+        yield platform
+
+
+@pytest.fixture(scope="module")
 def saved_configs(prefect_api, local_platform):
     config = RayDogClusterConfig.local(
-        local_platform.url, local_platform.key_id, local_platform.key_secret
+        local_platform.url, local_platform.key_id, local_platform.key_secret,
+        ssh_known_hosts=local_platform.ssh_known_hosts, sealed=True,
     )
     config.save(BLOCK, overwrite=True)
     short_lived = config.model_copy(update={
@@ -66,7 +75,7 @@ def _start_long_flow(block: str, platform, tmp_path) -> tuple[subprocess.Popen, 
     script, marker = tmp_path / "flow.py", tmp_path / "flow-run-id"
     script.write_text(LONG_FLOW)
     process = subprocess.Popen(
-        [sys.executable, str(script), block, platform.host_address, str(marker)],
+        [sys.executable, str(script), block, "", str(marker)],
         env=_prefect_env(), start_new_session=True,
     )
     flow_run_id = uuid.UUID(wait_for(lambda: marker.exists() and marker.read_text(),
@@ -149,7 +158,7 @@ def node_ip(x: int, sleep: float):
     time.sleep(sleep)
     return x + 1, ray.util.get_node_ip_address()
 
-@flow(task_runner=RayDogTaskRunner(cluster={block!r}, api_relay_address={relay!r}))
+@flow(task_runner=RayDogTaskRunner(cluster={block!r}))
 def deployed(out: str, count: int = 4, sleep: float = 0.0):
     futures = node_ip.map(range(count), sleep=sleep)
     pathlib.Path(out + ".submitted").write_text("submitted")
@@ -164,7 +173,7 @@ def deployment(saved_configs, local_platform, tmp_path_factory):
     """A deployment of DEPLOYED_FLOW on a process work pool, and a worker serving that pool."""
     source = tmp_path_factory.mktemp("deployed")
     (source / "deployed_flow.py").write_text(
-        DEPLOYED_FLOW.format(block=BLOCK, relay=local_platform.host_address)
+        DEPLOYED_FLOW.format(block=BLOCK)
     )
     with get_client(sync_client=True) as client:
         client.create_work_pool(WorkPoolCreate(

@@ -1,5 +1,7 @@
 """RayDogTaskRunner provisioning a real cluster on the local platform, through the real SDK,
-with a real Prefect API that the nodes reach through the runner's relay."""
+with a real Prefect API: the `local` preset's sealed nodes (only their image, tasks as
+`yd-agent`) behind the platform's firewall, reached over SSH, the nodes reaching the API
+through the same connection."""
 
 from __future__ import annotations
 
@@ -36,7 +38,9 @@ from prefect.settings import PREFECT_API_URL
 from process_nodes import Footprint
 
 from prefect_raydog.blocks import RayDogClusterConfig
+from prefect_raydog.local import LocalPlatform
 from prefect_raydog.runner.placement import POOL_RESOURCE_PREFIX
+from prefect_raydog.spec import LOCAL_IMAGE_VENV
 from prefect_raydog.task_runners import RayDogTaskRunner, placement
 
 pytestmark = pytest.mark.ray
@@ -46,25 +50,34 @@ ONE_WORKER_BLOCK = "local-test-cluster-1"
 
 
 @pytest.fixture(scope="module")
+def local_platform():
+    """Nodes behind a cloud's firewall: this module's flows reach them over SSH alone."""
+    with LocalPlatform(firewall=True) as platform:
+        yield platform
+
+
+def sealed_config(platform: LocalPlatform, worker_nodes: int = 2) -> RayDogClusterConfig:
+    return RayDogClusterConfig.local(platform.url, platform.key_id, platform.key_secret,
+                                     worker_nodes, ssh_known_hosts=platform.ssh_known_hosts,
+                                     sealed=True)
+
+
+@pytest.fixture(scope="module")
 def saved_config(prefect_api, local_platform):
-    config = RayDogClusterConfig.local(
-        local_platform.url, local_platform.key_id, local_platform.key_secret
-    )
+    config = sealed_config(local_platform)
     config.save(BLOCK, overwrite=True)
-    RayDogClusterConfig.local(
-        local_platform.url, local_platform.key_id, local_platform.key_secret, worker_nodes=1
-    ).save(ONE_WORKER_BLOCK, overwrite=True)
+    sealed_config(local_platform, worker_nodes=1).save(ONE_WORKER_BLOCK, overwrite=True)
     return config
 
 
 @pytest.fixture
 def runner(saved_config, platform):
-    return RayDogTaskRunner(cluster=BLOCK, api_relay_address=platform.host_address)
+    return RayDogTaskRunner(cluster=BLOCK)
 
 
 @pytest.fixture
 def one_worker_runner(saved_config, platform):
-    return RayDogTaskRunner(cluster=ONE_WORKER_BLOCK, api_relay_address=platform.host_address)
+    return RayDogTaskRunner(cluster=ONE_WORKER_BLOCK)
 
 
 @task
@@ -110,9 +123,10 @@ def test_one_flow_run_maps_nests_and_calls_a_subflow_on_its_one_cluster(runner, 
     def parent():
         results = node_ip_on_both_workers.map(range(200)).result()
         nested = submits_from_its_worker.submit(1).result()
-        return results, nested, child(), head_ips(), flow_run.id
+        return results, nested, child(), head_ips(), flow_run.id, node_user.submit().result()
 
-    results, ((inner_value, inner_ip), outer_ip), environment, heads, flow_run_id = parent()
+    results, ((inner_value, inner_ip), outer_ip), environment, heads, flow_run_id, user = parent()
+    assert user == ("yd-agent", LOCAL_IMAGE_VENV)  # a sealed node's, from its image
     assert [value for value, _ in results] == [x + 1 for x in range(200)]
     ips = {ip for _, ip in results}
     assert len(ips) == 2
@@ -164,7 +178,6 @@ def test_a_subflow_with_its_own_runner_runs_on_the_cluster_its_parent_provisione
         return ray_namespace.submit().result()
 
     @flow(task_runner=RayDogTaskRunner(cluster=ONE_WORKER_BLOCK,
-                                       api_relay_address=platform.host_address,
                                        init_kwargs={"namespace": "nested-parent"}))
     def parent():
         before = ray_namespace.submit().result()
@@ -223,6 +236,13 @@ def test_failing_task_fails_the_flow_and_tears_down(one_worker_runner):
 
 
 @task
+def node_user() -> tuple[str, str]:
+    import getpass
+
+    return getpass.getuser(), sys.prefix
+
+
+@task
 def node_environment() -> dict[str, str]:
     import os
 
@@ -256,13 +276,11 @@ def test_runner_pickles_without_the_secret(runner):
 
 @pytest.fixture
 def two_pool_runner(prefect_api, local_platform, platform):
-    config = RayDogClusterConfig.local(
-        local_platform.url, local_platform.key_id, local_platform.key_secret
-    )
+    config = sealed_config(local_platform)
     pool = config.worker_pools[0]
     config.worker_pools = [pool.model_copy(update={"name": n, "count": 1}) for n in ("a", "b")]
     config.save(f"{BLOCK}-2", overwrite=True)
-    return RayDogTaskRunner(cluster=f"{BLOCK}-2", api_relay_address=platform.host_address)
+    return RayDogTaskRunner(cluster=f"{BLOCK}-2")
 
 
 def _pool_ips() -> dict[str, str]:
@@ -373,7 +391,7 @@ def test_signal_to_a_running_flow_process_tears_the_cluster_down(
     script.write_text(LONG_FLOW)
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "RAY_AUTH_MODE": "disabled"}
     process = subprocess.Popen(
-        [sys.executable, str(script), ONE_WORKER_BLOCK, platform.host_address, str(marker)],
+        [sys.executable, str(script), ONE_WORKER_BLOCK, "", str(marker)],
         env=env,
     )
     try:

@@ -48,6 +48,14 @@ def start(
     network: Annotated[Network, typer.Option(help="How process nodes are networked.")] = (
         Network.AUTO
     ),
+    firewall: Annotated[
+        bool | None,
+        typer.Option(
+            "--firewall/--no-firewall",
+            help="Put the nodes behind a cloud's firewall (they reach this machine at the API "
+                 "alone, it reaches them at SSH alone) [default: on with bridge networking].",
+        ),
+    ] = None,
     state_dir: StateDir = DEFAULT_STATE_DIR,
 ) -> None:
     """Run a local YellowDog platform until Ctrl-C, SIGTERM or SIGHUP, printing its URL and
@@ -63,14 +71,14 @@ def start(
         identity = directory.load() or PlatformIdentity.new()
         if port is not None:
             identity.port = port
-        _serve_platform(identity, host, templates, network, directory)
+        _serve_platform(identity, host, templates, network, firewall, directory)
     finally:
         directory.unlock()
 
 
 def _serve_platform(
     identity: PlatformIdentity, host: str, templates: Path | None, network: Network,
-    directory: StateDirectory,
+    firewall: bool | None, directory: StateDirectory,
 ) -> None:
     from prefect_raydog.local import LocalPlatform
     from prefect_raydog.local.templates import TemplateError
@@ -82,13 +90,15 @@ def _serve_platform(
         platform = LocalPlatform(
             templates=templates, host=host, port=identity.port, network=network.value,
             key_id=identity.key_id, key_secret=identity.key_secret,
-            bridge_index=identity.bridge_index,
+            bridge_index=identity.bridge_index, firewall=firewall,
         )
     except TemplateError as error:
         console.print(f"[red]Invalid templates file:[/red] {error}", markup=True, highlight=False)
         raise typer.Exit(2) from None
     try:
         platform.start()
+    except RuntimeError as error:  # a firewall asked for where nodes get no bridge
+        raise fail(f"{error}; run as root, or pass --no-firewall") from None
     except OSError as error:
         raise fail(
             f"cannot listen on {host}:{identity.port} (kept in {directory.identity_file}): "
@@ -98,6 +108,7 @@ def _serve_platform(
         platform.keep_ssh_host_key(directory.path)
         identity.port, identity.bridge_index = platform.port, platform.bridge_index
         identity.url, identity.node_address = platform.url, platform.host_address
+        identity.firewall = bool(platform.firewall)
         directory.save(identity)
         _print_platform(platform, directory)
         threading.Event().wait()
@@ -114,6 +125,9 @@ def _print_platform(platform: LocalPlatform, directory: StateDirectory) -> None:
     console.print(f"  templates:  {', '.join(platform.templates.ids())}")
     console.print(f"  nodes reach this machine at {platform.host_address}", highlight=False)
     console.print(f"  state kept in {directory.path}", highlight=False)
+    if platform.firewall:
+        console.print("  nodes sealed as cloud VMs (local/vm), behind a firewall: this machine "
+                      "reaches them at SSH alone", highlight=False)
     if platform.ssh_known_hosts is not None:
         console.print(f"  nodes' SSH host key: {platform.ssh_known_hosts.strip()}",
                       highlight=False)
@@ -131,7 +145,8 @@ def save_block(
     worker_nodes: Annotated[int, typer.Option(help="Process nodes in the worker pool.")] = 2,
 ) -> None:
     """Save a RayDogClusterConfig block (the `local` preset) for the local platform of the state
-    directory: its URL and key, and the address where its nodes reach the Prefect API relay."""
+    directory: its URL and key; sealed nodes reached over SSH behind its firewall, or else the
+    address where its nodes reach the Prefect API relay."""
     from prefect_raydog.blocks import RayDogClusterConfig
     from prefect_raydog.local.identity import StateDirectory
 
@@ -145,10 +160,14 @@ def save_block(
     config = RayDogClusterConfig.local(
         identity.url, identity.key_id, identity.key_secret, worker_nodes,
         ssh_known_hosts=host_key.read_text() if host_key.is_file() else None,
-    ).model_copy(update={"api_relay_address": identity.node_address})
+        sealed=identity.firewall,
+    )
+    if not identity.firewall:
+        config = config.model_copy(update={"api_relay_address": identity.node_address})
     config.save(name, overwrite=True)
+    how = "sealed nodes reached over SSH" if identity.firewall else "process nodes"
     console.print(f"Saved RayDogClusterConfig {name!r} for the local platform at "
-                  f"{identity.url}.", highlight=False)
+                  f"{identity.url} ({how}).", highlight=False)
 
 
 def _interrupt(signum: int, frame: object) -> None:

@@ -21,7 +21,8 @@ class StateDirectoryBusy(RuntimeError):
 
 @dataclass
 class PlatformIdentity:
-    """What a restart keeps; `url` and `node_address` are those of the last start."""
+    """What a restart keeps; `url`, `node_address` and `firewall` are those of the last
+    start."""
 
     key_id: str
     key_secret: str
@@ -29,6 +30,7 @@ class PlatformIdentity:
     bridge_index: int | None = None
     url: str = ""
     node_address: str = ""
+    firewall: bool = False
 
     @classmethod
     def new(cls) -> PlatformIdentity:

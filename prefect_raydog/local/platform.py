@@ -45,7 +45,7 @@ class LocalPlatform:
         key_secret: str | None = None,
         base_path: str = "",
         bridge_index: int | None = None,
-        firewall: bool = False,
+        firewall: bool | None = False,
         public_host_ports: tuple[int, ...] = (),
     ) -> None:
         self.host, self.port, self.network = host, port, network
@@ -85,6 +85,8 @@ class LocalPlatform:
         if self._server is not None:
             raise RuntimeError("LocalPlatform is already started")
         reason = self._create_runner()
+        if self.firewall is None:
+            self.firewall = self.sealed_nodes
         self.state = PlatformState(self.templates, self.runner, reason)
         self.state.start()
         try:
@@ -229,6 +231,12 @@ class LocalPlatform:
     def host_address(self) -> str:
         """Where node processes reach services that run on this machine."""
         return self.runner.host_address if self.runner is not None else "127.0.0.1"
+
+    @property
+    def sealed_nodes(self) -> bool:
+        """Whether nodes can be sealed as cloud VMs (`local/vm`, the firewall, SSH): process
+        nodes on a bridge."""
+        return self.runner is not None and self.runner.network.mode == "bridge"
 
     @property
     def ssh_known_hosts(self) -> str | None:

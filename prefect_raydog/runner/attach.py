@@ -73,7 +73,8 @@ def attach_to_head(cluster: RayDogCluster, config: RayDogClusterConfig,
     token = cluster.ray_client_kwargs()
     runtime_env = _runtime_env(init_kwargs, "token" if token else "disabled")
     connect(address, {**init_kwargs, **token, "runtime_env": runtime_env}, logger, stop,
-            head_ended=lambda: head_task_end(cluster))
+            head_ended=lambda: head_task_end(cluster),
+            listening=tunnels.head_listening if tunnels else None)
     stack.callback(disconnect)
     return tunnels
 

@@ -42,29 +42,32 @@ _CHECKED: dict[str, str | None] = {}
 
 def connect(address: str, init_kwargs: dict[str, Any], logger: Any,
             stop: threading.Event | None = None,
-            head_ended: Callable[[], str | None] | None = None) -> None:
+            head_ended: Callable[[], str | None] | None = None,
+            listening: Callable[[], bool] | None = None) -> None:
     """Connect to Ray, retrying while a new head's client server is still starting (until
     `stop` is set: the flow run ended while its cluster was starting; or until `head_ended()`
-    says how the head's task ended). The nodes' versions are the caller's to check
+    says how the head's task ended). Through a tunnel, `listening()` says whether the head's
+    client server listens. The nodes' versions are the caller's to check
     (`check_node_versions`), once the nodes it waits for have joined."""
     kwargs = {"namespace": "prefect", "log_to_driver": False, **init_kwargs}
     if address == "local":
         kwargs.setdefault("include_dashboard", False)
     with _logs_dropped(_TUNNEL_RETRY_NOISE):
-        _connect(address, kwargs, stop, _Throttled(head_ended or (lambda: None)))
+        _connect(address, kwargs, stop, _Throttled(head_ended or (lambda: None)), listening)
     alive = [node for node in ray.nodes() if node.get("Alive")]
     logger.info("Connected to the Ray cluster at %s: %d node(s).", address, len(alive))
 
 
 def _connect(address: str, kwargs: dict[str, Any], stop: threading.Event | None,
-             ended: _Throttled) -> None:
+             ended: _Throttled, listening: Callable[[], bool] | None) -> None:
     deadline, attempt = time.monotonic() + CLIENT_CONNECT_TIMEOUT_S, 0
     if address.startswith("ray://"):  # connect as soon as a starting head's port is open
         from prefect_raydog.cluster.client import wait_until_listening
 
         head = urlsplit(address)
         wait_until_listening(head.hostname, head.port or 10001, CLIENT_CONNECT_TIMEOUT_S,
-                             lambda: (stop is not None and stop.is_set()) or bool(ended()))
+                             lambda: (stop is not None and stop.is_set()) or bool(ended()),
+                             listening)
         check_not_stopped(stop)
         _check_head_running(address, ended())
     while True:

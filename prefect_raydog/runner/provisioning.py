@@ -109,9 +109,13 @@ class Provisioning:
         if settings.cluster is None:
             from prefect_raydog.local import LocalPlatform
 
-            platform = self._stack.enter_context(LocalPlatform())
-            config = RayDogClusterConfig.local(platform.url, platform.key_id, platform.key_secret)
-            return config, settings.api_relay_address or platform.host_address
+            # Sealed as a cloud's nodes wherever this machine can (bridge networking, as root).
+            platform = self._stack.enter_context(LocalPlatform(firewall=None))
+            config = RayDogClusterConfig.local(
+                platform.url, platform.key_id, platform.key_secret,
+                ssh_known_hosts=platform.ssh_known_hosts, sealed=bool(platform.firewall))
+            relay_host = None if platform.firewall else platform.host_address
+            return config, settings.api_relay_address or relay_host
         if settings.cluster.startswith("unsaved:"):
             config = settings.unsaved_config or unsaved_config(settings.cluster)
             if config is None:
