@@ -7,11 +7,13 @@ Ray Client (`ray://HEAD:10001`), in alternating rounds, and report to one Prefec
 the nodes reach through a relay on the platform's host-side bridge address. Ray never runs on
 this machine's own network. Plain `ray.remote` calls through the same Ray Client give the floor,
 warm in the same rounds and cold in fresh driver processes (`--cold KIND ADDRESS TASKS` is one
-such process). `first_task_after_ready_s` provisions a second cluster through the runner itself;
-it, the cold runs and the flow of 10,000 tasks are not in the `--quick` run. `--smoke` runs them
-all once, with a few tasks each, one worker node, and the cold runs side by side; it leaves out
-`first_task_attached_s` (its flow is the first-task-after-ready one's). Each stage's time goes
-to stderr.
+such process). `first_task_after_ready_s` provisions a cluster through the runner itself on the
+path a user takes by default (the sealed `local` preset on a second platform, behind its
+firewall, reached over SSH), `first_task_after_ready_unsealed_s` one on the first platform's
+open nodes; they, the cold runs and the flow of 10,000 tasks are not in the `--quick` run.
+`--smoke` runs them all once (the sealed first task alone), with a few tasks each, one worker
+node, and the cold runs side by side; it leaves out `first_task_attached_s` (its flow is the
+first-task-after-ready one's). Each stage's time goes to stderr.
 """
 
 from __future__ import annotations
@@ -227,14 +229,15 @@ def _until_listening(host: str, at: dict[str, float]) -> None:
 
 
 def _first_task_after_platform_ready(
-    platform: LocalPlatform, config: RayDogClusterConfig
+    platform: LocalPlatform, config: RayDogClusterConfig, suffix: str = ""
 ) -> dict[str, float]:
     """Seconds from the platform running every node task to the first Prefect task running,
     for a cluster the runner provisions (the runner's own start-up cost), and to each step
-    on the way there."""
+    on the way there; each key ends with `suffix`."""
     from yellowdog_client.model import TaskSearch, WorkRequirementSearch
 
-    runner = RayDogTaskRunner(cluster=config, api_relay_address=platform.host_address)
+    relay = None if config.ssh_tunnel else platform.host_address
+    runner = RayDogTaskRunner(cluster=config, api_relay_address=relay)
     with _step_times() as steps:
         first_task, process_started = _first_task_at(runner)
     steps["worker_process_started"] = process_started
@@ -245,10 +248,26 @@ def _first_task_after_platform_ready(
     newest = max(requirements, key=lambda requirement: requirement.createdTime)
     tasks = work.get_tasks(TaskSearch(workRequirementId=newest.id)).iterate()
     ready = max(task.startedTime.timestamp() for task in tasks)
-    figures = {
-        f"first_task_{step}_after_ready_s": round(at - ready, 2) for step, at in steps.items()
-    }
-    return figures | {"first_task_after_ready_s": round(first_task - ready, 2)}
+    figures = {f"first_task_{step}_after_ready{suffix}_s": round(at - ready, 2)
+               for step, at in steps.items()}
+    return figures | {f"first_task_after_ready{suffix}_s": round(first_task - ready, 2)}
+
+
+def _first_task_figures(platform: LocalPlatform, config: RayDogClusterConfig, scale: Scale
+                        ) -> dict[str, float]:
+    """The first task's figures on the path a user takes by default: sealed nodes behind a
+    platform's firewall, reached over SSH; and (but in a smoke run) on `platform`'s open
+    nodes, reached at their private addresses."""
+    with LocalPlatform(firewall=True) as sealed:
+        sealed_config = RayDogClusterConfig.local(
+            sealed.url, sealed.key_id, sealed.key_secret, worker_nodes=scale.worker_nodes,
+            ssh_known_hosts=sealed.ssh_known_hosts, sealed=True)
+        figures = _first_task_after_platform_ready(sealed, sealed_config)
+    stage("first task after ready, sealed (a cluster of its own)")
+    if scale is not SMOKE:
+        figures |= _first_task_after_platform_ready(platform, config, "_unsealed")
+        stage("first task after ready, unsealed (a cluster of its own)")
+    return figures
 
 
 def _rss_kib() -> int:
@@ -466,9 +485,8 @@ def run(scale: Scale) -> dict[str, Any]:
             platform.url, platform.key_id, platform.key_secret, worker_nodes=scale.worker_nodes
         )
         first_task = {}
-        if scale.every_figure:  # a cluster of its own
-            first_task = _first_task_after_platform_ready(platform, config)
-            stage("first task after ready (a cluster of its own)")
+        if scale.every_figure:  # clusters of their own
+            first_task = _first_task_figures(platform, config, scale)
         with (
             _api_for_nodes(platform.host_address) as api_url,
             _provisioned(platform, config, scale.worker_nodes) as address,
