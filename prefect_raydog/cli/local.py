@@ -81,6 +81,7 @@ def _serve_platform(
     firewall: bool | None, directory: StateDirectory,
 ) -> None:
     from prefect_raydog.local import LocalPlatform
+    from prefect_raydog.local.network import IsolationUnavailable
     from prefect_raydog.local.templates import TemplateError
 
     # `timeout`, `docker stop`, systemd and a closed terminal stop it in order, as Ctrl-C does.
@@ -97,7 +98,7 @@ def _serve_platform(
         raise typer.Exit(2) from None
     try:
         platform.start()
-    except RuntimeError as error:  # a firewall asked for where nodes get no bridge
+    except IsolationUnavailable as error:  # a firewall asked for where nodes get no bridge
         raise fail(f"{error}; run as root, or pass --no-firewall") from None
     except OSError as error:
         raise fail(

@@ -101,10 +101,11 @@ class LocalPlatform:
     def _close_host(self, no_runner_because: str) -> None:
         """Nodes reach this machine only at the API and `public_host_ports`, as cloud machines
         reach YellowDog and the internet; this machine reaches nodes only at SSH."""
+        from prefect_raydog.local.network import IsolationUnavailable
         from prefect_raydog.local.ssh import SSH_PORT
 
         if self.runner is None:
-            raise RuntimeError(f"firewall=True needs process nodes: {no_runner_because}")
+            raise IsolationUnavailable(f"firewall=True needs process nodes: {no_runner_because}")
         self.runner.close_host((self.port, *self.public_host_ports), (SSH_PORT,))
 
     def _create_runner(self) -> str:
