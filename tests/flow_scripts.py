@@ -10,17 +10,17 @@ from prefect_raydog.task_runners import RayDogTaskRunner
 def sleepy(x):
     time.sleep(600)
 
-@flow(task_runner=RayDogTaskRunner(cluster=sys.argv[1], api_relay_address=sys.argv[2]))
+@flow(task_runner=RayDogTaskRunner(cluster=sys.argv[1]))
 def long_flow():
     futures = sleepy.map(range(2))
-    pathlib.Path(sys.argv[3]).write_text(flow_run.id)
+    pathlib.Path(sys.argv[2]).write_text(flow_run.id)
     futures.wait()
 
 long_flow()
 """
-"""Maps two tasks that sleep for ten minutes; writes its flow run id to argv[3] once they are
-submitted. Its arguments: the cluster block's name, the relay address for the Prefect API, the
-marker file."""
+"""Maps two tasks that sleep for ten minutes; writes its flow run id to argv[2] once they are
+submitted. Its arguments: the cluster block's name (a sealed one: the nodes reach the Prefect API
+through the SSH connection), the marker file."""
 
 LOCAL_PRESET_FLOW = """
 import pathlib, sys, time

@@ -1,5 +1,5 @@
 """Small helpers of more than one test module: the connected Ray cluster's nodes, what is live on
-a local platform, a free port, whether a flow's runs ran a task."""
+a local platform, a free port, whether a flow's runs ran a task, the sealed `local` preset."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowFilter, FlowFilterName
 from ray import cloudpickle
 
+from prefect_raydog.blocks import RayDogClusterConfig
 from prefect_raydog.local import LocalPlatform
 
 
@@ -54,3 +55,11 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])
 def authorizing_userdata(public_key: str) -> str:
     """Userdata that authorizes `public_key` for the node's agent user, as a cloud image's does."""
     return f"#!/bin/bash\ncat >> ~yd-agent/.ssh/authorized_keys <<'EOF'\n{public_key}\nEOF\n"
+
+
+def sealed_preset(platform: LocalPlatform, worker_nodes: int = 2) -> RayDogClusterConfig:
+    """The `local` preset's sealed nodes on `platform` (run with `firewall=True`), reached over
+    SSH with its host key pinned."""
+    return RayDogClusterConfig.local(platform.url, platform.key_id, platform.key_secret,
+                                     worker_nodes, ssh_known_hosts=platform.ssh_known_hosts,
+                                     sealed=True)

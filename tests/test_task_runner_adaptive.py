@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import ray
 from conftest import assert_nothing_left, wait_for
-from helpers import head_ips
+from helpers import head_ips, sealed_preset
 from prefect import flow, task
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
@@ -55,18 +55,13 @@ def quick_cooldown(monkeypatch):
 
 
 def _config(platform: LocalPlatform, pools: list[dict], **fields) -> RayDogClusterConfig:
-    config = RayDogClusterConfig.local(platform.url, platform.key_id, platform.key_secret,
-                                       ssh_known_hosts=platform.ssh_known_hosts, sealed=True)
+    config = sealed_preset(platform)
     template = config.worker_pools[0]
     worker_pools = [WorkerPoolSpec(**{**template.model_dump(exclude={"name", "count"}), **pool})
                     for pool in pools]
     # A generous build timeout: Ray starts slowly on a loaded machine.
     return config.model_copy(update={"worker_pools": worker_pools, "workers_to_join": 0,
                                      "build_timeout": timedelta(minutes=10), **fields})
-
-
-def _runner(platform: LocalPlatform, config: RayDogClusterConfig, **options) -> RayDogTaskRunner:
-    return RayDogTaskRunner(cluster=config, **options)
 
 
 def _pool_nodes(platform: LocalPlatform, pool_suffix: str) -> int:
@@ -126,7 +121,7 @@ def test_adaptive_pools_grow_for_placed_and_mapped_tasks_and_shrink_after(
                      idle_node_shutdown=timedelta(seconds=1))
     shrunk = str(tmp_path / "shrunk")
 
-    @flow(task_runner=_runner(platform, config))
+    @flow(task_runner=RayDogTaskRunner(cluster=config))
     def bursty():
         with placement(worker_pool="extra"):
             _, placed = where.submit(0.1).result()
@@ -214,7 +209,7 @@ def test_eager_provisioning_starts_while_the_flow_prepares_and_lazy_at_the_first
             finally:
                 prepared.touch()
 
-        @flow(task_runner=_runner(platform, config, provision=provision))
+        @flow(task_runner=RayDogTaskRunner(cluster=config, provision=provision))
         def prepares_then_submits():
             while not prepared.exists():  # the flow's context travels to nodes: no platform here
                 time.sleep(0.05)
@@ -241,7 +236,7 @@ def test_a_flow_run_that_never_submits_ends_its_eager_cluster(prefect_api, platf
     config = _config(platform, [{"name": "workers", "count": 1}])
     made = len(platform.client.worker_pool_client.get_nodes(NodeSearch()).list_all())
 
-    @flow(task_runner=_runner(platform, config))
+    @flow(task_runner=RayDogTaskRunner(cluster=config))
     def submits_nothing():
         time.sleep(3)
         return "done"

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from conftest import wait_for
 from flow_scripts import LONG_FLOW
-from helpers import what_is_live
+from helpers import sealed_preset, what_is_live
 from prefect import flow
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import WorkPoolCreate
@@ -30,7 +30,6 @@ from prefect.states import Cancelling
 from prefect.workers.process import ProcessWorker
 from process_nodes import Footprint
 
-from prefect_raydog.blocks import RayDogClusterConfig
 from prefect_raydog.local import LocalPlatform
 
 pytestmark = pytest.mark.ray
@@ -51,10 +50,7 @@ def local_platform():
 
 @pytest.fixture(scope="module")
 def saved_configs(prefect_api, local_platform):
-    config = RayDogClusterConfig.local(
-        local_platform.url, local_platform.key_id, local_platform.key_secret,
-        ssh_known_hosts=local_platform.ssh_known_hosts, sealed=True,
-    )
+    config = sealed_preset(local_platform)
     config.save(BLOCK, overwrite=True)
     short_lived = config.model_copy(update={
         "cluster_lifetime": SHORT_LIFETIME,
@@ -75,7 +71,7 @@ def _start_long_flow(block: str, platform, tmp_path) -> tuple[subprocess.Popen, 
     script, marker = tmp_path / "flow.py", tmp_path / "flow-run-id"
     script.write_text(LONG_FLOW)
     process = subprocess.Popen(
-        [sys.executable, str(script), block, "", str(marker)],
+        [sys.executable, str(script), block, str(marker)],
         env=_prefect_env(), start_new_session=True,
     )
     flow_run_id = uuid.UUID(wait_for(lambda: marker.exists() and marker.read_text(),

@@ -19,7 +19,7 @@ import pytest
 import ray
 from conftest import wait_for
 from flow_scripts import LOCAL_PRESET_FLOW, LONG_FLOW
-from helpers import head_ips
+from helpers import head_ips, sealed_preset
 from prefect import flow, get_run_logger, task
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
@@ -56,17 +56,11 @@ def local_platform():
         yield platform
 
 
-def sealed_config(platform: LocalPlatform, worker_nodes: int = 2) -> RayDogClusterConfig:
-    return RayDogClusterConfig.local(platform.url, platform.key_id, platform.key_secret,
-                                     worker_nodes, ssh_known_hosts=platform.ssh_known_hosts,
-                                     sealed=True)
-
-
 @pytest.fixture(scope="module")
 def saved_config(prefect_api, local_platform):
-    config = sealed_config(local_platform)
+    config = sealed_preset(local_platform)
     config.save(BLOCK, overwrite=True)
-    sealed_config(local_platform, worker_nodes=1).save(ONE_WORKER_BLOCK, overwrite=True)
+    sealed_preset(local_platform, worker_nodes=1).save(ONE_WORKER_BLOCK, overwrite=True)
     return config
 
 
@@ -276,7 +270,7 @@ def test_runner_pickles_without_the_secret(runner):
 
 @pytest.fixture
 def two_pool_runner(prefect_api, local_platform, platform):
-    config = sealed_config(local_platform)
+    config = sealed_preset(local_platform)
     pool = config.worker_pools[0]
     config.worker_pools = [pool.model_copy(update={"name": n, "count": 1}) for n in ("a", "b")]
     config.save(f"{BLOCK}-2", overwrite=True)
@@ -391,7 +385,7 @@ def test_signal_to_a_running_flow_process_tears_the_cluster_down(
     script.write_text(LONG_FLOW)
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "RAY_AUTH_MODE": "disabled"}
     process = subprocess.Popen(
-        [sys.executable, str(script), ONE_WORKER_BLOCK, "", str(marker)],
+        [sys.executable, str(script), ONE_WORKER_BLOCK, str(marker)],
         env=env,
     )
     try:

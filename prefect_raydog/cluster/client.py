@@ -116,18 +116,22 @@ def wait_for_ray_nodes(count: int, timeout: float = 120.0) -> int:
 
 
 def wait_until_listening(
-    host: str, port: int, timeout: float, stop: Callable[[], bool] = lambda: False,
-    listening: Callable[[], bool] | None = None,
+    host: str, port: int, timeout: float, stop: Callable[[], bool] = lambda: False
 ) -> bool:
-    """Wait until `host:port` accepts a TCP connection, or `listening()` says the port it
-    stands for does (a head's, through a tunnel whose own end always accepts); or `timeout`
-    seconds pass, or `stop()`. Return whether it does. `ray.init` against a Ray Client port
-    that is not open yet backs off (gRPC's reconnect delays of 1, 1.6, 2.6 s and more, then Ray
-    Client's sleeps of 5 s and more), so it would notice a starting head seconds after it
-    listens, and could not be stopped meanwhile."""
-    probe = listening or (lambda: _accepts(host, port))
+    """Wait until `host:port` accepts a TCP connection (or `timeout` seconds pass, or `stop()`);
+    return whether it does. `ray.init` against a Ray Client port that is not open yet backs off
+    (gRPC's reconnect delays of 1, 1.6, 2.6 s and more, then Ray Client's sleeps of 5 s and
+    more), so it would notice a starting head seconds after it listens, and could not be
+    stopped meanwhile."""
+    return wait_until(lambda: _accepts(host, port), timeout, stop)
+
+
+def wait_until(condition: Callable[[], bool], timeout: float,
+               stop: Callable[[], bool] = lambda: False) -> bool:
+    """Wait until `condition()` (or `timeout` seconds pass, or `stop()`); return whether it
+    holds."""
     deadline = time.monotonic() + timeout
-    while not probe():
+    while not condition():
         if time.monotonic() > deadline or stop():
             return False
         time.sleep(0.05)

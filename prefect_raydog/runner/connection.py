@@ -62,12 +62,17 @@ def _connect(address: str, kwargs: dict[str, Any], stop: threading.Event | None,
              ended: _Throttled, listening: Callable[[], bool] | None) -> None:
     deadline, attempt = time.monotonic() + CLIENT_CONNECT_TIMEOUT_S, 0
     if address.startswith("ray://"):  # connect as soon as a starting head's port is open
-        from prefect_raydog.cluster.client import wait_until_listening
+        from prefect_raydog.cluster.client import wait_until, wait_until_listening
+
+        def stopped() -> bool:
+            return (stop is not None and stop.is_set()) or bool(ended())
 
         head = urlsplit(address)
-        wait_until_listening(head.hostname, head.port or 10001, CLIENT_CONNECT_TIMEOUT_S,
-                             lambda: (stop is not None and stop.is_set()) or bool(ended()),
-                             listening)
+        if listening is None:
+            wait_until_listening(head.hostname, head.port or 10001, CLIENT_CONNECT_TIMEOUT_S,
+                                 stopped)
+        else:
+            wait_until(listening, CLIENT_CONNECT_TIMEOUT_S, stopped)
         check_not_stopped(stop)
         _check_head_running(address, ended())
     while True:
