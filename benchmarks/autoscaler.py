@@ -1,5 +1,5 @@
-"""Figures of the RayDog Autoscaler on the local platform's process nodes, with Ray's own
-autoscaler on a `ray up` cluster from `docs/examples/autoscaler-local.yaml`:
+"""Figures of the RayDog Autoscaler on the local platform's sealed nodes, behind its firewall,
+with Ray's own autoscaler on a `ray up` cluster from `docs/examples/autoscaler-local.yaml`:
 
 - `scale_up_s`: from a pending demand (a 1-CPU task on a cluster with no worker) to the new Ray
   node being alive, minus the template's boot delay;
@@ -44,7 +44,7 @@ from stages import stage
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "docs" / "examples" / "autoscaler-local.yaml"
 RAY = str(Path(sys.executable).parent / "ray")
-BOOT_DELAY_S = 0.0  # the `local/process` template's
+BOOT_DELAY_S = 0.0  # the `local/vm` template's
 
 SCALE_UP = """
 import sys, time, ray
@@ -84,7 +84,6 @@ class Session:
         config["provider"] |= {"cluster_namespace": self.namespace,
                                "head_api_url": platform.node_url,
                                "ssh_known_hosts": platform.ssh_known_hosts}
-        config["provider"]["task_environment"]["RAYDOG_VENV"] = sys.prefix
         config["auth"]["ssh_private_key"] = str(key)
         config["available_node_types"]["cpu"]["min_workers"] = min_workers
         self.path = directory / "cluster.yaml"
@@ -254,7 +253,7 @@ def main() -> None:
     short = args.quick or args.smoke
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     with tempfile.TemporaryDirectory() as data_dir, LocalPlatform(
-            data_dir=Path(data_dir)) as platform:
+            data_dir=Path(data_dir), firewall=True) as platform:
         if platform.runner is None or platform.runner.network.mode != "bridge":
             raise SystemExit("the autoscaler benchmark needs process nodes on a bridge (root)")
         stage("platform up")

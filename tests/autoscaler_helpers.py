@@ -45,7 +45,6 @@ class RayCluster:
                        check=True)
         config = yaml.safe_load(EXAMPLE.read_text())
         config["provider"]["cluster_namespace"] = self.namespace
-        config["provider"]["task_environment"]["RAYDOG_VENV"] = sys.prefix
         config["provider"]["head_api_url"] = platform.node_url
         config["provider"]["ssh_known_hosts"] = platform.ssh_known_hosts
         config["auth"]["ssh_private_key"] = str(key)
@@ -89,6 +88,27 @@ class RayCluster:
 
     def exec(self, command: str) -> str:
         return self.ray("exec", str(self.path), command).stdout
+
+    def head_public_ip(self) -> str:
+        """The head's public address: only its SSH port answers this machine there."""
+        return self.ray("get-head-ip", str(self.path)).stdout.strip().splitlines()[-1]
+
+    @contextmanager
+    def tunnel(self) -> Iterator[Any]:
+        """Ray Client (and the dashboard) forwarded from this machine's loopback over SSH to
+        the head, as docs/autoscaler.md tells a user: the firewall opens nothing else."""
+        head_public_ip, ssh_known_hosts = self.head_public_ip(), self.platform.ssh_known_hosts
+        key_file = self.config["auth"]["ssh_private_key"]
+        # --8<-- [start:tunnel]
+        from prefect_raydog.host_keys import HostKeys
+        from prefect_raydog.tunnels import RayTunnels
+
+        with RayTunnels(head_public_ip, "yd-agent", private_key_file=key_file,
+                        host_keys=HostKeys(ssh_known_hosts)) as tunnels:
+            address = tunnels.ray_client_address  # ray://127.0.0.1:PORT, while the tunnel lasts
+            # --8<-- [end:tunnel]
+            assert address.startswith("ray://127.0.0.1:")
+            yield tunnels
 
     def token(self) -> str:
         """The cluster's Ray token, copied from the head's file as docs/autoscaler.md says;
@@ -147,10 +167,10 @@ def bearer(token: str) -> dict[str, Any]:
 
 
 @contextmanager
-def ray_client(head_ip: str, token: str) -> Iterator[Any]:
-    """This process connected to the cluster's Ray Client server with the cluster's token; a
-    Gate pinned to the head."""
-    ray.init(f"ray://{head_ip}:10001", namespace="autoscaler-tests", log_to_driver=False,
+def ray_client(address: str, token: str) -> Iterator[Any]:
+    """This process connected to the cluster's Ray Client server at `address` with the cluster's
+    token; a Gate pinned to the head."""
+    ray.init(address, namespace="autoscaler-tests", log_to_driver=False,
              **bearer(token))
     try:
         head = next(n["NodeID"] for n in ray.nodes()

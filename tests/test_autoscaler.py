@@ -1,10 +1,12 @@
-"""The RayDog Autoscaler end to end on the local platform: `ray up` from the example YAML in
+"""The RayDog Autoscaler end to end on the local platform's sealed nodes, behind its firewall (this
+machine reaches them at SSH alone, Ray Client included): `ray up` from the example YAML in
 `docs/examples`, Ray's own autoscaler on the head node using RayDogNodeProvider, the cluster
 locked with a Ray token of its own (refused without it; the head gives it to each worker it
 adds), `ray submit`, scale-up and idle scale-down, no secret in any YellowDog document, a flow's
 tasks on workers added for it, workers replaced when their machine fails to boot or is killed,
 `ray dashboard` reaching the head's loopback dashboard through SSH, and `ray down` leaving
-nothing. One cluster serves the tests of this module, in order."""
+nothing. One cluster serves the tests of this module, in order. docs/autoscaler.md shows the
+tunnel and the flow of tests/test_autoscaler.py and tests/autoscaler_helpers.py."""
 
 from __future__ import annotations
 
@@ -15,11 +17,12 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import ray
 import requests
-from autoscaler_helpers import RAY, RayCluster, bearer, hold_on_three_workers, ray_client
+from autoscaler_helpers import RAY, RayCluster, hold_on_three_workers, ray_client
 from conftest import assert_nothing_left, wait_for
 from helpers import free_port
 from prefect import flow, task
@@ -43,6 +46,7 @@ from yellowdog_client.model import (
 )
 
 from prefect_raydog.autoscaler import RayDogNodeProvider
+from prefect_raydog.forwarding import TcpForwarder
 from prefect_raydog.local import LocalPlatform
 from prefect_raydog.task_runners import RayDogTaskRunner
 
@@ -51,6 +55,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.system_packages("openssh-server", "rs
 RESTARTED_MONITORS_VIEW = """
 import json, os, yaml
 from prefect_raydog.autoscaler import RayDogNodeProvider
+from prefect_raydog.forwarding import TcpForwarder
 
 config = yaml.safe_load(open(os.path.expanduser("~/ray_bootstrap_config.yaml")))
 provider = RayDogNodeProvider(config["provider"], config["cluster_name"])
@@ -71,6 +76,28 @@ def hold():
 
 print("NODES", len(set(ray.get([hold.remote() for _ in range(3)]))))
 """
+
+
+# Where the flow test's Prefect API answers the nodes: a port of this machine that the
+# firewall lets them reach, standing in for a Prefect server on the internet (Prefect Cloud).
+PUBLIC_API_PORT = free_port()
+
+
+@pytest.fixture(scope="module")
+def local_platform() -> Iterator[LocalPlatform]:
+    """Sealed nodes behind the firewall, as on a YellowDog account: this machine reaches them
+    at SSH alone, and they reach this machine at the API and PUBLIC_API_PORT alone."""
+    with LocalPlatform(firewall=True, public_host_ports=(PUBLIC_API_PORT,)) as platform:
+        yield platform
+
+
+@pytest.fixture(scope="module")
+def public_prefect_api(local_platform: LocalPlatform, prefect_api: str) -> Iterator[str]:
+    """The run's Prefect server, served to the nodes at the public port."""
+    target = urlsplit(prefect_api)
+    with TcpForwarder(local_platform.host_address, (target.hostname, target.port),
+                      port=PUBLIC_API_PORT) as forwarder:
+        yield urlunsplit(target._replace(netloc=f"{local_platform.host_address}:{forwarder.port}"))
 
 
 @pytest.fixture(scope="module")
@@ -172,11 +199,11 @@ def test_ray_up_makes_one_work_requirement_whose_head_runs_rays_autoscaler(
 
 def test_the_cluster_is_locked_and_the_head_gives_its_token_to_the_workers_it_adds(
         cluster: RayCluster) -> None:
-    head = _head_ip(cluster)
-    refused = refused_job(f"ray://{head}:10001")
-    # The task needs a CPU, which only a worker the autoscaler adds for it has.
-    accepted = ray_job(f"ray://{head}:10001", RAY_AUTH_MODE="token",
-                       RAY_AUTH_TOKEN=cluster.token())
+    with cluster.tunnel() as tunnels:
+        refused = refused_job(tunnels.ray_client_address)
+        # The task needs a CPU, which only a worker the autoscaler adds for it has.
+        accepted = ray_job(tunnels.ray_client_address, RAY_AUTH_MODE="token",
+                           RAY_AUTH_TOKEN=cluster.token())
     assert refused.returncode != 0 and "answer" not in refused.stdout
     assert accepted.stdout.split() == ["answer", "42"], accepted.stderr[-3000:]
     assert _worker_tasks(cluster), "a worker node ran it"
@@ -235,9 +262,9 @@ def test_a_second_ray_up_reattaches_to_the_running_cluster(cluster: RayCluster) 
 
 def test_ray_dashboard_reaches_the_heads_loopback_dashboard_which_wants_the_token(
         cluster: RayCluster) -> None:
-    head = _head_ip(cluster)
-    with pytest.raises(requests.ConnectionError):  # on the head's loopback only
-        requests.get(f"http://{head}:8265/api/jobs/", timeout=5)
+    # On the head's loopback only: not even the head's own private address serves it.
+    assert _head_accepts(cluster, "127.0.0.1", 8265)
+    assert not _head_accepts(cluster, _head_ip(cluster), 8265)
     port = free_port()
     tunnel = subprocess.Popen([RAY, "dashboard", "--port", str(port), str(cluster.path)],
                               env=cluster.environment, cwd=cluster.directory,
@@ -253,6 +280,14 @@ def test_ray_dashboard_reaches_the_heads_loopback_dashboard_which_wants_the_toke
     finally:
         os.killpg(tunnel.pid, signal.SIGTERM)
         tunnel.wait(30)
+
+
+def _head_accepts(cluster: RayCluster, host: str, port: int) -> bool:
+    """Whether a connection from the head node to `host`:`port` is accepted."""
+    probe = (f"import socket; socket.create_connection(('{host}', {port}), 5); "
+             "print('ACCEPTED')")
+    return "ACCEPTED" in cluster.ray("exec", str(cluster.path), f'python -c "{probe}"',
+                                     check=False).stdout
 
 
 def _answers(url: str) -> bool:
@@ -291,18 +326,24 @@ def where_it_runs(x: int) -> tuple[str, str]:
 
 
 def test_a_flow_runs_its_tasks_on_workers_the_autoscaler_adds_for_it(
-        cluster: RayCluster, prefect_api: str) -> None:
+        cluster: RayCluster, public_prefect_api: str) -> None:
     # Workers an earlier test started are removed once idle; those the flow runs on are new.
     wait_for(lambda: _no_live_workers(cluster), 120, interval=1.0, what="no worker to be left")
-    runner = RayDogTaskRunner(address=f"ray://{_head_ip(cluster)}:10001",
-                              api_relay_address=cluster.platform.host_address,
-                              init_kwargs=bearer(cluster.token()))
+    token = cluster.token()
+    with cluster.tunnel() as tunnels:
+        # --8<-- [start:flow]
+        runner = RayDogTaskRunner(
+            address=tunnels.ray_client_address,  # Ray Client through SSH
+            node_api_url=public_prefect_api,  # a Prefect API that the nodes reach
+            init_kwargs={"_metadata": [("authorization", f"Bearer {token}")]},
+        )
 
-    @flow(task_runner=runner)
-    def on_the_cluster() -> list[tuple[str, str]]:
-        return where_it_runs.map(range(2)).result()
+        @flow(task_runner=runner)
+        def on_the_cluster() -> list[tuple[str, str]]:
+            return where_it_runs.map(range(2)).result()
+        # --8<-- [end:flow]
 
-    ran_on = on_the_cluster()
+        ran_on = on_the_cluster()
     workers = _worker_tasks(cluster)
     assert ran_on and all(task_id in workers for task_id, _ in ran_on), (ran_on, list(workers))
     for task_id, ip in ran_on:
@@ -328,7 +369,8 @@ def test_a_worker_whose_machine_fails_to_boot_still_joins_on_a_replacement(
     failed_before = _failed_boots(cluster)
     cluster.platform.fail_node_boot(1)
     try:
-        with ray_client(_head_ip(cluster), cluster.token()) as gate:
+        with cluster.tunnel() as tunnels, ray_client(tunnels.ray_client_address,
+                                                     cluster.token()) as gate:
             refs = hold_on_three_workers(gate)
             started = wait_for(lambda: _held_on(gate, 3), 240, interval=1.0,
                                what="three worker nodes to run the held tasks")
@@ -345,7 +387,8 @@ def test_a_worker_whose_machine_fails_to_boot_still_joins_on_a_replacement(
 def test_a_killed_worker_is_reported_terminated_and_replaced_while_demand_remains(
         cluster: RayCluster, monkeypatch: pytest.MonkeyPatch) -> None:
     platform = cluster.platform
-    with ray_client(_head_ip(cluster), cluster.token()) as gate:
+    with cluster.tunnel() as tunnels, ray_client(tunnels.ray_client_address,
+                                                 cluster.token()) as gate:
         refs = hold_on_three_workers(gate)
         victim = wait_for(lambda: _held_on(gate, 3), 240, interval=1.0,
                           what="three worker nodes to run the held tasks")[0]

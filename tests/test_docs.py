@@ -45,6 +45,8 @@ RUN_BY = {
     "docs/examples/builder_templates.toml": "docs/examples/builder.py",
     "docs/examples/cluster.yaml": "tests/test_docs.py",
     "tests/test_token_auth.py": "tests/test_token_auth.py",
+    "tests/test_autoscaler.py": "tests/test_autoscaler.py",
+    "tests/autoscaler_helpers.py": "tests/test_autoscaler.py",
 }
 
 # Output shown as text, by page and the first 12 hex digits of the block's SHA-256, and the

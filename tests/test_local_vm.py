@@ -150,13 +150,16 @@ def test_an_ssh_login_runs_as_yd_agent_from_the_image(
     result = ssh(
         key,
         node.details.publicIpAddress,
-        "id -u; whoami; python -c 'import prefect_raydog; print(prefect_raydog.__file__)'",
+        "id -u; whoami; python -c 'import prefect_raydog; print(prefect_raydog.__file__)'; "
+        # Its home is its own, login files included (`ray up` appends to ~/.bashrc).
+        "echo '# mine' >> ~/.bashrc && echo '# mine' >> ~/.profile && echo home-is-mine",
     )
     assert result.returncode == 0, result.stderr
-    assert len(result.stdout.splitlines()) == 3, result.stdout + result.stderr
-    uid, name, module = result.stdout.splitlines()
+    assert len(result.stdout.splitlines()) == 4, result.stdout + result.stderr
+    uid, name, module, home = result.stdout.splitlines()
     assert int(uid) == pwd.getpwnam("yd-agent").pw_uid and name == "yd-agent"
     assert module.startswith("/opt/yellowdog/image/app/")
+    assert home == "home-is-mine"
 
 
 RAY_JOB = """

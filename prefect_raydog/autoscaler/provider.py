@@ -18,7 +18,9 @@ from ray.autoscaler.node_provider import NodeProvider
 from ray.autoscaler.tags import (
     NODE_KIND_HEAD,
     NODE_KIND_WORKER,
+    STATUS_UP_TO_DATE,
     TAG_RAY_NODE_KIND,
+    TAG_RAY_NODE_STATUS,
     TAG_RAY_USER_NODE_TYPE,
 )
 
@@ -130,6 +132,11 @@ class RayDogNodeProvider(NodeProvider):
         if head is None:
             return
         self._cluster.record.head_private_ip = head.private_ip or ""
+        if "auth" not in self.provider_config:
+            # Ray's `get-head-ip` and `get-worker-ips` give no login (they skip
+            # bootstrap_config), and need no more than YellowDog knows: a head that runs.
+            self._tags = {head.task_id: {TAG_RAY_NODE_STATUS: STATUS_UP_TO_DATE}}
+            return
         self._store = RemoteTags(self._shell(head))
         self._tags = self._store.load()
 

@@ -242,8 +242,9 @@ class ProcessAgent:
         as_user = (machine.login_as_agent(node.user, node.passwd) if node.user is not None
                    else [])
         try:
+            owner = (node.user.pw_uid, node.user.pw_gid) if node.user is not None else None
             config = ssh.prepare(node.root, node.home, node.sandbox.address, keys,
-                                 ssh.host_key(self.data_dir), path, as_user)
+                                 ssh.host_key(self.data_dir), path, as_user, owner)
             log = node.root / "sshd.log"
             # Host PIDs stay visible to sshd, so that a login can join a task's PID namespace.
             node.sshd = ssh.start(

@@ -86,10 +86,12 @@ def keep_host_key(kept_dir: Path, data_dir: Path) -> None:
 
 
 def prepare(root: Path, home: Path, address: str, keys: list[str], host_key_path: Path,
-            path_variable: str, as_user: list[str] | None = None) -> Path:
+            path_variable: str, as_user: list[str] | None = None,
+            owner: tuple[int, int] | None = None) -> Path:
     """Write the node's sshd configuration, authorized keys, passwd file and the login shell's
     PATH (the one its tasks get); return the configuration file. `as_user` is the command
-    prefix a login runs under once inside the node (none: it stays uid 0)."""
+    prefix a login runs under once inside the node (none: it stays uid 0), and `owner` the
+    (uid, gid) it runs as, whose home's login files are its own."""
     ssh_dir = root / "ssh"
     ssh_dir.mkdir(parents=True, exist_ok=True)
     node_host_key = ssh_dir / "ssh_host_ed25519_key"
@@ -107,6 +109,8 @@ def prepare(root: Path, home: Path, address: str, keys: list[str], host_key_path
     profile = f'export PATH="{path_variable}"\nexport RAY_USAGE_STATS_ENABLED=0\n'
     for name in (".bashrc", ".profile"):
         (home / name).write_text(profile)
+        if owner is not None:
+            os.chown(home / name, *owner)
     enter_task = ssh_dir / "enter-task.sh"
     enter_task.write_text(ENTER_TASK.replace("@AS_USER@", shlex.join(as_user or [])))
     enter_task.chmod(0o755)
