@@ -328,15 +328,20 @@ class ClusterSpec(BaseModel):
         namespace: str = "local",
         pool_sizes: Sequence[int] = (1,),
         *,
-        venv: str = sys.prefix,
+        sealed: bool = False,
+        venv: str | None = None,
         environment: dict[str, str] | None = None,
         **fields: object,
     ) -> ClusterSpec:
         """A cluster of the local platform's process nodes running the package's head and worker
-        scripts with Ray from `venv` (this interpreter's by default) and the local platform's
-        `LOCAL_NODE_ENVIRONMENT`; one pool per size."""
+        scripts with Ray from `venv` and the local platform's `LOCAL_NODE_ENVIRONMENT`; one pool
+        per size. `sealed` nodes are as a cloud's (`local/vm`: they see only their image, whose
+        venv is the default); others share this interpreter's, the default."""
+        if venv is None:
+            venv = LOCAL_IMAGE_VENV if sealed else sys.prefix
         env = {**LOCAL_NODE_ENVIRONMENT, "RAYDOG_VENV": venv, **(environment or {})}
-        node = {"template_id": LOCAL_PROCESS_TEMPLATE, "environment": env}
+        template = LOCAL_SEALED_TEMPLATE if sealed else LOCAL_PROCESS_TEMPLATE
+        node = {"template_id": template, "environment": env}
         return cls(
             name=name,
             namespace=namespace,

@@ -44,7 +44,7 @@ RUN_BY = {
     "docs/examples/templates.toml": "docs/examples/local_platform.py",
     "docs/examples/builder_templates.toml": "docs/examples/builder.py",
     "docs/examples/cluster.yaml": "tests/test_docs.py",
-    "tests/test_token_auth.py": "tests/test_token_auth.py",
+    "tests/test_cluster_sealed.py": "tests/test_cluster_sealed.py",
     "tests/test_autoscaler.py": "tests/test_autoscaler.py",
     "tests/autoscaler_helpers.py": "tests/test_autoscaler.py",
 }

@@ -1,8 +1,9 @@
-"""A cluster reached over SSH is locked with a Ray token of its own: the runner (and the Builder
-given an `SSHLogin`) builds it, writes the token into each node's file over SSH (the workers
-through the head), runs its tasks, and the head refuses a Ray Client and a dashboard job
-submission without the token. The token is in no task's environment, userdata, task output or
-log. docs/builder.md shows the Builder's part of tests/test_token_auth.py."""
+"""A cluster reached over SSH is locked with a Ray token of its own: the runner builds it, writes
+the token into each node's file over SSH (the workers through the head), runs its tasks, and
+the head refuses a Ray Client without the token. The token is in no task's environment,
+userdata, task output or log. The Builder given an `SSHLogin` refuses a bad key before
+anything is provisioned, and fails a build whose head refuses the key or shows another host
+key, leaving nothing (its locked cluster end to end: tests/test_cluster_sealed.py)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,6 @@ from pathlib import Path
 import paramiko
 import pytest
 import ray
-import requests
 from conftest import assert_nothing_left
 from helpers import authorizing_userdata, head_ips
 from prefect import flow, task
@@ -28,9 +28,9 @@ from pydantic import SecretStr
 from test_local_ssh import make_key
 from yellowdog_client.model import ComputeRequirementSearch, TaskSearch, WorkRequirementSearch
 
-from prefect_raydog import ClusterSpec, HostKeys, RayDogCluster, RayTunnels, SSHLogin
+from prefect_raydog import ClusterSpec, HostKeys, RayDogCluster, SSHLogin
 from prefect_raydog.blocks import RayDogClusterConfig
-from prefect_raydog.cluster import create_client, wait_for_ray_nodes
+from prefect_raydog.cluster import create_client
 from prefect_raydog.cluster.token_auth import RAY_TOKEN_FILE
 from prefect_raydog.errors import ClusterBuildError
 from prefect_raydog.task_runners import RayDogTaskRunner
@@ -79,18 +79,12 @@ def _ssh_transports() -> list[paramiko.Transport]:
 def _probe(key: Path, head: str) -> tuple[str, object, object]:
     """The head's token file, read over SSH, and a Ray Client job without and with it."""
     from test_local_ssh import ssh  # here: the flow that calls this travels to the nodes
-    from test_locked_head import ray_job
+    from test_locked_head import ray_job, refused_job
 
     token = ssh(key, head, f"cat ~/{RAY_TOKEN_FILE}").stdout
-    refused = _probe_without_token(head)
+    refused = refused_job(f"ray://{head}:10001")
     accepted = ray_job(f"ray://{head}:10001", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
     return token, refused, accepted
-
-
-def _probe_without_token(head: str) -> subprocess.CompletedProcess[str]:
-    from test_locked_head import refused_job
-
-    return refused_job(f"ray://{head}:10001")
 
 
 def platform_records(platform) -> tuple[list[dict], list[str], list[str]]:
@@ -156,67 +150,6 @@ def test_a_cluster_reached_over_ssh_is_token_locked_and_the_token_leaks_nowhere(
         "environment": json.dumps(dict(os.environ)),
     }
     assert [where for where, text in places.items() if token in text] == []
-
-
-def test_a_builder_given_an_ssh_login_locks_its_cluster_to_its_own_client_and_nodes(
-    key, platform
-):
-    spec = ClusterSpec.for_local_platform(f"locked-{uuid.uuid4().hex[:6]}", workers_to_join=1)
-    head_group = authorizing(spec.head, key)
-    head_group = head_group.model_copy(  # the dashboard on, as head.sh has it on YellowDog
-        update={"environment": {**head_group.environment, "RAY_INCLUDE_DASHBOARD": "true"}})
-    spec = spec.model_copy(update={"head": head_group, "worker_pools": [
-        authorizing(pool, key).model_copy(update={"max_count": 2}) for pool in spec.worker_pools]})
-    client = create_client(platform.key_id, platform.key_secret, platform.url)
-    try:
-        # --8<-- [start:locked]
-        host_keys = HostKeys(platform.ssh_known_hosts)  # the nodes' host public key
-        login = SSHLogin("yd-agent", SecretStr(key.read_text()), host_keys=host_keys)
-        with RayDogCluster(spec, client, ssh=login) as cluster:
-            head = cluster.head_node_public_ip or cluster.head_node_private_ip
-            with RayTunnels(head, "yd-agent", private_key_file=key,
-                            host_keys=host_keys) as tunnels:
-                ray.init(tunnels.ray_client_address, **cluster.ray_client_kwargs())
-                # --8<-- [end:locked]
-                try:
-                    jobs = _jobs_api(tunnels.dashboard_url, cluster.ray_client_kwargs())
-                    where = ray.get(ray.remote(num_cpus=1)(ray.util.get_node_ip_address).remote())
-                    # A node the pool gains later gets the token too, and joins.
-                    cluster.resize_worker_pool(cluster.worker_pool_internal_names[0], 2)
-                    wait_for_ray_nodes(3)
-                finally:
-                    ray.shutdown()
-            refused = _probe_without_token(cluster.head_node_private_ip)
-            (_, bearer), = cluster.ray_client_kwargs()["_metadata"]
-            shown = f"{cluster!r} {cluster.token_auth!r} {login!r}"
-    finally:
-        client.close()
-    assert where != cluster.head_node_private_ip, "the task ran on the worker node"
-    assert jobs == {"submit without the token": 401, "submit with another token": 403,
-                    "submitted jobs, as listed with the token": []}
-    with pytest.raises(requests.ConnectionError):  # the dashboard is on the head's loopback
-        requests.get(f"http://{cluster.head_node_private_ip}:8265/api/jobs/", timeout=5)
-    assert bearer.split()[1] not in shown
-    assert refused.returncode != 0 and "answer" not in refused.stdout
-    assert not _ssh_transports()
-    assert_nothing_left(platform)
-
-
-def _jobs_api(dashboard_url: str, client_kwargs: dict) -> dict[str, object]:
-    """What the dashboard's Jobs API (through the tunnel) answers a job submission without the
-    cluster's token and with a wrong one, and then, with the token, which submitted jobs it holds
-    (the Ray Client's own driver is listed too, with no submission id)."""
-    (_, bearer), = client_kwargs["_metadata"]
-    jobs, job = f"{dashboard_url}/api/jobs/", {"entrypoint": "touch /tmp/submitted"}
-    return {
-        "submit without the token": requests.post(jobs, json=job, timeout=30).status_code,
-        "submit with another token": requests.post(
-            jobs, json=job, headers={"Authorization": f"Bearer {'0' * 64}"}, timeout=30
-        ).status_code,
-        "submitted jobs, as listed with the token": [
-            job for job in requests.get(jobs, headers={"Authorization": bearer}, timeout=30).json()
-            if job["submission_id"]],
-    }
 
 
 def test_an_unreadable_ssh_key_is_refused_before_anything_is_provisioned(platform):
