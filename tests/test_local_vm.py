@@ -92,6 +92,31 @@ def test_tasks_run_as_yd_agent_in_directories_it_owns(pools: Pools) -> None:
     assert "Read-only file system" in refused
 
 
+def test_a_base_image_node_has_the_system_python_alone_and_a_disk_of_its_own(
+        pools: Pools) -> None:
+    # Each node's userdata writes where a VM's would: its own /opt/yellowdog and /root.
+    user_data = ("#!/bin/bash\nhostname > /opt/yellowdog/written-by\n"
+                 "hostname > /root/written-by\n")
+    pool_id = pools.provision(2, "base", "local/base-vm", user_data)
+    pools.wait_idle(pool_id, timeout=60)
+    script = ("hostname; cat /opt/yellowdog/written-by /root/written-by; ls /root 2>&1; "
+              "command -v python3; command -v python || echo no-python; "
+              "python3 -c 'import prefect' 2>&1 | tail -1")
+    tasks = pools.run("base", [script, script])
+    outputs = []
+    for task in tasks:
+        pools.wait_task(task.id, TaskStatus.COMPLETED, TaskStatus.FAILED, timeout=60)
+        outputs.append(pools.platform.task_output(task.id).splitlines())
+    assert len({lines[0] for lines in outputs} | {""}) == 3, "one task on each node"
+    for hostname, in_opt, in_root, listing, *rest in outputs:
+        assert in_opt == in_root == hostname
+        assert "Permission denied" in listing  # /root is root's, as on a VM
+        assert rest == ["/usr/bin/python3", "no-python",
+                        "ModuleNotFoundError: No module named 'prefect'"]
+    assert not Path("/opt/yellowdog/written-by").exists()
+    assert not Path("/root/written-by").exists()
+
+
 def test_userdata_runs_as_root_at_boot_before_any_task(pools: Pools) -> None:
     user_data = "#!/bin/bash\nid -u\necho from-userdata > /tmp/boot-mark\n"
     output = run(pools, "userdata", "cat /tmp/boot-mark", user_data)

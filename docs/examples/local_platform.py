@@ -91,7 +91,9 @@ with LocalPlatform() as platform:
 # --8<-- [start:templates]
 with LocalPlatform(templates=Path("docs/examples/templates.toml")) as platform:
     print(platform.templates.ids())
-# ['local/big-process', 'local/process', 'local/simulated', 'local/slow-boot', 'local/vm']
+# ['local/base-vm', 'local/big-process', 'local/process', 'local/simulated', 'local/slow-boot',
+#  'local/vm']
 # --8<-- [end:templates]
     assert platform.templates.ids() == [
-        "local/big-process", "local/process", "local/simulated", "local/slow-boot", "local/vm"]
+        "local/base-vm", "local/big-process", "local/process", "local/simulated",
+        "local/slow-boot", "local/vm"]

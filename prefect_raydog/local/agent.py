@@ -14,9 +14,10 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from prefect_raydog.local import machine, ssh
-from prefect_raydog.local.images import Image, ImageBuildError, ensure_image
+from prefect_raydog.local.images import Image, ImageBuildError, ensure_bare_image, ensure_image
 from prefect_raydog.local.network import NodeNetwork, NodeSandbox, open_network
 from prefect_raydog.local.nodes import NodeAddress, NodeBootError, NodeImage, TaskLaunch
 
@@ -123,6 +124,7 @@ class ProcessAgent:
         self.data_dir = data_dir
         self.network = network
         self.host_address = network.host_address
+        self.package_index: str | None = None
         self.abort_grace_s = abort_grace_s
         self._lock = threading.Lock()
         self._nodes: dict[str, _Node] = {}
@@ -174,7 +176,7 @@ class ProcessAgent:
         if image is None:
             return None
         try:
-            return ensure_image(image.packages)
+            return ensure_bare_image() if image.bare else ensure_image(image.packages)
         except (ImageBuildError, OSError, subprocess.SubprocessError) as error:
             raise NodeBootError(f"cannot build the node's image: {error}") from error
 
@@ -332,9 +334,18 @@ class ProcessAgent:
             "PATH": path,
             "HOME": str(node.home), "USER": AGENT_USER, "LOGNAME": AGENT_USER,
             "LANG": "C.UTF-8",
+            **(self._image_environment() if node.image is not None else {}),
             **environment,
             "YD_AGENT_HOME": str(node.home), "YD_AGENT_DATA": str(node.agent_data),
         }
+
+    def _image_environment(self) -> dict[str, str]:
+        """What a sealed node's image sets for every process: the package index it installs
+        from (pip wants a plain-http index named trusted)."""
+        if self.package_index is None:
+            return {}
+        return {"PIP_INDEX_URL": self.package_index, "UV_DEFAULT_INDEX": self.package_index,
+                "PIP_TRUSTED_HOST": urlsplit(self.package_index).hostname or ""}
 
     def abort_task(self, task_id: str) -> None:
         with self._lock:

@@ -78,8 +78,10 @@ def create_app(
     key_id: str,
     key_secret: str,
     base_path: str = "",
+    routers: tuple[APIRouter, ...] = (),
 ) -> ASGIApp:
-    """The ASGI app of the local platform, answering at `base_path` (e.g. `/api`)."""
+    """The ASGI app of the local platform, answering at `base_path` (e.g. `/api`), with
+    `routers` of services of its network (unauthenticated, at the server's root too)."""
     expected = f"yd-key {key_id}:{key_secret}"
 
     async def authorise(request: Request) -> None:
@@ -115,6 +117,8 @@ def create_app(
     )
     app.include_router(control)
     app.include_router(yellowdog)
+    for router in routers:
+        app.include_router(router)
     app.add_exception_handler(PlatformError, _platform_error)
     app.add_exception_handler(_NotAuthorised, _not_authorised)
     app.add_exception_handler(_InjectedFault, _injected_fault)

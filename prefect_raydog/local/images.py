@@ -60,6 +60,8 @@ class Image:
     python_prefix: str
     """Where the node sees the image's Python (the driver's base prefix), or "" for a system
     Python that the node shares with the host."""
+    bare: bool = False
+    """A base image: no venv, the machine's system Python alone."""
 
     @property
     def venv(self) -> Path:
@@ -142,6 +144,14 @@ def ensure_image(extra: Iterable[str] = (), cache: Path = CACHE) -> Image:
     layer = ensure_layer(cache)
     prefix = json.loads((base / "image.json").read_text())["python_prefix"]
     return Image(base=base, layer=layer, python_prefix=prefix)
+
+
+def ensure_bare_image(cache: Path = CACHE) -> Image:
+    """The base image: nothing installed, so a node has the machine's system Python alone."""
+    base = cache / "images" / f"bare-{LAYOUT}"
+    (base / "app").mkdir(parents=True, exist_ok=True)
+    IMAGE_MOUNT.mkdir(parents=True, exist_ok=True)
+    return Image(base=base, layer=base / "app", python_prefix="", bare=True)
 
 
 def _build_base(base: Path, requirements: list[str]) -> None:

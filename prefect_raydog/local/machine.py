@@ -21,30 +21,36 @@ PROJECT = Path(__file__).resolve().parents[2]
 
 SEAL_NODE = r"""
 set -e
-image="$1"
+image="$1" prefix="$5" root="$6" here="$PWD"
+disk="$root/disk"
+# /root as a VM's, but for the search right that an image Python under it needs (pyenv's).
+mkdir -p "$disk/opt/image" "$disk/root" && chmod 711 "$disk/root"
+mount --bind "$disk/opt" "${image%/*}"
 mount --bind "$2" "$image" && mount -o remount,bind,ro "$image"
 mount --bind "$3" "$image/app" && mount -o remount,bind,ro "$image/app"
 mount --bind "$4" /etc/passwd
-prefix="$5" root="$6" here="$PWD"
 shift 6
-exec 3<"$root"
+exec 3<"$root" 4<"$disk/root"
 while [ "$1" != "--" ]; do
     mount -t tmpfs -o mode=755,size=1m hidden "$1"
     shift
 done
 shift
+mount --no-canonicalize --bind /proc/self/fd/4 /root
 if [ -n "$prefix" ]; then mkdir -p "$prefix" && mount --bind "$image/python" "$prefix"; fi
 if [ ! -d "$root" ]; then
     mkdir -p "$root" && mount --no-canonicalize --bind /proc/self/fd/3 "$root"
 fi
-exec 3<&-
+exec 3<&- 4<&-
 cd "$here"
 exec "$@"
 """
-"""Runs inside the node after its hostname and /tmp are in place: mounts the image read-only,
-makes the agent user known, hides the host's paths under empty tmpfs (keeping the node's own
-directory, reopened through a descriptor taken before) and puts the image's Python where its
-venv expects it. Any failure ends the command rather than run it unsealed."""
+"""Runs inside the node after its hostname and /tmp are in place: gives the node a disk of its
+own at /opt/yellowdog and /root (under its directory: what its userdata installs there is
+its own, as on a VM), mounts the image read-only, makes the agent user known, hides the host's
+paths under empty tmpfs (keeping the node's own directory, reopened through a descriptor taken
+before) and puts the image's Python where its venv expects it. Any failure ends the command
+rather than run it unsealed."""
 
 
 def agent_user() -> pwd.struct_passwd:
@@ -125,8 +131,9 @@ def seal(image: Image, passwd: Path, node_root: Path) -> list[str]:
 
 
 def image_path(image: Image) -> str:
-    """A login's and a task's PATH on the node: the image's venv first, as its system Python."""
-    return f"{image.venv / 'bin'}:{SYSTEM_PATH}"
+    """A login's and a task's PATH on the node: the image's venv first, as its system Python
+    (the system's alone on a bare image)."""
+    return SYSTEM_PATH if image.bare else f"{image.venv / 'bin'}:{SYSTEM_PATH}"
 
 
 def hidden_paths() -> list[str]:

@@ -31,9 +31,12 @@ class TaskLaunch:
 
 @dataclass(frozen=True)
 class NodeImage:
-    """The image a sealed node boots from: the driver's node requirements plus `packages`."""
+    """The image a sealed node boots from: the driver's node requirements plus `packages`, or,
+    `bare`, a base image with the machine's system Python alone (its userdata installs the
+    rest, as on a base Ubuntu image)."""
 
     packages: tuple[str, ...] = ()
+    bare: bool = False
 
 
 class NodeBootError(RuntimeError):
@@ -45,6 +48,10 @@ class NodeRunner(Protocol):
 
     host_address: str
     """The address on which node processes reach services running on the platform's host."""
+
+    package_index: str | None
+    """The package index that sealed nodes' images name (PIP_INDEX_URL, UV_DEFAULT_INDEX): the
+    platform's mirror, as an image made for a private cloud network names the network's."""
 
     def close_host(self, host_ports: tuple[int, ...], node_ports: tuple[int, ...]) -> None:
         """Nodes booted from now on reach the host only on `host_ports` and answer it only from

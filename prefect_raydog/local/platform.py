@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import secrets
 import socket
 import tempfile
@@ -21,12 +22,21 @@ from yellowdog_client.model import ApiKey, RetryProperties, ServicesSchema
 
 from prefect_raydog.local.api import ApiCalls, create_app
 from prefect_raydog.local.faults import FaultPlan
+from prefect_raydog.local.images import CACHE, DISTRIBUTION, ensure_layer
 from prefect_raydog.local.nodes import NodeRunner
+from prefect_raydog.local.package_mirror import PREFIX, PackageMirror
 from prefect_raydog.local.state import PlatformState
 from prefect_raydog.local.templates import TemplateCatalogue
 
 STARTUP_TIMEOUT_S = 30.0
 BIND_ATTEMPTS = 5
+
+
+def package_mirror() -> PackageMirror:
+    """The package index of the nodes' network: the driver's index, mirrored, with
+    prefect-raydog served from a wheel of the driver's own copy (the images' top layer)."""
+    own_wheel = functools.cache(lambda: ensure_layer().parent)
+    return PackageMirror(CACHE / "mirror", local=lambda: {DISTRIBUTION: own_wheel()})
 
 
 class LocalPlatform:
@@ -128,7 +138,8 @@ class LocalPlatform:
     def _start_server(self) -> None:
         assert self.state is not None
         app = create_app(
-            self.state, self.faults, self._api_calls, self.key_id, self.key_secret, self.base_path
+            self.state, self.faults, self._api_calls, self.key_id, self.key_secret, self.base_path,
+            (package_mirror().router(),),
         )
         config = uvicorn.Config(
             app,
@@ -153,6 +164,8 @@ class LocalPlatform:
             raise RuntimeError(f"The local platform could not listen on {self.host}:{self.port}")
         self.port = self._server.servers[0].sockets[0].getsockname()[1]
         self.url = f"http://{self.host}:{self.port}{self.base_path}"
+        if self.runner is not None:
+            self.runner.package_index = f"http://{self.host_address}:{self.port}{PREFIX}/simple"
 
     def _bind(self) -> list[socket.socket]:
         """The API's sockets: on `host`, and also on the nodes' bridge when `host` is loopback,

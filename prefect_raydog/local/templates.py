@@ -132,9 +132,11 @@ BUILT_IN = (
     Template(id="local/process", mode=NodeMode.PROCESS),
     Template(id="local/simulated", mode=NodeMode.SIMULATED, instance_type="local-simulated"),
     Template(id="local/vm", mode=NodeMode.PROCESS, image=NodeImage()),
+    Template(id="local/base-vm", mode=NodeMode.PROCESS, image=NodeImage(bare=True)),
 )
-IMAGES = ("driver",)
-"""The values of a template file's `image` field: "driver" is the driver's node requirements."""
+IMAGES = ("driver", "base")
+"""The values of a template file's `image` field: "driver" is the driver's node requirements,
+"base" the machine's system Python alone."""
 
 _FIELDS = {
     "mode": str,
@@ -233,4 +235,6 @@ def _image(where: str, mode: NodeMode, table: dict[str, Any]) -> NodeImage | Non
             raise TemplateError(
                 f"{where}: field 'image_packages' must be a list of requirements, "
                 f"not {package!r}") from None
-    return NodeImage(packages=tuple(packages))
+    if packages and table["image"] == "base":
+        raise TemplateError(f"{where}: field 'image_packages' needs image 'driver'")
+    return NodeImage(packages=tuple(packages), bare=table["image"] == "base")
