@@ -14,7 +14,14 @@ from pydantic import ValidationError
 
 from prefect_raydog import scripts
 from prefect_raydog.cluster import RayDogCluster
-from prefect_raydog.spec import LOCAL_NODE_ENVIRONMENT, ClusterSpec, NodeGroupSpec, WorkerPoolSpec
+from prefect_raydog.spec import (
+    LOCAL_IMAGE_VENV,
+    LOCAL_NODE_ENVIRONMENT,
+    LOCAL_SEALED_TEMPLATE,
+    ClusterSpec,
+    NodeGroupSpec,
+    WorkerPoolSpec,
+)
 
 HEAD = {"template_id": "ns/head"}
 AUTOSCALER_EXAMPLE = Path(__file__).parents[1] / "docs" / "examples" / "autoscaler-local.yaml"
@@ -137,9 +144,13 @@ def test_default_ray_scripts_follow_raydogs_rules(name):
 
 def test_the_local_autoscaler_example_tells_the_scripts_what_the_local_presets_do():
     example = yaml.safe_load(AUTOSCALER_EXAMPLE.read_text())
-    # RAY_NUM_CPUS comes from each node type's resources.
+    # RAY_NUM_CPUS comes from each node type's resources; the venv is the sealed image's.
     expected = {k: v for k, v in LOCAL_NODE_ENVIRONMENT.items() if k != "RAY_NUM_CPUS"}
-    assert example["provider"]["task_environment"] == expected
+    assert example["provider"]["task_environment"] == {
+        "RAYDOG_VENV": LOCAL_IMAGE_VENV, **expected}
+    node_types = example["available_node_types"].values()
+    assert {t["node_config"]["compute_requirement_template"] for t in node_types} == {
+        LOCAL_SEALED_TEMPLATE}
 
 
 def test_an_unknown_script_name_lists_the_known_ones():

@@ -32,12 +32,17 @@ def make_key(path: Path) -> str:
     return (path.parent / f"{path.name}.pub").read_text().strip()
 
 
-def ssh(key: Path, address: str, command: str) -> subprocess.CompletedProcess[str]:
+def ssh(key: Path, address: str, command: str, known_hosts: str, stdin: str | None = None
+        ) -> subprocess.CompletedProcess[str]:
+    """`command` run over OpenSSH as yd-agent (reading `stdin`), the node's host key checked
+    against `known_hosts` (the platform's `ssh_known_hosts`)."""
+    pinned = Path(key).with_name(f"{Path(key).name}.known_hosts")
+    pinned.write_text(f"{known_hosts}\n")
     return subprocess.run(
-        ["ssh", "-i", str(key), "-o", "StrictHostKeyChecking=no", "-o", "BatchMode=yes",
-         "-o", "UserKnownHostsFile=/dev/null", "-o", "ConnectTimeout=10", "-o", "LogLevel=ERROR",
+        ["ssh", "-i", str(key), "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes",
+         "-o", f"UserKnownHostsFile={pinned}", "-o", "ConnectTimeout=10", "-o", "LogLevel=ERROR",
          f"yd-agent@{address}", command],
-        capture_output=True, text=True, timeout=60)
+        input=stdin, capture_output=True, text=True, timeout=60)
 
 
 def provision(pools: Pools, tag: str, user_data: str | None) -> str:
@@ -78,8 +83,8 @@ def test_a_key_in_userdata_opens_ssh_on_the_nodes_public_address(
     (task,) = pools.run("ssh", ["echo from-the-task > /tmp/mark; sleep 300"])
     pools.wait_task(task.id, TaskStatus.EXECUTING)
 
-    result = ssh(key, node.details.publicIpAddress,
-                 'hostname; echo "$HOME"; whoami; cat /tmp/mark; command -v python3; '
+    result = ssh(key, node.details.publicIpAddress, known_hosts=pools.platform.ssh_known_hosts,
+                 command='hostname; echo "$HOME"; whoami; cat /tmp/mark; command -v python3; '
                  'cat /proc/1/cmdline | tr "\\0" " "; echo; ls /proc | grep -c "^[0-9]"')
     assert result.returncode == 0, result.stderr
     hostname, home, user, mark, python, first, count = result.stdout.split("\n")[:7]
@@ -92,7 +97,8 @@ def test_a_key_in_userdata_opens_ssh_on_the_nodes_public_address(
 
     other = tmp_path / "other"
     make_key(other)
-    assert ssh(other, node.details.publicIpAddress, "true").returncode == 255
+    assert ssh(other, node.details.publicIpAddress, "true",
+               pools.platform.ssh_known_hosts).returncode == 255
 
 
 def test_a_node_without_a_key_in_userdata_runs_no_ssh_server(
@@ -100,6 +106,6 @@ def test_a_node_without_a_key_in_userdata_runs_no_ssh_server(
     key = tmp_path / "id_ed25519"
     make_key(key)
     node = node_of(pools, provision(pools, "nossh", "#!/bin/bash\necho no keys here\n"))
-    result = ssh(key, node.details.publicIpAddress, "true")
+    result = ssh(key, node.details.publicIpAddress, "true", pools.platform.ssh_known_hosts)
     assert result.returncode == 255
     assert "refused" in result.stderr.lower()

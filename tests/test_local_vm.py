@@ -178,6 +178,7 @@ def test_an_ssh_login_runs_as_yd_agent_from_the_image(
         "id -u; whoami; python -c 'import prefect_raydog; print(prefect_raydog.__file__)'; "
         # Its home is its own, login files included (`ray up` appends to ~/.bashrc).
         "echo '# mine' >> ~/.bashrc && echo '# mine' >> ~/.profile && echo home-is-mine",
+        pools.platform.ssh_known_hosts,
     )
     assert result.returncode == 0, result.stderr
     assert len(result.stdout.splitlines()) == 4, result.stdout + result.stderr

@@ -7,12 +7,13 @@ import os
 import secrets
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import wait_for
 from helpers import authorizing_userdata
 from process_nodes import Pools, process_pools
-from test_local_ssh import make_key
+from test_local_ssh import make_key, ssh
 from test_local_vm import VM, listening
 from yellowdog_client.model import NodeSearch
 
@@ -51,15 +52,11 @@ def refused_job(address: str) -> subprocess.CompletedProcess[str]:
     return ray_job(address, RAY_AUTH_MODE="disabled", RAY_CLIENT_INITIAL_CONNECTION_TIMEOUT_S="1")
 
 
-def _deliver(key: str, address: str, token: str) -> None:
+def _deliver(key: Path, address: str, token: str, known_hosts: str) -> None:
     """The token into the node's agent home over SSH, from stdin, never on a command line."""
     command = (f"umask 077 && mkdir -p ~/.raydog && cat > ~/{TOKEN_FILE}.part && "
                f"mv ~/{TOKEN_FILE}.part ~/{TOKEN_FILE}")
-    result = subprocess.run(
-        ["ssh", "-i", key, "-o", "StrictHostKeyChecking=no", "-o", "BatchMode=yes",
-         "-o", "UserKnownHostsFile=/dev/null", "-o", "ConnectTimeout=10", "-o", "LogLevel=ERROR",
-         f"yd-agent@{address}", command],
-        input=token, capture_output=True, text=True, timeout=60)
+    result = ssh(key, address, command, known_hosts, stdin=token)
     assert result.returncode == 0, result.stderr
 
 
@@ -74,7 +71,7 @@ def test_a_head_with_a_token_file_refuses_ray_client_without_the_token(pools: Po
                    "RAY_HEAD_ARGS": "--num-cpus=1", "RAYDOG_TOKEN_FILE": TOKEN_FILE}
     (head,) = pools.run("locked", [scripts.load("head")], environment)
     token = secrets.token_hex(32)
-    _deliver(str(key), node.details.publicIpAddress, token)
+    _deliver(key, node.details.publicIpAddress, token, pools.platform.ssh_known_hosts)
     address = node.details.privateIpAddress
     wait_for(lambda: listening(address, 10001, head.id, pools), 120, 0.5, "Ray Client on the head")
 

@@ -1,5 +1,5 @@
-"""A flow on nodes set up as on a YellowDog account with a base image: the nodes have the
-machine's system Python alone, and their userdata is the package's own `node-userdata.sh` as
+"""A flow on a node set up as on a YellowDog account with a base image: the node has the
+machine's system Python alone, and its userdata is the package's own `node-userdata.sh` as
 `prefect-raydog node-requirements --userdata` prints it, which installs the driver's versions
 into the head and worker scripts' default venv, offline: from the package mirror of the nodes'
 network (the local platform's, standing in for a cloud subnet's). Behind the firewall, reached
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import ray
-from helpers import head_ips, sealed_preset
+from helpers import sealed_preset
 from prefect import flow, task
 
 from prefect_raydog.local import LocalPlatform
@@ -47,19 +47,23 @@ def what_the_node_has() -> dict[str, object]:
             "installed": Path("/opt/yellowdog/node-requirements.txt").read_text().split()}
 
 
-def test_a_flow_runs_on_nodes_that_the_packages_userdata_set_up_from_the_mirror(
+def test_a_flow_runs_on_a_node_that_the_packages_userdata_set_up_from_the_mirror(
         prefect_api: str, local_platform: LocalPlatform, platform: LocalPlatform) -> None:
+    # One node, the head, runs the tasks: each node installs the whole list, and every node of a
+    # cluster needs the same image (Ray refuses a node whose Python differs in its patch).
     config = sealed_preset(local_platform, worker_nodes=1)
-    config = config.model_copy(update={
-        "head": on_a_base_image(config.head),
-        "worker_pools": [on_a_base_image(pool) for pool in config.worker_pools]})
+    head = on_a_base_image(config.head)
+    head = head.model_copy(update={"environment": {**head.environment,
+                                                   "RAY_HEAD_ARGS": "--num-cpus=1"}})
+    config = config.model_copy(update={"head": head, "worker_pools": [], "workers_to_join": 0})
 
     @flow(task_runner=RayDogTaskRunner(cluster=config))
     def on_base_image_nodes() -> tuple[dict[str, object], set[str]]:
-        return what_the_node_has.submit().result(), head_ips()
+        return what_the_node_has.submit().result(), {
+            node["NodeManagerAddress"] for node in ray.nodes() if node["Alive"]}
 
-    ran, head = on_base_image_nodes()
+    ran, nodes = on_base_image_nodes()
     assert ran["python"] == SCRIPTS_VENV
     assert ran["uid"] == pwd.getpwnam("yd-agent").pw_uid
-    assert ran["node"] not in head, "the task ran on the worker node"
+    assert nodes == {ran["node"]}, "the task ran on the head, the cluster's one node"
     assert ran["installed"] == node_requirements()

@@ -211,7 +211,7 @@ def test_node_userdata_makes_the_drivers_python_and_pinned_packages() -> None:
     printed = CliRunner().invoke(app, ["node-requirements", "--userdata", "pytest"]).stdout
     assert subprocess.run(["bash", "-n"], input=printed, text=True).returncode == 0
     # The script's own settings, as bash reads them: everything before its first command.
-    settings = printed.split("\nexport DEBIAN_FRONTEND", 1)[0]
+    settings = printed.split("\nif ", 1)[0]
     shown = subprocess.run(
         ["bash", "-c", settings + '\nprintf "%s\\n" "$PYTHON_VERSION" "$REQUIREMENTS"'],
         capture_output=True, text=True, check=True,

@@ -76,12 +76,12 @@ def _ssh_transports() -> list[paramiko.Transport]:
             if isinstance(thread, paramiko.Transport) and thread.is_active()]
 
 
-def _probe(key: Path, head: str) -> tuple[str, object, object]:
+def _probe(key: Path, head: str, known_hosts: str) -> tuple[str, object, object]:
     """The head's token file, read over SSH, and a Ray Client job without and with it."""
     from test_local_ssh import ssh  # here: the flow that calls this travels to the nodes
     from test_locked_head import ray_job, refused_job
 
-    token = ssh(key, head, f"cat ~/{RAY_TOKEN_FILE}").stdout
+    token = ssh(key, head, f"cat ~/{RAY_TOKEN_FILE}", known_hosts).stdout
     refused = refused_job(f"ray://{head}:10001")
     accepted = ray_job(f"ray://{head}:10001", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
     return token, refused, accepted
@@ -114,12 +114,13 @@ def test_a_cluster_reached_over_ssh_is_token_locked_and_the_token_leaks_nowhere(
     block, key, platform, caplog, capfd
 ):
     caplog.set_level(logging.DEBUG)
+    known_hosts = platform.ssh_known_hosts
 
     @flow(task_runner=RayDogTaskRunner(cluster=block, api_relay_address=platform.host_address))
     def locked():
         results = node_ip.map(range(2)).result()
         (head,) = head_ips()
-        return results, head, *_probe(key, head), len(_ssh_transports())
+        return results, head, *_probe(key, head, known_hosts), len(_ssh_transports())
 
     state = locked(return_state=True)
     results, head, token, refused, accepted, transports = state.result()
