@@ -37,6 +37,10 @@ NEVER_JOINS = "exec sleep 600\n"
 # A head whose task runs (so the build returns), then ends before its Ray ever listens.
 HEAD_DIES = "sleep 10\nexit 3\n"
 HEAD_DIES_BLOCK = "local-head-dies-cluster"
+# A worker node whose task runs, so the build returns, then ends before its Ray node joins (as
+# when Ray refuses it: "Version mismatch").
+WORKER_FAILS = "sleep 5\nexit 3\n"
+WORKER_FAILS_BLOCK = "local-worker-fails-cluster"
 
 
 def _config(platform, **update) -> RayDogClusterConfig:
@@ -56,6 +60,9 @@ def saved_config(prefect_api, local_platform):
     _config(local_platform, workers_to_join=0,
             head=config.head.model_copy(update={"script": HEAD_DIES})).save(HEAD_DIES_BLOCK,
                                                                             overwrite=True)
+    _config(local_platform, build_timeout=timedelta(seconds=60), worker_pools=[
+        config.worker_pools[0].model_copy(update={"script": WORKER_FAILS})
+    ]).save(WORKER_FAILS_BLOCK, overwrite=True)
 
 
 @pytest.fixture(scope="module")
@@ -143,6 +150,23 @@ def test_worker_nodes_whose_ray_never_joins_fail_the_flow_naming_the_timeout_and
     assert re.fullmatch(r"Only 0 of 1 Ray worker nodes joined cluster local-\w+ within its "
                         r"build_timeout \(20 s\); the cluster is torn down\.", message), message
     assert platform.api_calls().get("POST /work/requirements", 0) == 1
+
+
+def test_a_worker_whose_task_ends_before_its_ray_node_joins_fails_the_flow_saying_so(
+    saved_config, platform
+):
+    """Not the build timeout's wait for a node that will never join: the runner asks the API."""
+    runner = RayDogTaskRunner(cluster=WORKER_FAILS_BLOCK, api_relay_address=platform.host_address)
+
+    @flow(task_runner=runner)
+    def short_of_a_worker() -> int:
+        return add_one.submit(1).result()
+
+    with pytest.raises(NodeTaskFailed) as raised:
+        short_of_a_worker()
+    assert re.match(r"The task of worker node \S+ of cluster local-\w+ ended FAILED \(.*exit code "
+                    r"3.*\) before its Ray node joined", str(raised.value)), raised.value
+    assert_nothing_left(platform)
 
 
 def test_a_head_whose_task_ends_before_ray_client_connects_fails_the_flow_saying_so(

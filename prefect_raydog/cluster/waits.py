@@ -241,6 +241,14 @@ def check_head_still_running(
         )
 
 
+def ended_node_task(client: PlatformClient, work_requirement_id: str,
+                    head_task_id: str | None) -> Task | None:
+    """A node task of the cluster, other than the head's, that has ended (none are retried)."""
+    search = TaskSearch(workRequirementId=work_requirement_id, statuses=_ENDED)
+    return next((task for task in client.work_client.get_tasks(search).iterate()
+                 if task.id != head_task_id), None)
+
+
 def describe_task_end(task: Task) -> str:
     text = str(task.status)
     for error in task.errors or []:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from prefect.utilities.importtools import lazy_import
 
+from prefect_raydog.errors import NodeTaskFailed
 from prefect_raydog.runner.adaptive import AdaptivePools
 from prefect_raydog.runner.api_door import ApiDoor
 from prefect_raydog.runner.connection import CLIENT_CONNECT_TIMEOUT_S, check_not_stopped
@@ -30,6 +31,8 @@ if TYPE_CHECKING:
     from prefect_raydog.tunnels import RayTunnels
 
 ray = lazy_import("ray")
+# How often the wait for Ray worker nodes asks YellowDog whether a worker's task has ended.
+WORKER_TASK_CHECK_S = 2.0
 
 
 class Provisioning:
@@ -139,8 +142,10 @@ class Provisioning:
             self.node_api_url = self._door.url(logger)
 
     def wait_for_workers(self, logger: Any) -> None:
-        """Dispatch only once the configured number of Ray worker nodes has joined."""
+        """Dispatch only once the configured number of Ray worker nodes has joined; a worker
+        whose task ended meanwhile fails the wait at once."""
         wanted = self._workers_to_join
+        next_check = time.monotonic() + WORKER_TASK_CHECK_S
         while wanted:
             joined = sum(1 for node in ray.nodes()
                          if node.get("Alive") and node.get("Resources", {}).get("CPU"))
@@ -150,6 +155,9 @@ class Provisioning:
                             self._stats.workers_ready_s)
                 return
             check_not_stopped(self._stop)
+            if time.monotonic() >= next_check:
+                next_check = time.monotonic() + WORKER_TASK_CHECK_S
+                self._check_no_worker_ended()
             if time.monotonic() > self._build_deadline:
                 raise TimeoutError(
                     f"Only {joined} of {wanted} Ray worker nodes joined cluster "
@@ -157,6 +165,19 @@ class Provisioning:
                     "the cluster is torn down."
                 )
             time.sleep(0.25)
+
+    def _check_no_worker_ended(self) -> None:
+        """A worker node whose task has ended will never join (Ray refused it, say)."""
+        from prefect_raydog.cluster.waits import describe_task_end, ended_node_task
+
+        cluster = self.cluster
+        task = ended_node_task(cluster.yd_client, cluster.work_requirement_id,
+                               cluster.head_node_task_id)
+        if task is not None:
+            raise NodeTaskFailed(
+                f"The task of worker node {task.name} of cluster {self.name} ended "
+                f"{describe_task_end(task)} before its Ray node joined: its task output "
+                "(YellowDog's taskoutput.txt) says why; the cluster is torn down.")
 
     def adapt(self, logger: Any) -> AdaptivePools | None:
         """Start resizing the cluster's adaptive pools, until the session's stack closes."""
