@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import os
 import re
-import sys
 import uuid
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -26,14 +25,11 @@ from pydantic import (
 
 from prefect_raydog.spec import (
     CLUSTER_NAME_MAX_LENGTH,
-    LOCAL_IMAGE_VENV,
-    LOCAL_NODE_ENVIRONMENT,
-    LOCAL_PROCESS_TEMPLATE,
-    LOCAL_SEALED_TEMPLATE,
     ClusterSpec,
     NodeGroupSpec,
     WorkerPoolSpec,
     check_name,
+    local_node,
 )
 
 if TYPE_CHECKING:
@@ -424,12 +420,9 @@ class RayDogClusterConfig(Block):
         if sealed and not ssh_known_hosts:
             raise ValueError("ssh_known_hosts: required for sealed nodes, which are reached "
                              "over SSH (LocalPlatform.ssh_known_hosts)")
-        template = LOCAL_SEALED_TEMPLATE if sealed else LOCAL_PROCESS_TEMPLATE
-        venv = LOCAL_IMAGE_VENV if sealed else sys.prefix
-        env = {**LOCAL_NODE_ENVIRONMENT, "RAYDOG_VENV": venv, **(environment or {})}
-        head = NodeGroupSpec(template_id=template, environment=env)
-        workers = WorkerPoolSpec(template_id=template, name="workers",
-                                 count=worker_nodes, environment=env)
+        node = local_node(sealed, environment=environment)
+        head = NodeGroupSpec(**node)
+        workers = WorkerPoolSpec(name="workers", count=worker_nodes, **node)
         return cls(
             credentials=YellowDogCredentials(
                 api_key_id=api_key_id, api_key_secret=SecretStr(api_key_secret), api_url=api_url

@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -333,15 +334,8 @@ class ClusterSpec(BaseModel):
         environment: dict[str, str] | None = None,
         **fields: object,
     ) -> ClusterSpec:
-        """A cluster of the local platform's process nodes running the package's head and worker
-        scripts with Ray from `venv` and the local platform's `LOCAL_NODE_ENVIRONMENT`; one pool
-        per size. `sealed` nodes are as a cloud's (`local/vm`: they see only their image, whose
-        venv is the default); others share this interpreter's, the default."""
-        if venv is None:
-            venv = LOCAL_IMAGE_VENV if sealed else sys.prefix
-        env = {**LOCAL_NODE_ENVIRONMENT, "RAYDOG_VENV": venv, **(environment or {})}
-        template = LOCAL_SEALED_TEMPLATE if sealed else LOCAL_PROCESS_TEMPLATE
-        node = {"template_id": template, "environment": env}
+        """A cluster of the local platform's process nodes (`local_node`); one pool per size."""
+        node = local_node(sealed, venv, environment)
         return cls(
             name=name,
             namespace=namespace,
@@ -349,3 +343,16 @@ class ClusterSpec(BaseModel):
             worker_pools=[WorkerPoolSpec(count=size, **node) for size in pool_sizes],
             **fields,
         )
+
+
+def local_node(sealed: bool = False, venv: str | None = None,
+               environment: dict[str, str] | None = None) -> dict[str, Any]:
+    """The fields of a node group of the local platform's process nodes that run the package's
+    head and worker scripts with Ray from `venv` and `LOCAL_NODE_ENVIRONMENT`. `sealed` nodes
+    are as a cloud's (`local/vm`: they see only their image, whose venv is the default); others
+    share this interpreter's, the default."""
+    if venv is None:
+        venv = LOCAL_IMAGE_VENV if sealed else sys.prefix
+    env = {**LOCAL_NODE_ENVIRONMENT, "RAYDOG_VENV": venv, **(environment or {})}
+    template = LOCAL_SEALED_TEMPLATE if sealed else LOCAL_PROCESS_TEMPLATE
+    return {"template_id": template, "environment": env}

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import pwd
-import socket
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +27,7 @@ from test_token_auth import _ssh_transports
 
 from prefect_raydog import ClusterSpec, HostKeys, RayDogCluster, RayTunnels, SSHLogin
 from prefect_raydog.cluster import wait_for_ray_nodes
+from prefect_raydog.cluster.client import wait_until_listening
 from prefect_raydog.local import LocalPlatform
 from prefect_raydog.spec import LOCAL_IMAGE_VENV
 
@@ -96,7 +96,7 @@ def test_a_sealed_cluster_is_reached_over_ssh_alone_and_locked_with_its_own_toke
             finally:
                 ray.shutdown()
             refused = refused_job(tunnels.ray_client_address)
-        direct = _accepts(cluster.head_node_private_ip, 10001)
+        direct = wait_until_listening(cluster.head_node_private_ip, 10001, timeout=0)
     agent = pwd.getpwnam("yd-agent").pw_uid
     assert ran == {n: {(nodes[f"pool-{n}"], agent, LOCAL_IMAGE_VENV)} for n in range(2)}
     assert nodes["pool-0"] != nodes["pool-1"]
@@ -107,14 +107,6 @@ def test_a_sealed_cluster_is_reached_over_ssh_alone_and_locked_with_its_own_toke
     assert refused.returncode != 0 and "answer" not in refused.stdout
     assert not direct, "the firewall lets this machine reach the head at SSH alone"
     assert not _ssh_transports()
-
-
-def _accepts(host: str, port: int) -> bool:
-    try:
-        socket.create_connection((host, port), timeout=3).close()
-    except OSError:
-        return False
-    return True
 
 
 def _jobs_api(dashboard_url: str, client_kwargs: dict) -> dict[str, object]:

@@ -17,17 +17,13 @@ from urllib.parse import quote, urljoin, urlsplit
 import httpx
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import FileResponse, HTMLResponse, Response, StreamingResponse
+from packaging.utils import canonicalize_name
 
 PREFIX = "/pypi"
 OCTET_STREAM = "application/octet-stream"
 _HREF = re.compile(r"""(?<![\w-])href=(["'])(.*?)\1""", re.IGNORECASE | re.DOTALL)
 _FILES_HREF = re.compile(rf'href="{PREFIX}/files/(https?)/([^/"]+)/')
 _TIMEOUT = httpx.Timeout(60.0, connect=10.0)
-
-
-def normalize(name: str) -> str:
-    """A project name as PEP 503 normalizes it."""
-    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def default_upstream() -> str:
@@ -75,7 +71,7 @@ class PackageMirror:
 
         @router.get("/simple/{project}")
         async def simple(project: str) -> Response:
-            project = normalize(project)
+            project = canonicalize_name(project)
             if (directory := self._local_dirs().get(project)) is not None:
                 return HTMLResponse(self._local_page(project, directory))
             return HTMLResponse(await self._upstream_page(project))
@@ -92,7 +88,7 @@ class PackageMirror:
 
         @router.get("/local/{project}/{filename}")
         async def local(project: str, filename: str) -> Response:
-            directory = self._local_dirs().get(normalize(project))
+            directory = self._local_dirs().get(canonicalize_name(project))
             if directory is None or filename in ("", ".", "..") or "\\" in filename:
                 raise HTTPException(404, "No such local file")
             path = directory / filename
@@ -104,7 +100,7 @@ class PackageMirror:
 
     def _local_dirs(self) -> dict[str, Path]:
         projects = self.local() if self.local else {}
-        return {normalize(name): Path(directory) for name, directory in projects.items()}
+        return {canonicalize_name(name): Path(directory) for name, directory in projects.items()}
 
     def _local_page(self, project: str, directory: Path) -> str:
         return _project_page(project, [
