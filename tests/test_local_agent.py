@@ -88,7 +88,7 @@ def agent(request: pytest.FixtureRequest, tmp_path: Path,
 
 def test_bash_task_runs_in_its_own_directory_with_a_clean_environment(
         agent: ProcessAgent, tmp_path: Path) -> None:
-    address = agent.boot_node("ydid:node:000000:n1", "yd-node-one")
+    agent.boot_node("ydid:node:000000:n1", "yd-node-one")
     exits, task = Exits(), launch(PRINT_ENVIRONMENT.format(code=0), {"MY_SETTING": "x y"})
     agent.run_task("ydid:node:000000:n1", task, exits.callback(task.task_id))
     assert exits.wait(task.task_id) == 0
@@ -108,7 +108,6 @@ def test_bash_task_runs_in_its_own_directory_with_a_clean_environment(
     assert environment["PWD"] == str(directory)
     assert "PLATFORM_ONLY_SECRET" not in environment
     assert "RAY_AUTH_MODE" not in environment
-    assert address.private_ip == address.public_ip
 
 
 def test_nodes_have_private_tmp_and_hostnames_resolving_to_their_own_address(
@@ -129,6 +128,8 @@ def test_nodes_have_private_tmp_and_hostnames_resolving_to_their_own_address(
     assert not list(Path("/tmp").glob("mark-yd-n*"))
     if agent.network.mode == "bridge":
         assert addresses["n1"].private_ip != addresses["n2"].private_ip
+        for address in addresses.values():  # each on its own network
+            assert address.public_ip.split(".")[:3] != address.private_ip.split(".")[:3]
 
 
 def test_non_zero_exit_code_is_reported_once(agent: ProcessAgent) -> None:
@@ -276,12 +277,14 @@ def test_behind_the_firewall_nodes_reach_the_host_on_its_open_ports_alone_and_it
         tmp_path: Path) -> None:
     node_open, node_closed = 2222, 7000
     agent = ProcessAgent.create(tmp_path, "bridge")
-    host = agent.host_address
+    host, private_host = agent.host_address, agent.network.private_host_address
     try:
-        with socket.create_server((host, 0)) as open_, socket.create_server((host, 0)) as closed:
-            host_open, host_closed = open_.getsockname()[1], closed.getsockname()[1]
-            agent.close_host((host_open,), (node_open,))
-            listener = agent.boot_node("ydid:node:000000:n1", "yd-n1").private_ip
+        with (socket.create_server((host, 0)) as open_, socket.create_server((host, 0)) as closed,
+              socket.create_server((private_host, 0)) as private):
+            host_open, host_closed, private_port = (
+                server.getsockname()[1] for server in (open_, closed, private))
+            agent.close_host((host_open, private_port), (node_open,))
+            listener = agent.boot_node("ydid:node:000000:n1", "yd-n1")
             agent.boot_node("ydid:node:000000:n2", "yd-n2")
             exits = Exits()
             listens = launch(NODE_LISTENS.format(python=sys.executable, open_port=node_open,
@@ -290,16 +293,20 @@ def test_behind_the_firewall_nodes_reach_the_host_on_its_open_ports_alone_and_it
             wait_for(lambda: "listening" in agent.task_output(listens.task_id), 30,
                      what="the node's listeners")
             targets = [f"{host}:{host_open}", f"{host}:{host_closed}",
-                       f"{listener}:{node_closed}"]
+                       f"{private_host}:{private_port}", f"{listener.private_ip}:{node_closed}"]
             connects = launch(CONNECTS.format(targets=" ".join(targets)))
             agent.run_task("ydid:node:000000:n2", connects, exits.callback(connects.task_id))
             assert exits.wait(connects.task_id) == 0
-            assert agent.task_output(connects.task_id).split("\n")[:3] == [
+            assert agent.task_output(connects.task_id).split("\n")[:4] == [
                 f"{host}:{host_open} open", f"{host}:{host_closed} closed",
-                f"{listener}:{node_closed} open"]  # the nodes' own network is open
-            socket.create_connection((listener, node_open), timeout=10).close()
-            with pytest.raises(TimeoutError):  # a security group drops it: no answer at all
-                socket.create_connection((listener, node_closed), timeout=2)
+                f"{private_host}:{private_port} closed",  # the host is not on the cluster network
+                f"{listener.private_ip}:{node_closed} open"]  # the nodes' own network is open
+            socket.create_connection((listener.public_ip, node_open), timeout=10).close()
+            # A security group drops the rest: no answer at all.
+            for address, port in ((listener.public_ip, node_closed),
+                                  (listener.private_ip, node_open)):
+                with pytest.raises(TimeoutError):
+                    socket.create_connection((address, port), timeout=2)
     finally:
         agent.close()
     assert agent.processes() == []

@@ -165,8 +165,8 @@ class ProcessAgent:
             self._start_sshd(node, keys)
         with self._lock:
             self._nodes[node_id] = node
-        address = node.sandbox.address
-        return NodeAddress(private_ip=address, public_ip=address, hostname=hostname)
+        return NodeAddress(private_ip=node.sandbox.address, public_ip=node.sandbox.public_address,
+                           hostname=hostname)
 
     def _root(self, node_id: str) -> Path:
         return (self.data_dir / "nodes" / _file_name(node_id)).resolve()
@@ -237,7 +237,7 @@ class ProcessAgent:
             return ""
 
     def _start_sshd(self, node: _Node, keys: list[str]) -> None:
-        """Accept SSH on the node's own address, as a VM booted with these keys does."""
+        """Accept SSH on the node's addresses, as a VM booted with these keys does."""
         # A host-Python node's image is the platform's Python, first on a login's PATH.
         path = (machine.image_path(node.image) if node.image is not None else
                 f"{Path(sys.executable).parent}:{os.environ.get('PATH', os.defpath)}")
@@ -245,14 +245,14 @@ class ProcessAgent:
                    else [])
         try:
             owner = (node.user.pw_uid, node.user.pw_gid) if node.user is not None else None
-            config = ssh.prepare(node.root, node.home, node.sandbox.address, keys,
+            config = ssh.prepare(node.root, node.home, keys,
                                  ssh.host_key(self.data_dir), path, as_user, owner)
             log = node.root / "sshd.log"
             # Host PIDs stay visible to sshd, so that a login can join a task's PID namespace.
             node.sshd = ssh.start(
                 self._enter(node, node.home, [], node.sandbox.enter_sharing_pids, as_root=True),
                 node.root, config, log)
-            ssh.wait_listening(node.sandbox.address, node.sshd, log)
+            ssh.wait_listening(node.sandbox.public_address, node.sshd, log)
         except (OSError, subprocess.CalledProcessError) as error:
             self.network.remove_node(node.sandbox)
             raise NodeBootError(f"cannot start the SSH server of a node: {error}") from error

@@ -1,5 +1,6 @@
 """Isolation that makes each process node of the local platform behave like a separate machine:
-its own PID, mount and UTS namespaces, and (as root) its own network namespace on a bridge."""
+its own PID, mount and UTS namespaces, and (as root) its own network namespace on a bridge, with
+a private address on the cluster network and a public one."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ process ends, the kernel ends the rest, and killing `unshare` kills the tree (`-
 
 BRIDGE_PREFIX = "ydl"
 SUBNET_TEMPLATE = "10.251.{index}.0/24"
+PUBLIC_SUBNET_TEMPLATE = "10.252.{index}.0/24"
 LOCK_DIR = Path("/run/prefect-raydog")
 LOOPBACK = "127.0.0.1"
 
@@ -43,6 +45,9 @@ class NodeSandbox:
 
     name: str
     address: str
+    """The node's private address, on the cluster network; its hostname resolves to it."""
+    public_address: str
+    """Where machines outside the cluster network reach the node (its firewall permitting)."""
     hostname: str
     enter: tuple[str, ...]
     """Prefix for a command to run it in fresh PID/mount/UTS namespaces inside the node."""
@@ -125,8 +130,8 @@ class LoopbackNetwork:
                                    "bridge network (root): loopback nodes share its network")
 
     def add_node(self, hostname: str) -> NodeSandbox:
-        return NodeSandbox(name=hostname, address=LOOPBACK, hostname=hostname, enter=self._enter,
-                           hosts_file_in_netns=False)
+        return NodeSandbox(name=hostname, address=LOOPBACK, public_address=LOOPBACK,
+                           hostname=hostname, enter=self._enter, hosts_file_in_netns=False)
 
     def remove_node(self, sandbox: NodeSandbox) -> None:
         """Nothing to remove: a loopback node's namespaces end with its processes."""
@@ -136,9 +141,11 @@ class LoopbackNetwork:
 
 
 class BridgeNetwork:
-    """One bridge per platform with a private /24; each node gets a network namespace with its
-    own address on it, no default route, and its hostname resolving to that address. A `Reaper`
-    removes them all if the platform dies without closing the network."""
+    """One bridge per platform carrying two /24s, the cluster's private network and a public
+    one; each node gets a network namespace with an address on each, no default route, and its
+    hostname resolving to its private address. This machine holds an address on each too: nodes
+    reach it at its public one (`host_address`). A `Reaper` removes them all if the platform dies
+    without closing the network."""
 
     mode = "bridge"
 
@@ -155,30 +162,37 @@ class BridgeNetwork:
         self.bridge = f"{BRIDGE_PREFIX}{self.index}"
         self.reaper = Reaper(self.bridge, self._lock_file.fileno(), self._lock_file.name)
         self.subnet = ipaddress.ip_network(SUBNET_TEMPLATE.format(index=self.index))
-        self.host_address = str(self.subnet.network_address + 1)
+        self.public_subnet = ipaddress.ip_network(PUBLIC_SUBNET_TEMPLATE.format(index=self.index))
+        self.private_host_address = str(self.subnet.network_address + 1)
+        self.host_address = str(self.public_subnet.network_address + 1)
         self._free = list(range(2, self.subnet.num_addresses - 1))
         self._used: dict[str, int] = {}
         self._host_rules = ""
         try:
             _run("ip", "-batch", "-", stdin=(
                 f"link add {self.bridge} type bridge\n"
-                f"addr add {self.host_address}/{self.subnet.prefixlen} dev {self.bridge}\n"
+                f"addr add {self.private_host_address}/{self.subnet.prefixlen} dev {self.bridge}\n"
+                f"addr add {self.host_address}/{self.public_subnet.prefixlen} dev {self.bridge}\n"
                 f"link set {self.bridge} up\n"))
         except NodeBootError as error:
             self.close()
             raise IsolationUnavailable(f"cannot create bridge {self.bridge}: {error}") from error
 
     def close_host(self, host_ports: tuple[int, ...], node_ports: tuple[int, ...]) -> None:
-        """From now on, each new node reaches this machine's address on `host_ports` alone, and
-        answers it from `node_ports` alone (a cloud's firewall and security group: a connection
-        this machine opens to any other port of a node gets no answer). Policy routing in the
-        node's namespace, since nodes have no other route: what it refuses fails at once with
-        EACCES, where a cloud would drop it."""
+        """From now on, this machine is outside the cluster network: each new node reaches its
+        public address on `host_ports` alone, and answers it from `node_ports` alone, on the
+        node's public address alone (a cloud's firewall and security group: a connection this
+        machine opens to any other port, or to a node's private address, gets no answer). Policy
+        routing in the node's namespace, since nodes have no other route: what a node opens and
+        it refuses fails at once with EACCES, where a cloud would drop it. The machine keeps its
+        private address, so that what it sends there goes to the bridge, not out to its
+        gateway."""
         to_host = f"rule add to {self.host_address}/32"
         self._host_rules = "".join(
             [f"{to_host} ipproto tcp dport {port} lookup main pref 100\n" for port in host_ports]
             + [f"{to_host} ipproto tcp sport {port} lookup main pref 110\n" for port in node_ports]
-            + [f"{to_host} prohibit pref 120\n"])
+            + [f"{to_host} prohibit pref 120\n",
+               f"rule add to {self.private_host_address}/32 prohibit pref 120\n"])
 
     def add_node(self, hostname: str) -> NodeSandbox:
         with self._lock:
@@ -187,8 +201,9 @@ class BridgeNetwork:
             host_number = self._free.pop(0)
         name = f"{self.bridge}-{host_number}"
         address = str(self.subnet.network_address + host_number)
+        public_address = str(self.public_subnet.network_address + host_number)
         try:
-            self._create_namespace(name, address, hostname)
+            self._create_namespace(name, address, public_address, hostname)
         except NodeBootError:
             delete_namespace(name)
             with self._lock:
@@ -196,13 +211,15 @@ class BridgeNetwork:
             raise
         with self._lock:
             self._used[name] = host_number
-        return NodeSandbox(name=name, address=address, hostname=hostname,
+        return NodeSandbox(name=name, address=address, public_address=public_address,
+                           hostname=hostname,
                            enter=("ip", "netns", "exec", name, "unshare", *NODE_NAMESPACES, "--"),
                            hosts_file_in_netns=True,
                            enter_sharing_pids=("ip", "netns", "exec", name, "unshare", "--mount",
                                                "--uts", "--"))
 
-    def _create_namespace(self, name: str, address: str, hostname: str) -> None:
+    def _create_namespace(self, name: str, address: str, public_address: str,
+                          hostname: str) -> None:
         config = NETNS_CONFIG / name
         config.mkdir(parents=True, exist_ok=True)
         (config / "hosts").write_text(f"127.0.0.1 localhost\n{address} {hostname}\n")
@@ -213,6 +230,7 @@ class BridgeNetwork:
             f"link set {veth} master {self.bridge} up\n"))
         _run("ip", "-n", name, "-batch", "-", stdin=(
             f"addr add {address}/{self.subnet.prefixlen} dev eth0\n"
+            f"addr add {public_address}/{self.public_subnet.prefixlen} dev eth0\n"
             "link set eth0 up\nlink set lo up\n" + self._host_rules))
 
     def remove_node(self, sandbox: NodeSandbox) -> None:
@@ -249,7 +267,8 @@ def _claim_bridge_index(preferred: int | None = None) -> tuple[IO[str], int]:
         if lock_file is None:
             continue
         bridge = f"{BRIDGE_PREFIX}{index}"
-        if f"{bridge}:" in links or _overlaps(SUBNET_TEMPLATE.format(index=index), routes):
+        subnets = (SUBNET_TEMPLATE.format(index=index), PUBLIC_SUBNET_TEMPLATE.format(index=index))
+        if f"{bridge}:" in links or any(_overlaps(subnet, routes) for subnet in subnets):
             _unlock(lock_file)
             continue
         lock_file.write(f"{os.getpid()}\n")

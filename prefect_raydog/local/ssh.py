@@ -1,5 +1,5 @@
 """SSH into process nodes, as into a cloud VM: an OpenSSH server inside each node's namespaces,
-on the node's own address, that accepts the public keys found in the node's userdata."""
+on every address of the node, that accepts the public keys found in the node's userdata."""
 
 from __future__ import annotations
 
@@ -85,7 +85,7 @@ def keep_host_key(kept_dir: Path, data_dir: Path) -> None:
                 copy.write(Path(f"{kept}{suffix}").read_bytes())
 
 
-def prepare(root: Path, home: Path, address: str, keys: list[str], host_key_path: Path,
+def prepare(root: Path, home: Path, keys: list[str], host_key_path: Path,
             path_variable: str, as_user: list[str] | None = None,
             owner: tuple[int, int] | None = None) -> Path:
     """Write the node's sshd configuration, authorized keys, passwd file and the login shell's
@@ -116,7 +116,7 @@ def prepare(root: Path, home: Path, address: str, keys: list[str], host_key_path
     enter_task.chmod(0o755)
     config = ssh_dir / "sshd_config"
     config.write_text(
-        f"ListenAddress {address}:{SSH_PORT}\nHostKey {node_host_key}\n"
+        f"ListenAddress 0.0.0.0:{SSH_PORT}\nHostKey {node_host_key}\n"
         f"AuthorizedKeysFile {keys_file}\nPidFile none\nUsePAM no\nStrictModes no\n"
         "PermitRootLogin prohibit-password\nPasswordAuthentication no\n"
         "KbdInteractiveAuthentication no\nPrintMotd no\nAllowTcpForwarding yes\n"
