@@ -39,6 +39,7 @@ from prefect_raydog.task_runners import RayDogTaskRunner  # noqa: E402
 
 import api_server  # noqa: E402
 from stages import stage  # noqa: E402
+from stopping import stop_in_order_on_sigterm  # noqa: E402
 
 SLOW_BOOT = "bench/slow-boot"
 # `workers`: the fixed pool's nodes and the adaptive pool's most; `idle_s`: the adaptive pool's
@@ -185,6 +186,7 @@ def measure(size: dict[str, Any], prefect_api_url: str | None = None) -> dict[st
 
 
 def main() -> None:
+    stop_in_order_on_sigterm()
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true", help="print one JSON object")

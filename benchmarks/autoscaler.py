@@ -41,6 +41,7 @@ from yellowdog_client.model import InstanceSearch, InstanceStatus, WorkerPoolSea
 from prefect_raydog.local import LocalPlatform
 
 from stages import stage
+from stopping import stop_in_order_on_sigterm
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "docs" / "examples" / "autoscaler-local.yaml"
 RAY = str(Path(sys.executable).parent / "ray")
@@ -239,6 +240,7 @@ def burst_session(platform: LocalPlatform, directory: Path, sizes: Sizes, fixed:
 
 
 def main() -> None:
+    stop_in_order_on_sigterm()
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true", help="print one JSON object only")

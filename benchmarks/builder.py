@@ -23,6 +23,8 @@ from prefect_raydog.cluster import RayDogCluster
 from prefect_raydog.local import LocalPlatform
 from prefect_raydog.spec import ClusterSpec, NodeGroupSpec, WorkerPoolSpec
 
+from stopping import stop_in_order_on_sigterm
+
 FULL = (5, 100, 100, 30)  # builds timed for the overhead, pools, nodes a pool, seconds of a boot
 SIMULATED = "local/simulated"
 SLOW_BOOT = "benchmark/slow-boot"
@@ -106,6 +108,7 @@ def _client(platform: LocalPlatform):
 
 
 def main() -> None:
+    stop_in_order_on_sigterm()
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true", help="print one JSON object only")

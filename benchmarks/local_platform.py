@@ -38,6 +38,8 @@ from yellowdog_client.model import (
 
 from prefect_raydog.cluster import create_client
 
+from stopping import stop_in_order_on_sigterm
+
 START_COMMAND = "from prefect_raydog.cli import app; app()"
 
 
@@ -75,7 +77,7 @@ def platform_process() -> Iterator[tuple[subprocess.Popen[str], PlatformClient]]
         )
         yield process, client
     finally:
-        process.send_signal(2)
+        process.terminate()  # stops in order, as Ctrl-C does
         try:
             process.wait(60)
         except subprocess.TimeoutExpired:
@@ -184,6 +186,7 @@ def measure_nodes(
 
 
 def main() -> None:
+    stop_in_order_on_sigterm()
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true", help="print one JSON object only")

@@ -61,6 +61,7 @@ from prefect_raydog.task_runners import RayDogTaskRunner  # noqa: E402
 
 import api_server  # noqa: E402
 from stages import stage  # noqa: E402
+from stopping import stop_in_order_on_sigterm  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -502,6 +503,7 @@ def run(scale: Scale) -> dict[str, Any]:
 
 
 def main() -> None:
+    stop_in_order_on_sigterm()
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true", help="print one JSON object")

@@ -10,6 +10,7 @@ import ray
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowFilter, FlowFilterName
 from ray import cloudpickle
+from yellowdog_client.model import NodeSearch
 
 from prefect_raydog.blocks import RayDogClusterConfig
 from prefect_raydog.local import LocalPlatform
@@ -20,6 +21,15 @@ def head_ips() -> set[str]:
     return {
         n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"] and not n["Resources"].get("CPU")
     }
+
+
+def public_ips(platform: LocalPlatform, private_ips: set[str]) -> set[str]:
+    """The public addresses that the platform's API reports for its nodes (ended ones too) at
+    `private_ips`."""
+    pools = platform.client.worker_pool_client
+    return {node.details.publicIpAddress for pool in pools.find_all_worker_pools()
+            for node in pools.find_nodes(NodeSearch(workerPoolId=pool.id))
+            if node.details is not None and node.details.privateIpAddress in private_ips}
 
 
 def worker_node_ids() -> set[str]:

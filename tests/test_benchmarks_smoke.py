@@ -6,12 +6,16 @@ themselves are measured by hand."""
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
 import sys
+import time
 from numbers import Real
 from pathlib import Path
 
 import pytest
-from process_nodes import run_leaving_nothing
+from conftest import wait_for
+from process_nodes import Footprint, run_leaving_nothing
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -45,3 +49,33 @@ def test_benchmark_smoke_run_prints_its_figures(script, request):
     not_numbers = {key: figures[key] for key in EXPECTED_KEYS[script]
                    if not isinstance(figures[key], Real) or isinstance(figures[key], bool)}
     assert not not_numbers
+
+
+def _serving_platform(pid: int) -> int | None:
+    """The `prefect-raydog local start` process that the benchmark `pid` started, once it
+    listens."""
+    listening = subprocess.run(["ss", "-Hltnp"], capture_output=True, text=True,
+                               check=True).stdout
+    for child in Footprint.of(pid).processes:
+        try:
+            command = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"local" in command and b"start" in command and f"pid={child}," in listening:
+            return child
+    return None
+
+
+def test_a_benchmark_stopped_with_sigterm_stops_the_platform_it_started() -> None:
+    """As `timeout` or `kill` stop a benchmark run in the background by a script (which starts
+    it, and so its platform, with SIGINT ignored)."""
+    benchmark = subprocess.Popen(
+        [sys.executable, str(BENCHMARKS / "local_platform.py"), "--smoke", "--json"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    with benchmark:
+        wait_for(lambda: _serving_platform(benchmark.pid), 60, what="the benchmark's platform")
+        footprint = Footprint.of(benchmark.pid)
+        benchmark.terminate()
+        assert benchmark.wait(60) == 128 + signal.SIGTERM, benchmark.stderr.read()[-3000:]
+    footprint.wait_gone(time.monotonic())

@@ -70,7 +70,7 @@ SHOWN_NOT_RUN = {
     "tests/test_cli_token.py up with --ssh-key and --ssh-known-hosts",
     ("builder.md", "f7a391723eaf"): "the user's own flow; tests/test_cli_token.py runs a flow "
     "with RayDogTaskRunner(address=...) and these two variables after up",
-    ("local-platform.md", "79825ffb82f9"): "output of a server in the foreground; "
+    ("local-platform.md", "02c2444f1a22"): "output of a server in the foreground; "
     "tests/test_local_cli.py checks that it prints the URL, the key and the templates",
     ("architecture.md", "21785ffefde2"): "a diagram of which module imports which, not code",
     ("autoscaler.md", "bad710aceeb3"): "the provider keys of docs/examples/autoscaler-local.yaml, "

@@ -19,7 +19,7 @@ import paramiko
 import pytest
 import ray
 from conftest import assert_nothing_left, checked_use, wait_for
-from helpers import head_ips, what_is_live
+from helpers import head_ips, public_ips, what_is_live
 from prefect import flow, task
 
 from prefect_raydog.blocks import RayDogClusterConfig
@@ -261,13 +261,16 @@ def test_a_runner_reaching_the_head_through_an_ssh_tunnel_runs_tasks_on_worker_n
     @flow(task_runner=RayDogTaskRunner(cluster=TUNNEL_BLOCK))
     def tunnelled():
         results = node_ip_and_api_url.map(range(4)).result()
-        head = next(iter(head_ips()))
-        with pytest.raises(TimeoutError):  # Ray Client's own port: the firewall drops it
-            socket.create_connection((head, 10001), timeout=2)
+        for head in head_ips() | set(_ssh_peers()):  # Ray Client's port: the firewall drops it
+            with pytest.raises(TimeoutError):
+                socket.create_connection((head, 10001), timeout=2)
         return results, head_ips(), _ssh_peers(), _ssh_processes(), _listeners() - before
 
     with checked_use(firewalled) as platform:
         results, heads, peers, ssh_processes, opened = tunnelled()
+    head_public_ips = public_ips(platform, heads)
+    assert len(head_public_ips) == 1 and not head_public_ips & heads
+    assert set(peers) == head_public_ips  # SSH to the head's public address
     assert [value for value, _, _ in results] == [1, 2, 3, 4]
     ips = {ip for _, ip, _ in results}
     assert len(ips) == 1 and not ips & heads
@@ -275,7 +278,6 @@ def test_a_runner_reaching_the_head_through_an_ssh_tunnel_runs_tasks_on_worker_n
     assert api_hosts == heads, f"the nodes used {api_hosts}, not the head's door"
     assert {urlsplit(url).path for _, _, url in results} == {urlsplit(prefect_api).path}
     assert opened and all(address.startswith("127.0.0.1:") for address in opened), opened
-    assert set(peers) == heads
     assert ssh_processes
     assert_nothing_left(platform)
     assert not _ssh_peers() and not _ssh_processes()

@@ -84,9 +84,11 @@ def _serve_platform(
     from prefect_raydog.local.network import IsolationUnavailable
     from prefect_raydog.local.templates import TemplateError
 
-    # `timeout`, `docker stop`, systemd and a closed terminal stop it in order, as Ctrl-C does.
+    # `timeout`, `docker stop`, systemd and a closed terminal stop it in order, as Ctrl-C does;
+    # Ctrl-C too where SIGINT came inherited ignored (a background job of a script).
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, _interrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         platform = LocalPlatform(
             templates=templates, host=host, port=identity.port, network=network.value,
