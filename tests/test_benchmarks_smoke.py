@@ -70,9 +70,9 @@ def test_a_benchmark_stopped_with_sigterm_stops_the_platform_it_started() -> Non
     """As `timeout` or `kill` stop a benchmark run in the background by a script (which starts
     it, and so its platform, with SIGINT ignored)."""
     benchmark = subprocess.Popen(
-        [sys.executable, str(BENCHMARKS / "local_platform.py"), "--smoke", "--json"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+        ["bash", "-c", 'trap "" INT; exec "$@"', "bash",
+         sys.executable, str(BENCHMARKS / "local_platform.py"), "--smoke", "--json"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     with benchmark:
         wait_for(lambda: _serving_platform(benchmark.pid), 60, what="the benchmark's platform")
         footprint = Footprint.of(benchmark.pid)

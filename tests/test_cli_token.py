@@ -88,12 +88,15 @@ def test_up_with_an_ssh_key_locks_the_cluster_it_leaves_and_down_deletes_its_tok
         assert up.exit_code == 0, up.output
         token, mode = token_file.read_text(), stat.S_IMODE(token_file.stat().st_mode)
         head = up.output.split("head private IP: ")[1].split()[0]
+        public = up.output.split("head public IP:  ")[1].split()[0]
         refused = refused_job(f"ray://{head}:10001")
         ran_on = _attached_flow(head, platform.host_address, token_file, prefect_api)
     finally:
         down = invoke(platform, "down", str(state))
     assert len(token) == 64 and mode == 0o600, "the token, for this user alone"
     assert f"RAY_AUTH_TOKEN_PATH={token_file}" in up.output
+    assert public != head and (f"From outside:    ssh -N -L 10001:127.0.0.1:10001 -L "
+                               f"8265:127.0.0.1:8265 yd-agent@{public}, then") in up.output
     assert refused.returncode != 0 and "answer" not in refused.stdout
     ran = ran_on.split("ran on ")[1].split()[0]
     assert ran != head, "the task ran on a worker node"

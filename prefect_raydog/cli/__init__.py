@@ -240,8 +240,17 @@ def up(
     console.print(f"Cluster [bold]{spec.name}[/bold] is up.", highlight=False)
     console.print(f"  head private IP: {head.private_ip}", highlight=False)
     console.print(f"  head public IP:  {head.public_ip or '-'}", highlight=False)
-    console.print(f"  Ray Client:      {ray_client}", highlight=False)
-    console.print(f"  Ray dashboard:   http://{head.private_ip}:{DASHBOARD_PORT}", highlight=False)
+    console.print(f"  Ray Client:      {ray_client} (inside the cluster's network)",
+                  highlight=False, soft_wrap=True)
+    console.print(f"  Ray dashboard:   http://127.0.0.1:{DASHBOARD_PORT} on the head, if it runs "
+                  "one (its loopback alone)", highlight=False, soft_wrap=True)
+    if head.public_ip and head.public_ip != head.private_ip:
+        user = login.username if login is not None else "yd-agent"
+        forwards = " ".join(f"-L {port}:127.0.0.1:{port}"
+                            for port in (RAY_CLIENT_PORT, DASHBOARD_PORT))
+        console.print(f"  From outside:    ssh -N {forwards} {user}@{head.public_ip}, then "
+                      f"ray://127.0.0.1:{RAY_CLIENT_PORT} and http://127.0.0.1:{DASHBOARD_PORT}",
+                      highlight=False, soft_wrap=True)
     console.print(f"  state saved to:  {state_file}", highlight=False)
     if login is not None:
         locking.print_connection(locking.token_file(state_file), ray_client)
