@@ -293,14 +293,18 @@ def test_behind_the_firewall_nodes_reach_the_host_on_its_open_ports_alone_and_it
             wait_for(lambda: "listening" in agent.task_output(listens.task_id), 30,
                      what="the node's listeners")
             targets = [f"{host}:{host_open}", f"{host}:{host_closed}",
-                       f"{private_host}:{private_port}", f"{listener.private_ip}:{node_closed}"]
+                       f"{private_host}:{private_port}", f"{listener.private_ip}:{node_closed}",
+                       f"{listener.public_ip}:{node_open}", f"{listener.public_ip}:{node_closed}"]
             connects = launch(CONNECTS.format(targets=" ".join(targets)))
             agent.run_task("ydid:node:000000:n2", connects, exits.callback(connects.task_id))
             assert exits.wait(connects.task_id) == 0
-            assert agent.task_output(connects.task_id).split("\n")[:4] == [
+            assert agent.task_output(connects.task_id).split("\n")[:6] == [
                 f"{host}:{host_open} open", f"{host}:{host_closed} closed",
                 f"{private_host}:{private_port} closed",  # the host is not on the cluster network
-                f"{listener.private_ip}:{node_closed} open"]  # the nodes' own network is open
+                f"{listener.private_ip}:{node_closed} open",  # the nodes' own network is open
+                # A node's public address is behind its security group for nodes too.
+                f"{listener.public_ip}:{node_open} open",
+                f"{listener.public_ip}:{node_closed} closed"]
             socket.create_connection((listener.public_ip, node_open), timeout=10).close()
             # A security group drops the rest: no answer at all.
             for address, port in ((listener.public_ip, node_closed),

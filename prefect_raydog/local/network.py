@@ -167,7 +167,7 @@ class BridgeNetwork:
         self.host_address = str(self.public_subnet.network_address + 1)
         self._free = list(range(2, self.subnet.num_addresses - 1))
         self._used: dict[str, int] = {}
-        self._host_rules = ""
+        self._firewall: tuple[tuple[int, ...], tuple[int, ...]] | None = None
         try:
             _run("ip", "-batch", "-", stdin=(
                 f"link add {self.bridge} type bridge\n"
@@ -179,20 +179,34 @@ class BridgeNetwork:
             raise IsolationUnavailable(f"cannot create bridge {self.bridge}: {error}") from error
 
     def close_host(self, host_ports: tuple[int, ...], node_ports: tuple[int, ...]) -> None:
-        """From now on, this machine is outside the cluster network: each new node reaches its
-        public address on `host_ports` alone, and answers it from `node_ports` alone, on the
-        node's public address alone (a cloud's firewall and security group: a connection this
-        machine opens to any other port, or to a node's private address, gets no answer). Policy
-        routing in the node's namespace, since nodes have no other route: what a node opens and
-        it refuses fails at once with EACCES, where a cloud would drop it. The machine keeps its
-        private address, so that what it sends there goes to the bridge, not out to its
+        """From now on, this machine is outside the cluster network and each new node behind a
+        cloud's firewall: it reaches this machine's public address on `host_ports` alone, and
+        its own public address answers (this machine or another node) on `node_ports` alone, a
+        security group's open ports; its private address answers only the cluster network."""
+        self._firewall = (host_ports, node_ports)
+
+    def _firewall_rules(self, public_address: str) -> str:
+        """Policy routing in a node's namespace, since nodes have no other route: from its
+        public address the node sends only from an open port (its answers) or to an open port
+        of another public address, and to this machine only at its open ports. So a connection
+        to a closed port gets no answer, and one that the node opens and the firewall refuses
+        fails at once with EACCES, where a cloud would drop it. This machine keeps its private
+        address, so that what it sends there goes to the bridge (unanswered), not out to its
         gateway."""
-        to_host = f"rule add to {self.host_address}/32"
-        self._host_rules = "".join(
-            [f"{to_host} ipproto tcp dport {port} lookup main pref 100\n" for port in host_ports]
-            + [f"{to_host} ipproto tcp sport {port} lookup main pref 110\n" for port in node_ports]
-            + [f"{to_host} prohibit pref 120\n",
-               f"rule add to {self.private_host_address}/32 prohibit pref 120\n"])
+        if self._firewall is None:
+            return ""
+        host_ports, node_ports = self._firewall
+        rule = "rule add"
+        return "".join(
+            [f"{rule} to {self.host_address}/32 ipproto tcp dport {port} lookup main pref 100\n"
+             for port in host_ports]
+            + [f"{rule} from {public_address}/32 ipproto tcp sport {port} lookup main pref 110\n"
+               for port in node_ports]
+            + [f"{rule} to {self.public_subnet} ipproto tcp dport {port} lookup main pref 110\n"
+               for port in node_ports]
+            + [f"{rule} to {self.host_address}/32 prohibit pref 120\n",
+               f"{rule} to {self.private_host_address}/32 prohibit pref 120\n",
+               f"{rule} from {public_address}/32 prohibit pref 120\n"])
 
     def add_node(self, hostname: str) -> NodeSandbox:
         with self._lock:
@@ -231,7 +245,7 @@ class BridgeNetwork:
         _run("ip", "-n", name, "-batch", "-", stdin=(
             f"addr add {address}/{self.subnet.prefixlen} dev eth0\n"
             f"addr add {public_address}/{self.public_subnet.prefixlen} dev eth0\n"
-            "link set eth0 up\nlink set lo up\n" + self._host_rules))
+            "link set eth0 up\nlink set lo up\n" + self._firewall_rules(public_address)))
 
     def remove_node(self, sandbox: NodeSandbox) -> None:
         delete_namespace(sandbox.name)
