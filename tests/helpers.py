@@ -4,6 +4,7 @@ a local platform, a free port, whether a flow's runs ran a task, the sealed `loc
 from __future__ import annotations
 
 import socket
+import subprocess
 import sys
 
 import ray
@@ -21,6 +22,12 @@ def head_ips() -> set[str]:
     return {
         n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"] and not n["Resources"].get("CPU")
     }
+
+
+def tcp_listeners(pid: int) -> set[str]:
+    """The addresses (`HOST:PORT`) on which the process `pid` listens for TCP (`ss`)."""
+    lines = subprocess.run(["ss", "-Hltnp"], capture_output=True, text=True, check=True).stdout
+    return {line.split()[3] for line in lines.splitlines() if f"pid={pid}," in line}
 
 
 def public_ips(platform: LocalPlatform, private_ips: set[str]) -> set[str]:

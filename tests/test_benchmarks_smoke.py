@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import wait_for
+from helpers import tcp_listeners
 from process_nodes import Footprint, run_leaving_nothing
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -54,14 +55,12 @@ def test_benchmark_smoke_run_prints_its_figures(script, request):
 def _serving_platform(pid: int) -> int | None:
     """The `prefect-raydog local start` process that the benchmark `pid` started, once it
     listens."""
-    listening = subprocess.run(["ss", "-Hltnp"], capture_output=True, text=True,
-                               check=True).stdout
     for child in Footprint.of(pid).processes:
         try:
             command = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"local" in command and b"start" in command and f"pid={child}," in listening:
+        if b"local" in command and b"start" in command and tcp_listeners(child):
             return child
     return None
 

@@ -10,7 +10,6 @@ import logging
 import os
 import re
 import socket
-import subprocess
 import threading
 from datetime import timedelta
 from urllib.parse import urlsplit
@@ -19,7 +18,7 @@ import paramiko
 import pytest
 import ray
 from conftest import assert_nothing_left, checked_use, wait_for
-from helpers import head_ips, public_ips, what_is_live
+from helpers import head_ips, public_ips, tcp_listeners, what_is_live
 from prefect import flow, task
 
 from prefect_raydog.blocks import RayDogClusterConfig
@@ -152,37 +151,26 @@ def test_worker_nodes_whose_ray_never_joins_fail_the_flow_naming_the_timeout_and
     assert platform.api_calls().get("POST /work/requirements", 0) == 1
 
 
-def test_a_worker_whose_task_ends_before_its_ray_node_joins_fails_the_flow_saying_so(
-    saved_config, platform
+@pytest.mark.parametrize(("block", "message"), [
+    pytest.param(HEAD_DIES_BLOCK, r"The head node's task ended FAILED \(.*exit code 3.*\) before "
+                 r"Ray Client could connect to ray://", id="head"),
+    pytest.param(WORKER_FAILS_BLOCK, r"The task of worker node \S+ of cluster local-\w+ ended "
+                 r"FAILED \(.*exit code 3.*\) before its Ray node joined", id="worker"),
+])
+def test_a_node_whose_task_ends_before_the_runner_uses_it_fails_the_flow_saying_so(
+    saved_config, platform, block, message
 ):
-    """Not the build timeout's wait for a node that will never join: the runner asks the API."""
-    runner = RayDogTaskRunner(cluster=WORKER_FAILS_BLOCK, api_relay_address=platform.host_address)
+    """Not Ray Client's 120 s of connection attempts, nor the build timeout's wait for a worker
+    that will never join: the runner asks the API how the node's task is."""
+    runner = RayDogTaskRunner(cluster=block, api_relay_address=platform.host_address)
 
     @flow(task_runner=runner)
-    def short_of_a_worker() -> int:
+    def short_of_a_node() -> int:
         return add_one.submit(1).result()
 
     with pytest.raises(NodeTaskFailed) as raised:
-        short_of_a_worker()
-    assert re.match(r"The task of worker node \S+ of cluster local-\w+ ended FAILED \(.*exit code "
-                    r"3.*\) before its Ray node joined", str(raised.value)), raised.value
-    assert_nothing_left(platform)
-
-
-def test_a_head_whose_task_ends_before_ray_client_connects_fails_the_flow_saying_so(
-    saved_config, platform
-):
-    """Not Ray Client's 120 s of connection attempts: the runner asks the API how the head is."""
-    runner = RayDogTaskRunner(cluster=HEAD_DIES_BLOCK, api_relay_address=platform.host_address)
-
-    @flow(task_runner=runner)
-    def headless() -> int:
-        return add_one.submit(1).result()
-
-    with pytest.raises(NodeTaskFailed) as raised:
-        headless()
-    assert re.match(r"The head node's task ended FAILED \(.*exit code 3.*\) before Ray Client "
-                    r"could connect to ray://", str(raised.value)), raised.value
+        short_of_a_node()
+    assert re.match(message, str(raised.value)), raised.value
     assert_nothing_left(platform)
 
 
@@ -242,12 +230,6 @@ def node_ip_and_api_url(x: int) -> tuple[int, str, str]:
     return x + 1, ray.util.get_node_ip_address(), PREFECT_API_URL.value()
 
 
-def _listeners() -> set[str]:
-    """The addresses that this process listens on for TCP (`ss`)."""
-    lines = subprocess.run(["ss", "-Hltnp"], capture_output=True, text=True, check=True).stdout
-    return {line.split()[3] for line in lines.splitlines() if f"pid={os.getpid()}," in line}
-
-
 @pytest.mark.system_packages("openssh-server")
 def test_a_runner_reaching_the_head_through_an_ssh_tunnel_runs_tasks_on_worker_nodes(
     firewalled, prefect_api
@@ -256,7 +238,7 @@ def test_a_runner_reaching_the_head_through_an_ssh_tunnel_runs_tasks_on_worker_n
     loopback with no relay asked for: the runner reaches the head over SSH, the nodes reach the
     API through the same SSH connection (a reverse forward and the head's door), and nothing
     new listens here beyond loopback."""
-    before = _listeners()
+    before = tcp_listeners(os.getpid())
 
     @flow(task_runner=RayDogTaskRunner(cluster=TUNNEL_BLOCK))
     def tunnelled():
@@ -264,7 +246,8 @@ def test_a_runner_reaching_the_head_through_an_ssh_tunnel_runs_tasks_on_worker_n
         for head in head_ips() | set(_ssh_peers()):  # Ray Client's port: the firewall drops it
             with pytest.raises(TimeoutError):
                 socket.create_connection((head, 10001), timeout=2)
-        return results, head_ips(), _ssh_peers(), _ssh_processes(), _listeners() - before
+        opened = tcp_listeners(os.getpid()) - before
+        return results, head_ips(), _ssh_peers(), _ssh_processes(), opened
 
     with checked_use(firewalled) as platform:
         results, heads, peers, ssh_processes, opened = tunnelled()
